@@ -1,0 +1,31 @@
+"""Shared fixtures: the real source mirror, found the way users point the workbook at data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nbhelpers.config import DATA_ENV, REPO_ROOT
+
+# Developers and CI keep the real-source mirror beside the project checkout.
+MIRROR = REPO_ROOT.parent / "shared" / "data" / "cxr-sources"
+
+
+def _find_data_dir() -> Path | None:
+    raw = os.environ.get(DATA_ENV)
+    path = Path(raw) if raw else MIRROR
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The folder of real upstream sources; tests that need it fail in CI and skip elsewhere."""
+    path = _find_data_dir()
+    if path is None:
+        message = f"real source mirror not found: set {DATA_ENV} or place it at {MIRROR}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

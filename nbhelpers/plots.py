@@ -1,0 +1,86 @@
+"""Figures the notebooks show: counts, image grids, training curves, confusion matrices, CAMs.
+
+Each function returns a matplotlib Figure (so the notebook can save it) and draws nothing
+it does not return.  Images are uint8 or float grayscale arrays (H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from data_prep.schema import CLASSES
+
+
+def counts_bar(counts: pd.DataFrame, x: str, hue: str, title: str = "") -> plt.Figure:
+    """Grouped bar chart of a long table with columns ``x``, ``hue`` and ``count``."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.barplot(data=counts, x=x, y="count", hue=hue, ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] = (), ncols: int = 4,
+               size: float = 2.4) -> plt.Figure:
+    """Show grayscale ``images`` in a grid with optional per-image ``titles``."""
+    n = max(len(images), 1)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i], cmap="gray")
+            if i < len(titles):
+                ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(log: pd.DataFrame) -> plt.Figure:
+    """Loss and accuracy per epoch (train and validation) from a training log."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for split, style in (("train", "-o"), ("val", "--s")):
+        ax_loss.plot(log["epoch"], log[f"{split}_loss"], style, label=split)
+        ax_acc.plot(log["epoch"], log[f"{split}_acc"], style, label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    ax_acc.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_heatmap(cm: np.ndarray, classes: Sequence[str] = CLASSES, title: str = "") -> plt.Figure:
+    """Confusion matrix as counts with row-normalised shading (true rows, predicted columns)."""
+    cm = np.asarray(cm)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    sns.heatmap(share, annot=cm, fmt="d", cmap="Blues", vmin=0, vmax=1, cbar_kws={"label": "share of true class"},
+                xticklabels=classes, yticklabels=classes, ax=ax)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def cam_overlays(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], titles: Sequence[str] = (),
+                 alpha: float = 0.45) -> plt.Figure:
+    """Each image with its CAM (values in [0, 1]) overlaid in the jet colour map, plus a colour bar."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n + 0.6, 5.4), squeeze=False)
+    mappable = None
+    for i in range(n):
+        for row in (0, 1):
+            axes[row, i].imshow(images[i], cmap="gray")
+            axes[row, i].axis("off")
+        mappable = axes[1, i].imshow(cams[i], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        if i < len(titles):
+            axes[0, i].set_title(titles[i], fontsize=8)
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes[:, -1].tolist(), fraction=0.05, label="CAM (normalised)")
+    return fig

@@ -1,0 +1,69 @@
+"""Command line: ``python -m data_prep --data-dir D --out O [--per-class N --balance down --seed S ...]``.
+
+Loads the sources, curates the balanced set and writes ``manifest.csv``, ``dropped.csv`` and
+``summary.json`` to ``--out``, then prints the summary.  Exit status 2 with a one-line message on
+a data problem (missing folder, short class, malformed metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nbhelpers.config import DataNotFoundError, data_dir as resolve_data_dir
+from data_prep.curate import (
+    BALANCE_MODES,
+    DEFAULT_PHASH_DISTANCE,
+    PAPER_PER_CLASS,
+    ClassShortageError,
+    CurationParams,
+    build,
+)
+from data_prep.sources import SOURCES, SourceFormatError
+
+EXIT_DATA_ERROR = 2
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for manifest.csv, dropped.csv, summary.json")
+    p.add_argument("--sources", nargs="+", choices=list(SOURCES), default=None, help="sources to use (default: all present)")
+    p.add_argument("--per-class", type=int, default=PAPER_PER_CLASS, help="images per class")
+    p.add_argument("--balance", choices=BALANCE_MODES, default="strict", help="strict: stop when a class is short; down: balance to the smallest")
+    p.add_argument("--seed", type=int, default=0, help="seed for balancing and splitting")
+    p.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--views", nargs="+", default=None, help="views kept for ieee8023 (default: PA)")
+    p.add_argument("--allow-ap", action="store_true", help="also keep AP views where the paper keeps PA only")
+    p.add_argument("--min-age", type=float, default=18, help="drop patients younger than this (negative: keep all)")
+    p.add_argument("--keep-ct", action="store_true", help="do not drop non-X-ray rows")
+    p.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
+    p.add_argument("--phash-distance", type=int, default=DEFAULT_PHASH_DISTANCE, help="near-duplicate threshold (bits of 256)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the curation from the command line; return the exit status."""
+    args = parse_args(argv)
+    kwargs = {"views": args.views} if args.views else {}
+    try:
+        params = CurationParams(
+            per_class=args.per_class, balance=args.balance, seed=args.seed, split=tuple(args.split),
+            allow_ap=args.allow_ap, min_age=args.min_age if args.min_age >= 0 else None,
+            xray_only=not args.keep_ct, dedup=not args.no_dedup, phash_distance=args.phash_distance, **kwargs,
+        )
+        result = build(resolve_data_dir(args.data_dir), args.out, params, sources=args.sources)
+    except (DataNotFoundError, ClassShortageError, SourceFormatError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    print(json.dumps(result.summary, indent=2))
+    print(f"wrote {args.out / 'manifest.csv'}, {args.out / 'dropped.csv'}, {args.out / 'summary.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

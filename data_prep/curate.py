@@ -1,0 +1,445 @@
+"""Curation of the balanced COVID-19 / pneumonia / normal set from the common source table.
+
+The seed paper (section 4.1) takes every PA COVID-19 X-ray of ieee8023, "all data" of Figure1 and
+Actualmed, and random RSNA pneumonia and normal films: 475 per class, split 7:1:2 per image.  We
+keep its choices as defaults where they are clear and correct them where they mislabel or leak:
+an explicit finding -> class mapping (Actualmed/Figure1 normals are normal, inconclusive rows are
+dropped), X-ray only, frontal views only, adults only, exact and near-duplicate removal, and a
+split grouped by patient.  Every removed image is listed with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_prep.fingerprint import near_pairs, phash_many
+from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS, TABLE_COLUMNS
+from data_prep.sources import DROP_COLUMNS, SOURCES, Report, load_table
+from data_prep.split import check_no_leak, split_by_patient
+
+#: Frontal chest X-ray views as the sources spell them (compared case-insensitively).
+FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP Supine", "AP erect", "AP semi erect")
+AP_VIEWS: tuple[str, ...] = tuple(v for v in FRONTAL_VIEWS if v != "PA")
+#: Views per source in the paper: PA only for ieee8023; "all data" (any frontal view) elsewhere.
+PAPER_VIEWS: dict[str, tuple[str, ...]] = {"ieee8023": ("PA",)}
+#: Which classes the paper takes from each source: only COVID-19 from ieee8023, pneumonia and
+#: normal from RSNA (and its parent archive NIH); Figure1 and Actualmed gave "all data", which we
+#: keep but label by their findings.
+PAPER_SOURCE_CLASSES: dict[str, tuple[str, ...]] = {
+    "ieee8023": ("covid",),
+    "figure1": CLASSES,
+    "actualmed": CLASSES,
+    "rsna": ("pneumonia", "normal"),
+    "nih": ("pneumonia", "normal"),
+}
+PAPER_PER_CLASS = 475
+PAPER_SPLIT_SIZES = {"train": 993, "val": 144, "test": 288}
+#: Near-duplicate threshold in bits of the 256-bit perceptual hash.  On the mirror, re-saved and
+#: re-encoded copies differ by at most 22 bits; distinct films of different patients by 54+.
+DEFAULT_PHASH_DISTANCE = 32
+BALANCE_MODES = ("strict", "down")
+
+#: Every reason an image leaves the set, in the order the steps run.
+DROP_REASONS: tuple[str, ...] = (
+    "duplicate_row",  # a metadata row repeating another row's image (from load_table)
+    "missing_image",  # metadata row whose image file is absent (from load_table)
+    "not_xray",
+    "view",
+    "unmapped_finding",
+    "class_not_taken",
+    "age",
+    "unreadable",
+    "duplicate_exact",
+    "duplicate_near",
+    "duplicate_conflict",
+    "balance",
+)
+VERSIONED_PACKAGES = ("cxr-workbook", "numpy", "pandas", "pillow", "imagehash", "pydicom")
+
+
+class ClassShortageError(ValueError):
+    """A class has fewer images than ``per_class`` under ``balance="strict"``."""
+
+
+@dataclass
+class CurationParams:
+    """Every curation choice; the defaults are the seed paper's where it is clear.
+
+    ``views`` maps a source to the views kept for it; sources not named keep any frontal view
+    (and a blank view when ``keep_unknown_view``).  A plain list (as in the run profiles) is the
+    view list of ieee8023, the only source the paper restricts.  ``allow_ap`` adds the AP views
+    to every restricted source.  ``source_classes`` says which classes each source may supply.
+    ``phash_distance`` is in bits of a 256-bit perceptual hash.  ``balance="strict"`` stops when a
+    class is short of ``per_class``; ``"down"`` balances every class to the smallest one.
+    """
+
+    per_class: int = PAPER_PER_CLASS
+    views: dict[str, tuple[str, ...]] | Sequence[str] = field(default_factory=lambda: dict(PAPER_VIEWS))
+    allow_ap: bool = False
+    keep_unknown_view: bool = True
+    min_age: float | None = 18
+    xray_only: bool = True
+    source_classes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(PAPER_SOURCE_CLASSES))
+    check_images: bool = True
+    dedup: bool = True
+    phash_distance: int = DEFAULT_PHASH_DISTANCE
+    balance: str = "strict"
+    seed: int = 0
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.views, dict):
+            self.views = {source: tuple(self.views) for source in PAPER_VIEWS}
+        self.views = {s: tuple(v) for s, v in sorted(self.views.items())}
+        self.source_classes = {s: tuple(c) for s, c in sorted(self.source_classes.items())}
+        self.split = tuple(float(x) for x in self.split)  # type: ignore[assignment]
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"balance={self.balance!r}; expected one of {BALANCE_MODES}")
+        if self.per_class < 1:
+            raise ValueError(f"per_class={self.per_class} must be at least 1")
+        for source, classes in self.source_classes.items():
+            bad = set(classes) - set(CLASSES)
+            if bad:
+                raise ValueError(f"source_classes[{source!r}] has unknown class(es) {sorted(bad)}; use {CLASSES}")
+
+    def allowed_views(self, source: str) -> tuple[str, ...] | None:
+        """The views kept for ``source`` (None: any frontal view), with AP added when ``allow_ap``."""
+        views = self.views.get(source)
+        if views is None:
+            return None
+        return tuple(dict.fromkeys(views + AP_VIEWS)) if self.allow_ap else views
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-able form (tuples become lists) for the summary."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass
+class CurationResult:
+    """The curated set (``manifest``), every removed image (``dropped``) and the JSON-able ``summary``."""
+
+    manifest: pd.DataFrame
+    dropped: pd.DataFrame
+    summary: dict[str, object]
+
+
+def _view_problem(source: str, view: str, params: CurationParams) -> str:
+    """Why ``view`` is not kept for ``source`` ("" when it is kept)."""
+    allowed = params.allowed_views(source)
+    key = view.strip().lower()
+    if not key:
+        if allowed is None and params.keep_unknown_view:
+            return ""
+        return f"view is blank upstream ({source} keeps {allowed or 'known views only'})"
+    if key not in {v.lower() for v in FRONTAL_VIEWS}:
+        return f"view {view!r} is not frontal"
+    if allowed is not None and key not in {v.lower() for v in allowed}:
+        return f"view {view!r} not in {source} views {list(allowed)} (allow_ap={params.allow_ap})"
+    return ""
+
+
+def _filter_reasons(table: pd.DataFrame, params: CurationParams) -> list[tuple[str, str]]:
+    """The first filter each row fails, as (reason, detail), or ("", "") when it passes them all."""
+    out = []
+    for row in table.itertuples(index=False):
+        if params.xray_only and row.modality.strip().lower() != "x-ray":
+            out.append(("not_xray", f"modality {row.modality!r}"))
+        elif problem := _view_problem(row.source, row.view, params):
+            out.append(("view", problem))
+        elif row.label == "":
+            out.append(("unmapped_finding", f"finding {row.finding!r} maps to no class"))
+        elif row.label not in params.source_classes.get(row.source, CLASSES):
+            out.append(("class_not_taken", f"{row.label} is not taken from {row.source}"))
+        elif params.min_age is not None and row.age < params.min_age:  # NaN (unknown) compares False
+            out.append(("age", f"age {row.age:g} < min_age {params.min_age:g}"))
+        else:
+            out.append(("", ""))
+    return out
+
+
+def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Connected components (sorted lists of node indices) of an undirected graph, via union-find."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in edges:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def find_duplicates(
+    kept: pd.DataFrame, bits: np.ndarray | None, max_distance: int
+) -> list[tuple[str, str, str]]:
+    """Return ``(image_id, reason, detail)`` for every duplicate to drop among ``kept``'s rows.
+
+    Rows are linked when their ``sha256`` is equal (exact) or, given ``bits`` (rows x hash bits),
+    their perceptual hashes differ by at most ``max_distance`` bits (near).  In each linked group
+    the image of the earliest source in :data:`SOURCES` (then the smallest ``image_id``) is kept;
+    a group whose images carry different labels is dropped whole (``duplicate_conflict``).
+    """
+    kept = kept.reset_index(drop=True)
+    edges: list[tuple[int, int]] = []
+    hashed = kept[kept["sha256"] != ""]
+    for _, group in hashed.groupby("sha256", sort=False):
+        idx = group.index.tolist()
+        edges += [(idx[0], j) for j in idx[1:]]
+    if bits is not None:
+        edges += [(i, j) for i, j, _ in near_pairs(bits, max_distance)]
+    order = {name: i for i, name in enumerate(SOURCES)}
+    drops = []
+    for members in _components(len(kept), edges):
+        members.sort(key=lambda i: (order.get(kept.at[i, "source"], len(order)), kept.at[i, "image_id"]))
+        labels = sorted(set(kept.loc[members, "label"]))
+        keeper = members[0]
+        if len(labels) > 1:
+            ids = ", ".join(f"{kept.at[i, 'image_id']} ({kept.at[i, 'label']})" for i in members)
+            drops += [(kept.at[i, "image_id"], "duplicate_conflict", f"one image, labels {labels}: {ids}") for i in members]
+            continue
+        for i in members[1:]:
+            same_bytes = kept.at[i, "sha256"] != "" and kept.at[i, "sha256"] == kept.at[keeper, "sha256"]
+            if same_bytes:
+                drops.append((kept.at[i, "image_id"], "duplicate_exact", f"same bytes as {kept.at[keeper, 'image_id']}"))
+            else:
+                distance = int(np.count_nonzero(bits[i] != bits[keeper])) if bits is not None else -1
+                drops.append((kept.at[i, "image_id"], "duplicate_near",
+                              f"copy of {kept.at[keeper, 'image_id']} (perceptual hash distance {distance})"))
+    return drops
+
+
+def _balance(kept: pd.DataFrame, params: CurationParams) -> tuple[pd.DataFrame, list[tuple[str, str, str]], int, str]:
+    """Sample ``per_class`` images per class (or the smallest class under ``"down"``); return kept, drops, n, note."""
+    available = {c: int((kept["label"] == c).sum()) for c in CLASSES}
+    shown = ", ".join(f"{c}={n}" for c, n in available.items())
+    smallest = min(available.values())
+    if smallest >= params.per_class:
+        n, note = params.per_class, f"every class reached per_class={params.per_class} (available: {shown})"
+    elif params.balance == "strict":
+        raise ClassShortageError(
+            f"per_class={params.per_class} but after filtering and de-duplication the sources supply only "
+            f"{shown}. Lower per_class, add sources (e.g. rsna), relax filters (allow_ap=True), "
+            "or pass balance='down' to balance every class to the smallest."
+        )
+    elif smallest == 0:
+        raise ClassShortageError(f"a class has no images at all ({shown}); nothing can be balanced")
+    else:
+        n = smallest
+        note = f"balanced down to {n} per class, the smallest class (per_class={params.per_class}; available: {shown})"
+    rng = np.random.default_rng(params.seed)
+    take: list[int] = []
+    drops = []
+    for cls in CLASSES:
+        rows = kept.index[kept["label"] == cls].to_numpy()
+        rows = rows[np.argsort(kept.loc[rows, "image_id"].to_numpy(), kind="stable")]
+        chosen = np.sort(rng.permutation(len(rows))[:n])
+        take += rows[chosen].tolist()
+        left = np.setdiff1d(np.arange(len(rows)), chosen)
+        drops += [(kept.at[r, "image_id"], "balance", f"{cls}: {available[cls]} available, {n} drawn") for r in rows[left]]
+    return kept.loc[sorted(take)], drops, n, note
+
+
+def paper_labels(table: pd.DataFrame) -> pd.Series:
+    """The class the seed paper's literal recipe gives each row, or "" when it does not take the row.
+
+    ieee8023: COVID-19 PA X-rays -> covid; Figure1 and Actualmed: every row -> covid ("all data");
+    RSNA/NIH: pneumonia and normal as labelled.  Compare with ``table.label`` to count mislabels.
+    """
+    def one(row: pd.Series) -> str:
+        if row["source"] == "ieee8023":
+            pa_xray = row["view"] == "PA" and row["modality"] == "X-ray"
+            return "covid" if row["label"] == "covid" and pa_xray else ""
+        if row["source"] in ("figure1", "actualmed"):
+            return "covid"
+        return row["label"]
+
+    return table.apply(one, axis=1).rename("paper_label") if len(table) else pd.Series(dtype=str, name="paper_label")
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for package in VERSIONED_PACKAGES:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _nested_counts(df: pd.DataFrame, keys: Sequence[str]) -> dict:
+    """Counts of ``df`` rows nested by ``keys`` (e.g. source -> label -> split), sorted, JSON-able."""
+    out: dict = {}
+    for combo, n in df.groupby(list(keys), sort=True).size().items():
+        combo = combo if isinstance(combo, tuple) else (combo,)
+        node = out
+        for key in combo[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(combo[-1])] = int(n)
+    return out
+
+
+def _resolve_data_dir(table: pd.DataFrame, data_dir: Path | None) -> Path:
+    raw = data_dir if data_dir is not None else table.attrs.get("data_dir")
+    if raw is None:
+        raise ValueError(
+            "curate needs the data directory to decode images (check_images / dedup): pass data_dir=..., "
+            "use the table from load_table (it records it), or set check_images=False and dedup=False"
+        )
+    return Path(raw)
+
+
+def curate(
+    table: pd.DataFrame,
+    params: CurationParams | None = None,
+    *,
+    data_dir: Path | None = None,
+    report: Report | None = None,
+) -> CurationResult:
+    """Filter, de-duplicate, balance and split ``table`` (from :func:`load_table`) by ``params``.
+
+    Images are decoded (to find unreadable files and perceptual hashes) from ``data_dir``, which
+    defaults to the folder ``load_table`` recorded in ``table.attrs``.  Rows ``load_table`` skipped
+    (``report.skipped``) are carried into ``dropped``.  Returns the manifest (``MANIFEST_COLUMNS``,
+    sorted by split, class, image_id), every dropped image with its reason, and a summary.
+    Raises :class:`ClassShortageError` under ``balance="strict"`` when a class is short, KeyError
+    when ``table`` lacks schema columns, ValueError when images must be decoded but no data
+    directory is known.
+    """
+    params = params or CurationParams()
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise KeyError(f"curate: table lacks column(s) {missing}; build it with data_prep.sources.load_table")
+    table = table.reset_index(drop=True)
+    drops: list[tuple[str, str, str]] = []
+    if report is not None:
+        drops += list(report.skipped[list(DROP_COLUMNS)].itertuples(index=False, name=None))
+
+    reasons = _filter_reasons(table, params)
+    drops += [(iid, r, d) for iid, (r, d) in zip(table["image_id"], reasons) if r]
+    kept = table[[r == "" for r, _ in reasons]].reset_index(drop=True)
+
+    bits = None
+    if params.check_images or params.dedup:
+        root = _resolve_data_dir(table, data_dir)
+        hashes, errors = phash_many([root / p for p in kept["path"]])
+        drops += [(kept.at[i, "image_id"], "unreadable", message) for i, message in sorted(errors.items())]
+        readable = [i for i in range(len(kept)) if i not in errors]
+        kept = kept.loc[readable].reset_index(drop=True)
+        bits = np.array([hashes[i] for i in readable], dtype=bool) if readable else None
+    if params.dedup:
+        duplicates = find_duplicates(kept, bits, params.phash_distance)
+        drops += duplicates
+        gone = {d[0] for d in duplicates}
+        kept = kept[~kept["image_id"].isin(gone)].reset_index(drop=True)
+    available = kept
+
+    kept, balance_drops, n, note = _balance(kept, params)
+    drops += balance_drops
+    manifest = kept.copy()
+    manifest["split"] = split_by_patient(manifest, params.split, params.seed)
+    check_no_leak(manifest)
+    manifest = _sort_manifest(manifest)
+
+    dropped = pd.DataFrame(drops, columns=list(DROP_COLUMNS))
+    dropped["_order"] = dropped["reason"].map({r: i for i, r in enumerate(DROP_REASONS)})
+    dropped = dropped.sort_values(["_order", "image_id"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    summary = _summary(table, available, manifest, dropped, params, n, note, report)
+    return CurationResult(manifest=manifest, dropped=dropped, summary=summary)
+
+
+def _sort_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
+    keys = manifest.assign(
+        _s=manifest["split"].map({s: i for i, s in enumerate(SPLITS)}),
+        _c=manifest["label"].map({c: i for i, c in enumerate(CLASSES)}),
+    )
+    keys = keys.sort_values(["_s", "_c", "image_id"], kind="stable")
+    return keys[list(MANIFEST_COLUMNS)].reset_index(drop=True)
+
+
+def _summary(
+    table: pd.DataFrame,
+    available: pd.DataFrame,
+    manifest: pd.DataFrame,
+    dropped: pd.DataFrame,
+    params: CurationParams,
+    n: int,
+    note: str,
+    report: Report | None,
+) -> dict[str, object]:
+    source_of = dropped["image_id"].str.split(":", n=1).str[0]
+    paper = paper_labels(table)
+    taken = paper != ""
+    return {
+        "recipe": "seed paper 001, section 4.1, with explicit labels, X-ray/frontal/adult filters, "
+        "de-duplication and a patient-grouped split",
+        "params": params.as_dict(),
+        "seed": params.seed,
+        "sources": (
+            {s: {"metadata_rows": report.rows[s], "images_found": report.images[s]} for s in report.loaded}
+            if report is not None else {}
+        ),
+        "sources_absent": list(report.absent) if report is not None else [],
+        "table_rows": int(len(table)),
+        "dropped": {r: int((dropped["reason"] == r).sum()) for r in DROP_REASONS if (dropped["reason"] == r).any()},
+        "dropped_by_source": _nested_counts(dropped.assign(source=source_of), ["reason", "source"]),
+        "available_per_class": {c: int((available["label"] == c).sum()) for c in CLASSES},
+        "available_by_source": _nested_counts(available, ["source", "label"]),
+        "per_class": n,
+        "balance_note": note,
+        "split_sizes": {s: int((manifest["split"] == s).sum()) for s in SPLITS},
+        "patients_per_split": {s: int(manifest.loc[manifest["split"] == s, "patient_id"].nunique()) for s in SPLITS},
+        "class_split": {c: {s: int(((manifest["label"] == c) & (manifest["split"] == s)).sum()) for s in SPLITS}
+                        for c in CLASSES},
+        "counts": _nested_counts(manifest, ["source", "label", "split"]),
+        "paper_recipe": {
+            "taken_per_class": {c: int((paper == c).sum()) for c in CLASSES},
+            "relabelled_here": int((taken & (paper != table["label"])).sum()),
+            "per_class": PAPER_PER_CLASS,
+            "split_sizes": PAPER_SPLIT_SIZES,
+        },
+        "versions": _versions(),
+    }
+
+
+def write_outputs(result: CurationResult, out_dir: Path) -> dict[str, Path]:
+    """Write ``manifest.csv``, ``dropped.csv`` and ``summary.json`` to ``out_dir``; byte-identical for equal results."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / name for name in ("manifest.csv", "dropped.csv", "summary.json")}
+    result.manifest.to_csv(paths["manifest.csv"], index=False, lineterminator="\n", float_format="%g")
+    result.dropped.to_csv(paths["dropped.csv"], index=False, lineterminator="\n")
+    paths["summary.json"].write_text(json.dumps(result.summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return paths
+
+
+def build(
+    data_dir: Path,
+    out_dir: Path,
+    params: CurationParams | None = None,
+    sources: Sequence[str] | None = None,
+) -> CurationResult:
+    """Load the sources under ``data_dir``, curate them with ``params``, and write the outputs to ``out_dir``.
+
+    Writes ``manifest.csv``, ``dropped.csv`` and ``summary.json`` (byte-identical on re-run with
+    the same inputs).  Raises what :func:`load_table` and :func:`curate` raise.
+    """
+    table, report = load_table(Path(data_dir), sources=sources, hash_images=True)
+    result = curate(table, params, data_dir=Path(data_dir), report=report)
+    write_outputs(result, out_dir)
+    return result

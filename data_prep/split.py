@@ -1,0 +1,130 @@
+"""Patient-grouped, class-stratified splits: one train/val/test split, or k folds.
+
+Every image of a patient lands in the same split, so follow-up films of one patient can never
+be in train and test at once (the per-image split of the seed paper allows that).  Within each
+class, patients are shuffled with the seed and placed largest first into the split that is
+furthest below its target, which hits the ratios closely while keeping patients whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from data_prep.schema import CLASSES, SPLITS
+
+#: The seed paper's split: 7:1:2 (993/144/288 of 1425 images).
+DEFAULT_RATIOS: tuple[float, float, float] = (0.7, 0.1, 0.2)
+#: How far the ratios may sum from 1 before they are rejected as a typo.
+RATIO_TOLERANCE = 1e-6
+#: How many offending patients a leak error names.
+LEAKS_SHOWN = 10
+
+
+class LeakError(ValueError):
+    """A patient (or one image's bytes) occurs in more than one split."""
+
+
+def _check_frame(df: pd.DataFrame, where: str) -> None:
+    missing = [c for c in ("patient_id", "label") if c not in df.columns]
+    if missing:
+        raise KeyError(f"{where}: the table lacks column(s) {missing}; pass the table from data_prep.sources.load_table")
+
+
+def allocate(total: int, ratios: Sequence[float]) -> list[int]:
+    """Split ``total`` into integer parts proportional to ``ratios`` by largest remainder.
+
+    Ties go to the smaller share, so val and test are not starved: 475 at 7:1:2 gives 332/48/95.
+    """
+    exact = [total * r for r in ratios]
+    parts = [int(np.floor(x)) for x in exact]
+    # Remainders are rounded so that float noise (332.49999...) cannot break a tie.
+    order = sorted(range(len(ratios)), key=lambda i: (-round(exact[i] - parts[i], 9), ratios[i], i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def _patient_classes(df: pd.DataFrame) -> pd.Series:
+    """Each patient's class: its most frequent label (ties to the earlier class in CLASSES)."""
+    rank = {c: i for i, c in enumerate(CLASSES)}
+    counts = df.groupby(["patient_id", "label"], sort=True).size().reset_index(name="n")
+    counts["rank"] = counts["label"].map(lambda c: rank.get(c, len(rank)))
+    counts = counts.sort_values(["patient_id", "n", "rank"], ascending=[True, False, True])
+    return counts.drop_duplicates("patient_id").set_index("patient_id")["label"]
+
+
+def _assign_groups(df: pd.DataFrame, ratios: Sequence[float], names: Sequence[Hashable], seed: int) -> pd.Series:
+    """Assign every patient, class by class, to one of ``names`` in proportion to ``ratios``."""
+    rng = np.random.default_rng(seed)
+    sizes = df.groupby("patient_id", sort=True).size()
+    patient_class = _patient_classes(df)
+    classes = [c for c in CLASSES if c in set(patient_class)] + sorted(set(patient_class) - set(CLASSES))
+    assignment: dict[str, Hashable] = {}
+    for cls in classes:
+        patients = np.array(sorted(patient_class.index[patient_class == cls]))
+        patients = patients[rng.permutation(len(patients))]
+        # Largest patients first (stable, so equal sizes keep their shuffled order): small ones fill gaps.
+        patients = sorted(patients, key=lambda p: -sizes[p])
+        targets = allocate(int(sizes[patients].sum()), ratios)
+        filled = [0] * len(names)
+        for patient in patients:
+            k = max(range(len(names)), key=lambda i: (targets[i] - filled[i], -i))
+            assignment[patient] = names[k]
+            filled[k] += int(sizes[patient])
+    return df["patient_id"].map(assignment)
+
+
+def _check_ratios(ratios: Sequence[float], n: int, name: str) -> None:
+    if len(ratios) != n or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > RATIO_TOLERANCE:
+        raise ValueError(f"{name}={tuple(ratios)} must be {n} non-negative shares summing to 1, e.g. {DEFAULT_RATIOS}")
+
+
+def split_by_patient(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, seed: int = 0) -> pd.Series:
+    """Return a Series (same index as ``df``) of split names from :data:`SPLITS`, grouped by patient.
+
+    ``df`` needs ``patient_id`` and ``label``; each class's images are shared out in ``ratios``
+    (train, val, test) as closely as whole patients allow.  Deterministic for ``seed``.  Raises
+    ValueError for ratios that are not three non-negative shares summing to 1, KeyError for
+    missing columns.
+    """
+    _check_ratios(ratios, len(SPLITS), "ratios")
+    _check_frame(df, "split_by_patient")
+    return _assign_groups(df, ratios, SPLITS, seed).rename("split")
+
+
+def kfold_by_patient(df: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
+    """Return a Series of fold numbers ``0..k-1`` (same index as ``df``), grouped by patient, stratified by class.
+
+    For mean +- std experiments: fold ``i`` is the test set of run ``i``.  Raises ValueError when
+    ``k`` < 2 or exceeds the number of patients.
+    """
+    _check_frame(df, "kfold_by_patient")
+    n_patients = df["patient_id"].nunique()
+    if k < 2 or k > n_patients:
+        raise ValueError(f"k={k} folds need 2 <= k <= the number of patients ({n_patients})")
+    return _assign_groups(df, [1.0 / k] * k, list(range(k)), seed).astype(int).rename("fold")
+
+
+def check_no_leak(manifest: pd.DataFrame, column: str = "split") -> None:
+    """Raise :class:`LeakError` when a patient, or an image's bytes (``sha256``), occurs in two splits.
+
+    Patient ids are compared after stripping whitespace, so ``"nih:12 "`` and ``"nih:12"`` are one
+    patient.  The message names up to :data:`LEAKS_SHOWN` offenders and their splits.
+    """
+    if column not in manifest.columns:
+        raise KeyError(f"check_no_leak: the manifest has no {column!r} column")
+    keys = [("patient", manifest["patient_id"].astype(str).str.strip())]
+    if "sha256" in manifest.columns:
+        keys.append(("image sha256", manifest["sha256"].where(manifest["sha256"] != "")))
+    for what, key in keys:
+        spread = manifest[column].groupby(key).agg(lambda s: sorted(set(map(str, s))))
+        leaks = spread[spread.map(len) > 1]
+        if len(leaks):
+            shown = "; ".join(f"{k} in {'+'.join(v)}" for k, v in leaks.head(LEAKS_SHOWN).items())
+            raise LeakError(
+                f"{len(leaks)} {what}(s) occur in more than one {column}: {shown}. "
+                "Split with data_prep.split.split_by_patient instead of per image."
+            )

@@ -258,3 +258,32 @@ def test_manifest_checks(real_manifest: pd.DataFrame, data_dir: Path, tmp_path: 
 def test_open_incomplete_cache(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="meta.json"):
         ImageCache.open(tmp_path)
+
+
+# --------------------------------------------------------------------------- the benchmark command
+
+
+def test_loader_benchmark_reports_both_paths(data_dir: Path, tmp_path: Path, capsys) -> None:
+    from nbhelpers import bench
+
+    out = tmp_path / "loader.txt"
+    argv = ["loader", "--data-dir", str(data_dir), "--n", "6", "--size", "32", "--batch-size", "4",
+            "--min-seconds", "0.05", "--out", str(out)]
+    assert bench.main(argv) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    assert text.startswith("$ python -m nbhelpers.bench loader")
+    rates = {line[:3]: float(line.split(":")[-1].split()[0]) for line in text.splitlines() if line[:3] in
+             ("(a)", "(b)")}
+    assert set(rates) == {"(a)", "(b)"} and all(r > 0 for r in rates.values())
+    assert rates["(b)"] > rates["(a)"]
+
+
+def test_benchmark_sample_skips_masks_and_empty_folders(data_dir: Path, tmp_path: Path) -> None:
+    from nbhelpers import bench
+
+    paths = bench.sample_images(data_dir, 50, seed=1)
+    assert len(paths) == 50 and not any("annotations" in p.parts for p in paths)
+    assert paths == bench.sample_images(data_dir, 50, seed=1)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        bench.sample_images(tmp_path, 5, seed=0)

@@ -201,3 +201,47 @@ def test_augmentation_runs_on_the_gpu_like_on_the_cpu() -> None:
     gpu = to_model_input(x.cuda(), paper, train=True, generator=torch.Generator().manual_seed(3))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- previews for notebook 02
+
+
+def test_preview_arrays(data_dir: Path) -> None:
+    from nbhelpers.images import load_gray
+    from nbhelpers.preprocess import clahe, prepare
+    from nbhelpers.preview import augment_examples, clahe_variants, resize_variants
+
+    img = load_gray(data_dir / "nih-cxr14-subset/images/00000061_012.png")
+    variants = clahe_variants(img, (1.0, 3.0), tile_grid=4)
+    assert list(variants) == ["original", "clip 1", "clip 3"]
+    np.testing.assert_array_equal(variants["clip 3"], clahe(img, 3.0, 4))
+    sizes = {mode: im.shape for mode, im in resize_variants(img, 48).items()}
+    assert sizes == {"letterbox": (48, 48), "stretch": (48, 48), "crop": (48, 48)}
+    small = prepare(img, PreprocessConfig(size=48))
+    examples = augment_examples(small, AugmentPolicy.from_name("paper"), n=5, seed=2)
+    assert examples.shape == (5, 48, 48) and examples.dtype == np.uint8
+    np.testing.assert_array_equal(examples, augment_examples(small, AugmentPolicy.from_name("paper"), n=5, seed=2))
+    unchanged = augment_examples(small, AugmentPolicy.from_name("off"), n=2)
+    assert np.abs(unchanged.astype(int) - small.astype(int)).max() <= 1  # round trip through normalisation
+
+
+def test_preview_figures(data_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nbhelpers.images import load_gray
+    from nbhelpers.preview import plot_augment_examples, plot_clahe_grid, plot_histograms, plot_resize_variants
+
+    img = load_gray(data_dir / "nih-cxr14-subset/images/00000061_012.png")[::4, ::4].copy()
+    figures = [
+        plot_clahe_grid({"normal": img, "other": img}, (1.0, 2.0)),
+        plot_histograms(img, PreprocessConfig(clip_limit=3.0)),
+        plot_resize_variants(img, 32),
+        plot_augment_examples(img[:64, :64].copy(), AugmentPolicy.from_name("light"), n=3),
+    ]
+    assert [len(f.axes) for f in figures] == [6, 4, 4, 3]
+    assert figures[0].axes[2].get_title() == "clip 2"
+    for fig in figures:
+        plt.close(fig)

@@ -66,7 +66,9 @@ def sample_images(data_dir: Path, n: int, seed: int) -> list[Path]:
         if p.suffix.lower() in IMAGE_SUFFIXES and not set(SKIP_FOLDERS) & set(p.relative_to(data_dir).parts)
     )
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {data_dir}; is it the source folder?")
+        raise FileNotFoundError(
+            f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {data_dir}; is it the source-data folder?"
+        )
     order = np.random.default_rng(seed).permutation(len(files))[:n]
     return [files[i] for i in order]
 

@@ -88,9 +88,7 @@ def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
         background = Image.new("RGBA", im.size, (ALPHA_BACKGROUND,) * 3 + (_U8_MAX,))
         im = Image.alpha_composite(background, im.convert("RGBA"))
         mode = im.mode
-    if mode in ("L", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-        if mode in ("LAB", "HSV"):
-            raise ImageReadError(f"image {path} is in colour space {mode}, which has no grey convention here")
+    if mode in ("L", "RGB", "RGBA", "CMYK", "YCbCr", "1"):
         return np.asarray(im.convert("L"), dtype=np.uint8)
     if mode.startswith("I") or mode == "F":
         # 16-bit PNG ("I;16", "I;16B"), 32-bit integer ("I") or float ("F"): stretch to 8 bits.

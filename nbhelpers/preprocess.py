@@ -299,7 +299,9 @@ class ImageCache:
         path = Path(path)
         meta_path = path / META_FILE
         if not meta_path.is_file():
-            raise CacheError(f"{path} is not a complete preprocessing cache (no {META_FILE}); rebuild it with build_cache()")
+            raise CacheError(
+                f"{path} is not a complete preprocessing cache (no {META_FILE}); rebuild it with build_cache()"
+            )
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         return cls(path=path, key=path.name, cfg=PreprocessConfig(**meta["config"]), meta=meta)
 

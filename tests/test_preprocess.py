@@ -197,14 +197,23 @@ def test_cache_reused_when_unchanged(real_manifest, data_dir, tmp_path, count_lo
     assert len(count_loads) == len(real_manifest)  # nothing decoded the second time
 
 
-@pytest.mark.parametrize("change", ["clip_limit", "clahe", "resize", "tile_grid"])
+PARAMETER_CHANGES = {"size": 24, "clahe": False, "clip_limit": 4.0, "tile_grid": 4, "resize": "stretch",
+                     "clahe_stage": "after_resize"}
+
+
+def test_parameter_changes_cover_every_field() -> None:
+    assert set(PARAMETER_CHANGES) == {f.name for f in dataclasses.fields(PreprocessConfig)}
+
+
+@pytest.mark.parametrize("change", sorted(PARAMETER_CHANGES))
 def test_cache_rebuilt_when_a_parameter_changes(real_manifest, data_dir, tmp_path, count_loads, change) -> None:
     first = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
-    value = {"clip_limit": 4.0, "clahe": False, "resize": "stretch", "tile_grid": 4}[change]
-    second = build_cache(real_manifest, data_dir, tmp_path, dataclasses.replace(SMALL, **{change: value}),
+    second = build_cache(real_manifest, data_dir, tmp_path,
+                         dataclasses.replace(SMALL, **{change: PARAMETER_CHANGES[change]}),
                          progress=False)
     assert not second.reused and second.path != first.path
     assert len(count_loads) == 2 * len(real_manifest)
+    assert second.cfg == dataclasses.replace(SMALL, **{change: PARAMETER_CHANGES[change]})
     assert not np.array_equal(np.asarray(first.split("train").images), np.asarray(second.split("train").images))
 
 

@@ -1,0 +1,127 @@
+"""Each notebook runs headlessly through papermill in the smoke profile on the real mirror.
+
+Notebooks build on each other's outputs, so a shared run folder is filled in order: asking for
+notebook 05 first runs 01-04 once.  Each test then checks what its notebook wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+
+from data_prep.schema import CLASSES
+from nbhelpers import run
+
+pytestmark = [pytest.mark.notebook, pytest.mark.slow]
+
+NOTEBOOKS = {p.name[:2]: p for p in run.ordered_notebooks()}
+
+
+class Workbook:
+    def __init__(self, run_dir: Path, data_dir: Path):
+        self.run_dir, self.data_dir = run_dir, data_dir
+        self.done: dict[str, Path] = {}
+
+    def ran(self, number: str) -> Path:
+        """Run every notebook up to and including ``number`` once; return the executed copy."""
+        for key in sorted(NOTEBOOKS):
+            if key > number:
+                break
+            if key not in self.done:
+                out = self.run_dir / NOTEBOOKS[key].name
+                params = {"profile": "smoke", "data_dir": str(self.data_dir), "run_dir": str(self.run_dir)}
+                run.run_notebook(NOTEBOOKS[key], out, params, cell_timeout=900)
+                self.done[key] = out
+        return self.done[number]
+
+
+@pytest.fixture(scope="module")
+def workbook(tmp_path_factory, data_dir) -> Workbook:
+    run.ensure_kernel()
+    return Workbook(tmp_path_factory.mktemp("smoke-run"), data_dir)
+
+
+def _table(workbook: Workbook, name: str) -> pd.DataFrame:
+    return pd.read_csv(workbook.run_dir / "tables" / f"{name}.csv")
+
+
+def _figure(workbook: Workbook, name: str) -> None:
+    path = workbook.run_dir / "figures" / f"{name}.png"
+    assert path.is_file() and path.stat().st_size > 5_000, f"figure {path} missing or empty"
+
+
+def test_every_notebook_is_well_formed():
+    for path in NOTEBOOKS.values():
+        nb = nbformat.read(path, as_version=4)
+        assert nb.metadata["kernelspec"]["name"] == "cxr-workbook", path.name
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+        # papermill skips any line it cannot parse (e.g. a comment holding '='): all must parse
+        assigned = {line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line}
+        declared = set(papermill.inspect_notebook(str(path)))
+        assert assigned == declared and {"profile", "data_dir", "run_dir"} <= declared, path.name
+        assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), path.name
+        assert all(c.get("outputs", []) == [] for c in nb.cells if c.cell_type == "code"), \
+            f"{path.name}: commit notebooks without outputs"
+
+
+def test_01_data_curation(workbook):
+    workbook.ran("01")
+    manifest = pd.read_csv(workbook.run_dir / "data" / "manifest.csv")
+    counts = manifest["label"].value_counts()
+    assert set(counts.index) == set(CLASSES) and counts.nunique() == 1  # balanced
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    assert manifest.groupby("patient_id")["split"].nunique().max() == 1  # no patient in two splits
+    assert (workbook.data_dir / manifest["path"]).map(Path.is_file).all()
+    _figure(workbook, "01_counts")
+
+
+def test_02_preprocessing(workbook):
+    workbook.ran("02")
+    _figure(workbook, "02_clahe")
+    assert any((workbook.run_dir / "cache").rglob("*.npy"))
+
+
+def test_03_models(workbook):
+    workbook.ran("03")
+    table = _table(workbook, "03_complexity")
+    assert {"densenet121", "densenet121_cbam"} <= set(table["model"])
+    assert (table["params_m"] > 1).all()
+    cbam = table.set_index("model")["params_m"]
+    assert cbam["densenet121_cbam"] > cbam["densenet121"]  # the attention modules add weights
+
+
+def test_04_training(workbook):
+    workbook.ran("04")
+    log = pd.read_csv(next((workbook.run_dir / "train").glob("*/log.csv")))
+    assert len(log) >= 1 and log["train_loss"].notna().all() and (log["val_acc"].between(0, 1)).all()
+    assert any((workbook.run_dir / "train").glob("*/best.pt"))
+    _figure(workbook, "04_curves")
+
+
+def test_05_evaluation(workbook):
+    workbook.ran("05")
+    summary = _table(workbook, "05_test_metrics")
+    assert summary["accuracy"].between(0, 1).all() and (summary["n"] > 0).all()
+    per_class = _table(workbook, "05_per_class")
+    assert list(per_class["class"]) == list(CLASSES)
+    _figure(workbook, "05_confusion")
+
+
+def test_06_ablations(workbook):
+    workbook.ran("06")
+    table = _table(workbook, "06_ablation")
+    assert {"densenet121", "densenet121_cbam"} <= set(table["model"])
+    assert table["test_accuracy"].between(0, 1).all()
+
+
+def test_07_gradcam(workbook):
+    workbook.ran("07")
+    _figure(workbook, "07_gradcam")
+    stats = json.loads((workbook.run_dir / "cam_summary.json").read_text())
+    assert stats["images"] >= 1 and 0.0 <= stats["mean_cam"] <= 1.0

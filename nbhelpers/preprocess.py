@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,6 +313,7 @@ def build_cache(
     cache_root: Path | str,
     cfg: PreprocessConfig,
     *,
+    workers: int = 1,
     progress: bool = True,
 ) -> ImageCache:
     """Preprocess every manifest image once into ``cache_root/<cache_key>/``, or reuse it.
@@ -321,7 +323,8 @@ def build_cache(
     :data:`CLASSES`) and ``<split>_ids.json``, then ``meta.json`` (config, manifest hash, counts,
     date).  Rows keep manifest order within a split.  The folder is built under a temporary name
     and renamed when complete, so an interrupted build is never reused.  Returns the
-    :class:`ImageCache` (``reused`` says which happened).  Raises :class:`ImageReadError` naming
+    :class:`ImageCache` (``reused`` says which happened).  ``workers`` > 1 decodes in that many
+    threads (OpenCV and Pillow release the GIL); the result does not depend on it.  Raises :class:`ImageReadError` naming
     the file and its ``image_id`` for an unreadable image, ValueError for unknown labels/splits.
     """
     data_dir, cache_root = Path(data_dir), Path(cache_root)
@@ -344,7 +347,7 @@ def build_cache(
     try:
         for split in splits:
             rows = manifest[manifest["split"] == split]
-            _write_split(rows, split, data_dir, tmp, cfg, bar)
+            _write_split(rows, split, data_dir, tmp, cfg, bar, workers)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # an incomplete cache must not be left to be mistaken
         raise
@@ -371,17 +374,26 @@ def build_cache(
     return ImageCache.open(final)
 
 
-def _write_split(rows: pd.DataFrame, split: str, data_dir: Path, out: Path, cfg: PreprocessConfig, bar: tqdm) -> None:
+def _write_split(
+    rows: pd.DataFrame, split: str, data_dir: Path, out: Path, cfg: PreprocessConfig, bar: tqdm, workers: int
+) -> None:
     labels = np.array([label_index(label) for label in rows["label"]], dtype=np.int64)
     images = np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
                                        shape=(len(rows), cfg.size, cfg.size))
-    for i, (image_id, rel) in enumerate(zip(rows["image_id"], rows["path"])):
-        path = data_dir / rel
+
+    def one(job: tuple[str, str]) -> np.ndarray:
+        image_id, rel = job
         try:
-            images[i] = load_prepared(path, cfg)
+            return load_prepared(data_dir / rel, cfg)
         except ImageReadError as err:
             raise ImageReadError(f"{err} (manifest image_id {image_id!r}, split {split!r})") from err
-        bar.update(1)
+
+    jobs = list(zip(rows["image_id"], rows["path"]))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # map() yields in manifest order, so row i of the array is row i of the split.
+        for i, img in enumerate(pool.map(one, jobs) if workers > 1 else map(one, jobs)):
+            images[i] = img
+            bar.update(1)
     images.flush()
     del images
     np.save(out / f"{split}_labels.npy", labels)

@@ -92,6 +92,12 @@ def test_drop_last_and_bad_batch_size(split: CachedSplit) -> None:
         next(batches(split, 0))
 
 
+def test_batches_move_to_the_requested_device(split: CachedSplit) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, y = next(batches(split, 4, device=device))
+    assert x.device.type == device and y.device.type == device and _ids(x.cpu()) == [0, 1, 2, 3]
+
+
 def test_dataset_for_dataloader(split: CachedSplit) -> None:
     dataset = CachedDataset(split)
     assert len(dataset) == N_IMAGES

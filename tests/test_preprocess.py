@@ -228,6 +228,14 @@ def test_cache_rebuilt_when_the_manifest_changes(real_manifest, data_dir, tmp_pa
     assert build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False).reused
 
 
+def test_threaded_build_matches_serial(real_manifest, data_dir, tmp_path) -> None:
+    serial = build_cache(real_manifest, data_dir, tmp_path / "serial", SMALL, progress=False)
+    threaded = build_cache(real_manifest, data_dir, tmp_path / "threaded", SMALL, workers=3, progress=False)
+    for name in serial.splits:
+        np.testing.assert_array_equal(serial.split(name).images, threaded.split(name).images)
+        assert serial.split(name).image_ids == threaded.split(name).image_ids
+
+
 def test_unreadable_image_aborts_build_and_names_it(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -236,8 +244,9 @@ def test_unreadable_image_aborts_build_and_names_it(tmp_path: Path) -> None:
     manifest = pd.DataFrame({"image_id": ["g", "b"], "path": ["good.png", "bad.png"],
                              "label": ["normal", "covid"], "split": ["train", "train"]})
     cache_root = tmp_path / "cache"
-    with pytest.raises(ImageReadError, match=r"bad\.png.*image_id 'b'"):
-        build_cache(manifest, data, cache_root, SMALL, progress=False)
+    for workers in (1, 2):
+        with pytest.raises(ImageReadError, match=r"bad\.png.*image_id 'b'"):
+            build_cache(manifest, data, cache_root, SMALL, workers=workers, progress=False)
     assert list(cache_root.iterdir()) == []  # nothing half-built is left to be reused
     fixed = build_cache(manifest.iloc[:1], data, cache_root, SMALL, progress=False)
     assert len(fixed.split("train")) == 1

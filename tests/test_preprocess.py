@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import nbhelpers.preprocess as pp
-from nbhelpers.config import load_profile
+from nbhelpers.config import load_profile, resolve
 from nbhelpers.images import ImageReadError, load_gray
 from nbhelpers.preprocess import (
     CacheError,
@@ -132,6 +132,8 @@ def test_config_from_profile() -> None:
     assert cfg.size == smoke["image_size"] and cfg.clahe == smoke["clahe"]
     assert cfg.clip_limit == smoke["clip_limit"] and cfg.tile_grid == smoke["tile_grid"]
     assert PreprocessConfig.from_settings(smoke, clahe=False).clahe is False
+    settings = resolve("full", need_data=False)  # what a notebook session holds
+    assert PreprocessConfig.from_settings(settings) == PreprocessConfig(size=settings.image_size)
 
 
 # --------------------------------------------------------------------------- the cache

@@ -81,6 +81,7 @@ def cam_overlays(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], title
         mappable = axes[1, i].imshow(cams[i], cmap="jet", alpha=alpha, vmin=0, vmax=1)
         if i < len(titles):
             axes[0, i].set_title(titles[i], fontsize=8)
-    if mappable is not None:
-        fig.colorbar(mappable, ax=axes[:, -1].tolist(), fraction=0.05, label="CAM (normalised)")
+    if mappable is not None:  # a colour bar in its own axes, so the last column keeps its size
+        fig.subplots_adjust(right=0.9)
+        fig.colorbar(mappable, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label="CAM (normalised)")
     return fig

@@ -58,7 +58,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use one of {OPTIMIZERS}")
 
 
-def _run_epoch(model, split, cfg, device, policy, optimizer=None, epoch=0, desc=""):
+def _run_epoch(model, split, cfg, device, policy, optimizer=None, epoch=0, desc="", generator=None):
     """One pass over ``split``: trains when an optimizer is given, else evaluates; returns
     (mean loss, accuracy)."""
     training = optimizer is not None
@@ -68,7 +68,7 @@ def _run_epoch(model, split, cfg, device, policy, optimizer=None, epoch=0, desc=
     stream = batches(split, cfg.batch_size, shuffle=training, seed=cfg.seed, epoch=epoch, device=device)
     with torch.set_grad_enabled(training):
         for x, y in tqdm(stream, total=num_batches(split, cfg.batch_size), desc=desc, leave=False):
-            x = to_model_input(x, policy, in_chans=cfg.in_chans, train=training)
+            x = to_model_input(x, policy, in_chans=cfg.in_chans, train=training, generator=generator)
             logits = model(x)
             loss = loss_fn(logits, y)
             if training:
@@ -103,11 +103,12 @@ def fit(
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     policy = AugmentPolicy.from_name(cfg.augment)
+    augment_rng = torch.Generator().manual_seed(cfg.seed)  # augmentation repeats for a seed on its own
     rows, best_acc = [], -1.0
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs"):
         start = time.perf_counter()
         train_loss, train_acc = _run_epoch(model, train_split, cfg, device, policy, optimizer,
-                                           epoch=epoch, desc=f"train {epoch}")
+                                           epoch=epoch, desc=f"train {epoch}", generator=augment_rng)
         val_loss, val_acc = _run_epoch(model, val_split, cfg, device, policy, desc=f"val {epoch}")
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                      "val_loss": val_loss, "val_acc": val_acc, "seconds": time.perf_counter() - start})

@@ -17,6 +17,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from nbhelpers.images import ImageReadError
+from nbhelpers.images import load_gray as decode_gray
+
 #: Side of the square hash grid: 16 gives a 256-bit perceptual hash.  64 bits (8) is too coarse
 #: for chest X-rays, which all look alike at that scale: on the mirror, different patients' films
 #: came within 2 bits of each other, while at 256 bits re-saved copies stay within ~22 bits and
@@ -26,58 +29,26 @@ PHASH_SIZE = 16
 PHASH_CACHE_SIZE = 200_000
 #: Rows per matrix product when comparing all hashes with each other.
 NEAR_PAIRS_CHUNK = 1024
-#: JPEG decoding may stop at this scale (the hash works on a 32x32 copy anyway).
-DRAFT_SIDE = 128
-DICOM_SUFFIX = ".dcm"
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(ImageReadError):
     """An image file exists but cannot be decoded."""
 
 
-def _dicom_gray(path: Path) -> Image.Image:
-    import pydicom  # only DICOM sources need it
-
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array.astype(np.float64)
-    if pixels.ndim != 2:
-        pixels = pixels.reshape(pixels.shape[-2:]) if pixels.ndim == 3 and pixels.shape[0] == 1 else pixels[..., 0]
-    low, high = float(pixels.min()), float(pixels.max())
-    scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # bright = air: invert
-        scaled = 1.0 - scaled
-    return Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L")
-
-
 def load_gray(path: Path) -> Image.Image:
-    """Decode ``path`` (PNG, JPEG or DICOM) to a small greyscale PIL image.
+    """Decode ``path`` (any format :func:`nbhelpers.images.load_gray` reads) to a greyscale PIL image.
 
-    Raises :class:`UnreadableImageError` naming the file when it cannot be decoded (truncated,
-    corrupt, not an image) and FileNotFoundError when it does not exist.
+    Curation and training decode with the same function, so a film the hash saw is the film the
+    model sees.  Raises FileNotFoundError when the file does not exist and
+    :class:`UnreadableImageError` naming the file when it cannot be decoded.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    if path.suffix.lower() == DICOM_SUFFIX:
-        from pydicom.errors import InvalidDicomError
-
-        try:
-            return _dicom_gray(path)
-        except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError) as err:
-            # AttributeError / KeyError: a DICOM without pixel data or its geometry tags.
-            raise UnreadableImageError(f"cannot decode DICOM {path}: {type(err).__name__}: {err}") from err
     try:
-        with Image.open(path) as img:
-            img.draft("L", (DRAFT_SIDE, DRAFT_SIDE))  # JPEG: decode at reduced scale
-            img.load()  # decodes the whole (reduced) stream, so truncation is detected here
-            if img.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit / float: rescale before "L"
-                arr = np.asarray(img, dtype=np.float64)
-                low, high = float(arr.min()), float(arr.max())
-                arr = (arr - low) / (high - low) * 255 if high > low else np.zeros_like(arr)
-                return Image.fromarray(arr.round().astype(np.uint8), mode="L")
-            return img.convert("L")
-    except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for corrupt or non-image files
-        raise UnreadableImageError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
+        return Image.fromarray(decode_gray(path))
+    except ImageReadError as err:
+        raise UnreadableImageError(str(err)) from err
 
 
 @functools.lru_cache(maxsize=PHASH_CACHE_SIZE)

@@ -19,9 +19,12 @@ from .registry import (
     model_spec,
     register_model,
 )
+from .summary import attention_maps, summary_table
 
 __all__ = [
     "ModelSpec",
+    "attention_maps",
+    "summary_table",
     "PretrainedWeightsError",
     "UnknownModelError",
     "cam_reshape_transform",

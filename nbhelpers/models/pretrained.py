@@ -30,10 +30,10 @@ class PretrainedWeightsError(RuntimeError):
     """ImageNet weights could not be fetched or do not fit the model."""
 
 
-def _offline_message(model: str, where: str, reason: object) -> str:
+def _offline_message(model: str, source: str, cache: str, reason: object) -> str:
     return (
-        f"pretrained weights for {model} could not be downloaded from {where} (no network?): {reason}. "
-        f"Use pretrained=False, or put the weights file in the cache ({where}) on a machine with internet."
+        f"pretrained weights for {model} could not be downloaded from {source} (no network?): {reason}. "
+        f"Use pretrained=False, or download the file on a machine with internet and put it in {cache}."
     )
 
 
@@ -76,12 +76,12 @@ def torchvision_state_dict(weights: Any, model: str) -> dict[str, torch.Tensor]:
         try:
             probe(host)
         except OSError as err:
-            raise PretrainedWeightsError(_offline_message(model, f"{weights.url} -> {cache}", err)) from err
+            raise PretrainedWeightsError(_offline_message(model, weights.url, str(cache), err)) from err
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             return weights.get_state_dict(progress=True, check_hash=False)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a truncated file is a RuntimeError
-        raise PretrainedWeightsError(_offline_message(model, f"{weights.url} -> {cache}", err)) from err
+        raise PretrainedWeightsError(_offline_message(model, weights.url, str(cache), err)) from err
 
 
 def timm_model(name: str, **kwargs: Any) -> nn.Module:
@@ -98,16 +98,17 @@ def timm_model(name: str, **kwargs: Any) -> nn.Module:
     cached = repo is not None and any(
         isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")
     )
+    source, cache = f"{HF_HOST}/{repo}", "the Hugging Face cache (HF_HUB_CACHE)"
     if not cached:
         try:
             probe(HF_HOST)
         except OSError as err:
-            raise PretrainedWeightsError(_offline_message(name, f"hf://{repo} (Hugging Face cache)", err)) from err
+            raise PretrainedWeightsError(_offline_message(name, source, cache, err)) from err
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError) as err:
-        raise PretrainedWeightsError(_offline_message(name, f"hf://{repo} (Hugging Face cache)", err)) from err
+        raise PretrainedWeightsError(_offline_message(name, source, cache, err)) from err
 
 
 def adapt_input_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

@@ -208,6 +208,8 @@ def _markdown(table: pd.DataFrame, command: str) -> str:
         "- MACs, not FLOPs (FLOPs = 2 x MACs); the seeds' \"FLOPs\" are MACs. `paper_*`: the seed's own "
         "figures; `*_gap_pct`: ours (ptflops) vs the paper.",
         "- `ms_b1`/`ms_b16`: median CPU milliseconds per batch of 1/16 on this machine; `ips_*`: images per second.",
+        f"  Median of {LATENCY_REPEATS} runs after {LATENCY_WARMUP} warm-up: on a machine shared with other jobs, "
+        "single rows can be several times too slow; compare rows measured on an idle machine.",
         "",
     ]
     return "\n".join(header) + "\n" + markdown_table(table) + "\n"

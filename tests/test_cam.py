@@ -1,11 +1,33 @@
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
 from nbhelpers import models
-from nbhelpers.cam import compute_cams, examples_per_class
+from nbhelpers.cam import (
+    METHODS,
+    CamError,
+    cam_similarity,
+    cams_for_images,
+    channels_last_to_first,
+    compute_cams,
+    examples_per_class,
+    predict_classes,
+    randomisation_check,
+    randomised_copy,
+    tokens_to_grid,
+)
+from nbhelpers.data import to_model_input
+from nbhelpers.models.registry import set_cam_layers
+
+SIZE = 64
 
 
 def test_examples_cover_every_class_first():
@@ -19,19 +41,229 @@ def net():
     return models.create("densenet121_cbam", num_classes=3)
 
 
-def test_each_image_gets_its_own_target(net):
-    x = torch.randn(2, 3, 64, 64)
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+class Tiny(nn.Module):
+    """Conv -> (CAM layer) -> in-place ReLU -> pool -> linear: an in-place op right after the target."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    return set_cam_layers(Tiny(), ["conv"])
+
+
+def hand_gradcam(model: nn.Module, layer_name: str, x: torch.Tensor, targets: list[int]) -> np.ndarray:
+    """Grad-CAM from its definition, ReLU(sum_k mean(dy/dA_k) A_k), scaled as grad-cam scales it.
+
+    Runs on a copy without in-place activations, so A is the layer's output as it produced it.
+    """
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    seen = {}
+    handle = model.get_submodule(layer_name).register_forward_hook(lambda m, i, o: seen.setdefault("a", o))
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    act = seen["a"]
+    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), torch.tensor(targets)].sum(), act)
+    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(1)).detach().numpy()
+    return scale_cam_image(scale_cam_image(cam, (x.shape[-1], x.shape[-2])))
+
+
+def test_each_image_gets_its_own_target(net, x):
     same = compute_cams(net, torch.cat([x[:1], x[:1]]), targets=[0, 2])
-    assert same.shape == (2, 64, 64) and 0.0 <= same.min() and same.max() <= 1.0
+    assert same.shape == (2, SIZE, SIZE) and 0.0 <= same.min() and same.max() <= 1.0
     # the same image explained for two different classes gives two different maps
     assert not np.allclose(same[0], same[1])
     alone = compute_cams(net, x[:1], targets=[2])
     np.testing.assert_allclose(alone[0], same[1], atol=1e-5)
 
 
-def test_bad_requests_are_named(net):
-    x = torch.randn(2, 3, 64, 64)
+def test_bad_requests_are_named(net, x):
     with pytest.raises(ValueError, match="one target class per image"):
         compute_cams(net, x, targets=[0])
     with pytest.raises(ValueError, match="unknown CAM method"):
         compute_cams(net, x, method="magic")
+
+
+def test_gradcam_on_densenet_matches_its_definition(net, x):
+    ours = compute_cams(net, x, targets=[0, 1])
+    expected = hand_gradcam(net, "features.norm5", x, [0, 1])
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_inplace_op_after_the_target_layer_does_not_corrupt_the_map(tiny, x):
+    expected = hand_gradcam(tiny, "conv", x, [0, 1])
+    np.testing.assert_allclose(compute_cams(tiny, x, [0, 1]), expected, atol=1e-4)
+    # What the workaround is for: plain grad-cam on a CPU stores the activation after the ReLU overwrote it.
+    with GradCAM(model=tiny, target_layers=[tiny.conv]) as raw:
+        corrupted = raw(input_tensor=x, targets=[ClassifierOutputTarget(0), ClassifierOutputTarget(1)])
+    assert not np.allclose(corrupted, expected, atol=1e-3)
+
+
+def test_callers_model_is_left_as_it_was(net, x):
+    net.train()
+    inplace_before = [m.inplace for m in net.modules() if hasattr(m, "inplace")]
+    assert any(inplace_before)  # DenseNet's ReLUs are in-place: the case this guards
+    try:
+        compute_cams(net, x[:1], targets=[0])
+        assert net.training
+        assert [m.inplace for m in net.modules() if hasattr(m, "inplace")] == inplace_before
+    finally:
+        net.eval()
+
+
+def test_frozen_weights_and_no_grad_still_give_maps(tiny, x):
+    expected = compute_cams(tiny, x, [0, 1])
+    for p in tiny.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        frozen = compute_cams(tiny, x, [0, 1])
+    np.testing.assert_allclose(frozen, expected, atol=1e-6)
+    assert frozen.max() > 0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_a_map_per_image(tiny, x, method):
+    cams = compute_cams(tiny, x, [0, 1], method)
+    assert cams.shape == (2, SIZE, SIZE) and cams.dtype == np.float32
+    assert 0.0 <= cams.min() and cams.max() <= 1.0 and cams.max() > 0
+
+
+def test_a_target_layer_that_forward_never_uses_is_named(tiny, x):
+    unused = nn.Conv2d(3, 4, 1)
+    with pytest.raises(CamError, match="gave no CAM"):
+        compute_cams(tiny, x, [0, 1], target_layers=[unused])
+
+
+def test_reshape_path_explains_hifuses_swin_branch():
+    torch.manual_seed(0)
+    hifuse = models.create("hifuse_tiny", num_classes=3)
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    swin = hifuse.global_stages[-1]  # its output is (B, H, W, C)
+    explicit = compute_cams(hifuse, x, [1], target_layers=[swin], reshape_transform=channels_last_to_first)
+    assert explicit.shape == (1, SIZE, SIZE) and explicit.max() > 0
+    # The same layer registered with its reshape, as a model module would do, gives the same map.
+    registered = set_cam_layers(copy.deepcopy(hifuse), ["global_stages.3"], reshape=channels_last_to_first)
+    np.testing.assert_allclose(compute_cams(registered, x, [1]), explicit, atol=1e-5)
+
+
+def test_tokens_to_grid_keeps_each_token_at_its_place():
+    tokens = torch.arange(2 * 9 * 4, dtype=torch.float32).reshape(2, 9, 4)
+    grid = tokens_to_grid(tokens)
+    assert grid.shape == (2, 4, 3, 3)
+    assert torch.equal(grid[1, :, 2, 1], tokens[1, 7])  # token 7 = row 2, column 1
+    with pytest.raises(ValueError, match="class token"):
+        tokens_to_grid(torch.zeros(1, 10, 4))
+
+
+def test_cams_for_cached_images_batch_and_predict(tiny):
+    images = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE), dtype=np.uint8)
+    cams, predicted = cams_for_images(tiny, images, batch_size=2, progress=False)
+    assert cams.shape == (5, SIZE, SIZE) and predicted.shape == (5,)
+    x = to_model_input(torch.from_numpy(images), None, in_chans=3)
+    np.testing.assert_array_equal(predicted, predict_classes(tiny, x))
+    np.testing.assert_allclose(cams, compute_cams(tiny, x, predicted.tolist()), atol=1e-5)
+    with pytest.raises(ValueError, match="one target class per image"):
+        cams_for_images(tiny, images, targets=[0, 1], progress=False)
+
+
+def test_randomised_copy_changes_every_weight_and_nothing_else(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    state = torch.random.get_rng_state()
+    twin = randomised_copy(tiny, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for key, value in tiny.state_dict().items():
+        assert torch.equal(value, before[key])  # the original is untouched
+        assert not torch.equal(twin.state_dict()[key], value), key
+    again = randomised_copy(tiny, seed=3)
+    for key, value in twin.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value)
+    assert twin.cam_layer_names == ["conv"]
+
+
+def test_similarity_of_a_map_with_itself_and_with_others():
+    rng = np.random.default_rng(0)
+    cams = rng.random((3, 32, 32)).astype(np.float32)
+    own = cam_similarity(cams, cams)
+    np.testing.assert_allclose(own[["spearman", "ssim"]].to_numpy(), 1.0, atol=1e-6)
+    flipped = cam_similarity(cams, cams[:, ::-1, :].copy())
+    assert (flipped["spearman"] < 0.5).all() and (flipped["ssim"] < 0.5).all()
+    constant = cam_similarity(cams[:1], np.zeros((1, 32, 32), np.float32))
+    assert np.isnan(constant["spearman"][0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        cam_similarity(cams, cams[:2])
+
+
+BLOB = 8  # side of the square the trained model learns to find
+
+
+def blobs(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise images with a bright (class 0), a dark (class 1) or no (class 2) square at a random place."""
+    x = torch.randn(n, 1, SMALL, SMALL, generator=generator) * 0.3
+    y = torch.randint(0, 3, (n,), generator=generator)
+    where = torch.zeros(n, SMALL, SMALL, dtype=torch.bool)
+    for i in range(n):
+        r, c = torch.randint(0, SMALL - BLOB, (2,), generator=generator).tolist()
+        where[i, r : r + BLOB, c : c + BLOB] = True
+        if y[i] < 2:
+            x[i, 0, r : r + BLOB, c : c + BLOB] += 2.0 if y[i] == 0 else -2.0
+    return x.expand(-1, 3, -1, -1).contiguous(), y, where
+
+
+SMALL = 32
+TRAIN_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Tiny trained to tell a bright from a dark square from none (a few seconds on a CPU)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = set_cam_layers(Tiny(), ["conv"])
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(TRAIN_STEPS):
+        x, y, _ = blobs(32, generator)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    x, y, where = blobs(48, generator)
+    keep = y < 2
+    assert (predict_classes(model, x) == y.numpy()).mean() > 0.9
+    return model, x[keep], y[keep].tolist(), where[keep].numpy()
+
+
+def test_trained_models_cam_finds_the_square_and_its_random_copys_does_not(trained):
+    model, x, targets, where = trained
+    inside = lambda cams: np.mean([(c * w).sum() / c.sum() for c, w in zip(cams, where)])  # noqa: E731
+    area = BLOB**2 / SMALL**2
+    assert inside(compute_cams(model, x, targets)) > 5 * area
+    assert inside(compute_cams(randomised_copy(model), x, targets)) < inside(compute_cams(model, x, targets)) / 2
+
+
+def test_randomisation_check_separates_the_model_from_its_random_copy(trained):
+    model, x, targets, _ = trained
+    own = compute_cams(model, x, targets)
+    np.testing.assert_allclose(cam_similarity(own, compute_cams(model, x, targets)).to_numpy(), 1.0, atol=1e-6)
+    result = randomisation_check(model, x, targets, method="gradcam", seed=0)
+    assert list(result.columns) == ["spearman", "ssim"] and len(result) == len(x)
+    assert result["spearman"].mean() < 0.5 and result["ssim"].mean() < 0.5
+    default_targets = randomisation_check(model, x, seed=0)  # the predicted classes, here the true ones
+    np.testing.assert_allclose(default_targets.to_numpy(), result.to_numpy(), atol=1e-6)

@@ -1,0 +1,270 @@
+"""Lung fields for the ieee8023 images, in training geometry, and the share of CAM energy inside them.
+
+The ieee8023 collection ships lung masks made by lungVAE (Selvan et al. 2020) as
+``annotations/lungVAE-masks/<image stem>_mask.png`` — a few are named ``<stem>_mask.png.png`` —
+each the size of its image, grey 0..255 with soft edges from resizing.  :func:`lung_masks` finds
+the mask of each manifest row by the image's file name, thresholds it at half scale
+(:data:`MASK_THRESHOLD`) and brings it into the geometry of the cached training image with the
+very resize and padding functions of :mod:`nbhelpers.preprocess`, so mask pixel (i, j) lies over
+cache pixel (i, j).  Rows of other sources, and ieee8023 images without a mask, are reported
+as missing rather than guessed.
+
+:func:`lung_energy` is the share of a CAM's total value that falls on lung pixels.  A CAM spread
+evenly over the square would score the lung *area* share (about a quarter to a third of a
+letterboxed chest film), so every number is reported beside that uniform baseline and its
+excess over it; a map whose share is not above the area share (:data:`OUTSIDE_MARGIN`) looks no
+more at the lungs than a blank map does, and is flagged as looking outside them (text markers,
+devices, borders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import stats
+from tqdm.auto import tqdm
+
+from data_prep.sources import SOURCES
+from nbhelpers.images import load_gray
+from nbhelpers.preprocess import PreprocessConfig, fit_content, pad_square
+
+#: The source whose annotations hold the masks, and where they lie inside its folder.
+MASK_SOURCE = "ieee8023"
+MASK_FOLDER = Path("annotations") / "lungVAE-masks"
+#: File name endings of the masks (the second is an upstream naming slip kept as it is).
+MASK_SUFFIXES = ("_mask.png", "_mask.png.png")
+#: Grey level (of 0..255) at or above which a mask pixel is lung: half scale, so the soft edges
+#: that resizing left split evenly.
+MASK_THRESHOLD = 128
+#: A CAM is flagged as looking outside the lungs when its lung energy share exceeds the lung
+#: area share (the share of a uniform map) by no more than this.
+OUTSIDE_MARGIN = 0.0
+#: Two-sided confidence level of the per-model intervals.
+CONFIDENCE = 0.95
+
+
+class LungMaskError(FileNotFoundError):
+    """The lung-mask folder is missing, or a mask cannot be read or does not fit its image."""
+
+
+def mask_folder(data_dir: Path | str) -> Path:
+    """Return the lungVAE mask folder under ``data_dir`` (the ieee8023 source folder's annotations).
+
+    Raises :class:`LungMaskError` naming the expected place when the source or the folder is absent.
+    """
+    data_dir = Path(data_dir)
+    source = SOURCES[MASK_SOURCE].find(data_dir)
+    if source is None or not (source / MASK_FOLDER).is_dir():
+        expected = data_dir / SOURCES[MASK_SOURCE].folders[0] / MASK_FOLDER
+        raise LungMaskError(
+            f"no lung masks at {expected}: the ieee8023 source (covid-chestxray-dataset) must keep its "
+            "upstream annotations/ folder; fetch it with `python -m data_prep.download`"
+        )
+    return source / MASK_FOLDER
+
+
+def mask_index(data_dir: Path | str) -> dict[str, Path]:
+    """Map each image file stem that has a lungVAE mask to that mask's path (see :func:`mask_folder`)."""
+    index: dict[str, Path] = {}
+    for path in sorted(mask_folder(data_dir).iterdir()):
+        for suffix in MASK_SUFFIXES:
+            if path.name.endswith(suffix):
+                index[path.name[: -len(suffix)]] = path
+                break
+    return index
+
+
+def find_masks(manifest: pd.DataFrame, data_dir: Path | str) -> pd.Series:
+    """Return the mask path of every manifest row (index ``image_id``), or None where it has none.
+
+    A row matches when it comes from the ieee8023 source (``source`` column, or a path inside its
+    folder) and a mask is named after its image file's stem.  Raises KeyError when the manifest
+    lacks ``image_id`` or ``path``, :class:`LungMaskError` when the mask folder is missing.
+    """
+    missing = [c for c in ("image_id", "path") if c not in manifest.columns]
+    if missing:
+        raise KeyError(f"manifest lacks column(s) {missing}; lung masks are matched by image_id and path")
+    index = mask_index(data_dir)
+    folders = SOURCES[MASK_SOURCE].folders
+    found: list[Path | None] = []
+    for _, row in manifest.iterrows():
+        rel = Path(str(row["path"]))
+        own = row["source"] == MASK_SOURCE if "source" in manifest.columns else rel.parts[0] in folders
+        found.append(index.get(rel.stem) if own else None)
+    return pd.Series(found, index=manifest["image_id"].astype(str).to_numpy(), name="mask_path", dtype=object)
+
+
+def rows_without_mask(manifest: pd.DataFrame, data_dir: Path | str) -> pd.DataFrame:
+    """The manifest rows that have no lung mask (other sources, or ieee8023 images upstream left out)."""
+    masks = find_masks(manifest, data_dir)
+    return manifest[masks.isna().to_numpy()]
+
+
+def load_mask(path: Path | str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask file as a bool (H, W) lung map (grey >= :data:`MASK_THRESHOLD`).
+
+    With ``shape`` (the source image's (H, W)) a mask of another size is first resized to it, as
+    upstream resized the masks to their images.  Raises :class:`LungMaskError` naming the file when
+    it cannot be read.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            grey = np.asarray(im.convert("L"))
+    except (OSError, ValueError) as err:
+        raise LungMaskError(f"lung mask {path} cannot be read ({err}); re-fetch the ieee8023 annotations") from err
+    if shape is not None and grey.shape != tuple(shape):
+        grey = np.asarray(Image.fromarray(grey).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+    return grey >= MASK_THRESHOLD
+
+
+def prepare_mask(mask: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Bring a source-resolution bool mask into ``cfg``'s training geometry, as a bool (size, size) array.
+
+    Uses :func:`nbhelpers.preprocess.fit_content` and :func:`~nbhelpers.preprocess.pad_square`
+    (the functions :func:`~nbhelpers.preprocess.prepare` applies to the image) on the 0/255 mask,
+    then thresholds again; letterbox padding is never lung.  Raises ValueError for a non-2-D mask.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"prepare_mask() expects a 2-D mask, got shape {mask.shape}")
+    grey = np.where(mask, 255, 0).astype(np.uint8)
+    content = np.ascontiguousarray(fit_content(grey, cfg.size, cfg.resize))
+    return pad_square(content, cfg.size, value=0) >= MASK_THRESHOLD
+
+
+@dataclass
+class LungMasks:
+    """Lung masks in training geometry: ``masks`` bool (N, size, size) for ``image_ids`` (in the
+    order asked for), and ``missing``, the asked-for ids without a mask."""
+
+    image_ids: list[str]
+    masks: np.ndarray
+    missing: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def positions_in(self, image_ids: Sequence[str]) -> list[int]:
+        """Positions in ``image_ids`` (e.g. a cached split's) of this object's images, in its order.
+
+        Raises KeyError naming an image that ``image_ids`` does not hold.
+        """
+        where = {str(i): k for k, i in enumerate(image_ids)}
+        absent = [i for i in self.image_ids if i not in where]
+        if absent:
+            raise KeyError(f"{len(absent)} masked image(s) are not among the given ids, e.g. {absent[0]!r}")
+        return [where[i] for i in self.image_ids]
+
+
+def lung_masks(
+    manifest: pd.DataFrame,
+    data_dir: Path | str,
+    cfg: PreprocessConfig,
+    image_ids: Sequence[str] | None = None,
+    progress: bool = True,
+) -> LungMasks:
+    """Load the lung mask of each asked-for image in ``cfg``'s training geometry.
+
+    ``image_ids`` (default: every manifest row) are looked up in ``manifest``; each mask is read
+    at the size of its source image (decoded with :func:`~nbhelpers.images.load_gray` to learn it)
+    and passed through :func:`prepare_mask`.  Returns :class:`LungMasks`; ids without a mask are
+    listed in ``missing``.  Raises KeyError for an id not in the manifest and
+    :class:`LungMaskError` for a missing mask folder or unreadable mask.
+    """
+    data_dir = Path(data_dir)
+    paths = find_masks(manifest, data_dir)
+    rel = dict(zip(manifest["image_id"].astype(str), manifest["path"].astype(str)))
+    wanted = [str(i) for i in (manifest["image_id"] if image_ids is None else image_ids)]
+    unknown = [i for i in wanted if i not in rel]
+    if unknown:
+        raise KeyError(f"{len(unknown)} image id(s) are not in the manifest, e.g. {unknown[0]!r}")
+    kept, masks, missing = [], [], []
+    for image_id in tqdm(wanted, desc="lung masks", unit="img", disable=not progress):
+        path = paths[image_id]
+        if path is None:
+            missing.append(image_id)
+            continue
+        shape = load_gray(data_dir / rel[image_id]).shape
+        masks.append(prepare_mask(load_mask(path, shape), cfg))
+        kept.append(image_id)
+    stack = np.stack(masks) if masks else np.zeros((0, cfg.size, cfg.size), dtype=bool)
+    return LungMasks(image_ids=kept, masks=stack, missing=missing)
+
+
+# --------------------------------------------------------------------------- CAM energy
+
+
+def lung_energy(cam: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the CAM's total (non-negative) value on lung pixels: sum(cam * mask) / sum(cam).
+
+    ``cam`` (H, W) non-negative, ``mask`` bool (H, W) of the same shape.  Returns a float in
+    [0, 1], or NaN for an all-zero CAM (it points nowhere).  Raises ValueError for mismatched
+    shapes or negative CAM values.
+    """
+    cam = np.asarray(cam, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if cam.shape != mask.shape:
+        raise ValueError(f"CAM shape {cam.shape} differs from mask shape {mask.shape}; "
+                         "compute CAMs at the cache image size and prepare masks with the same config")
+    if (cam < 0).any():
+        raise ValueError("lung_energy() needs a non-negative CAM (grad-cam returns maps in [0, 1])")
+    total = cam.sum()
+    return float(cam[mask].sum() / total) if total > 0 else float("nan")
+
+
+def lung_energy_table(cams: Mapping[str, np.ndarray], masks: LungMasks | np.ndarray,
+                      image_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per-image lung energy for several models (or ablation rows) on the same images.
+
+    ``cams`` maps a label (model name or ablation row) to CAMs (N, H, W) aligned with ``masks``
+    (a :class:`LungMasks`, or a bool (N, H, W) array with ``image_ids``).  Returns one row per
+    label and image: ``model``, ``image_id``, ``lung_energy``, ``lung_area`` (the uniform-map
+    baseline), ``excess`` (energy - area) and ``outside`` (excess <= :data:`OUTSIDE_MARGIN`).
+    Raises ValueError when a CAM stack does not match the masks in number or size.
+    """
+    if isinstance(masks, LungMasks):
+        image_ids, masks = masks.image_ids, masks.masks
+    ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(masks))]
+    if len(ids) != len(masks):
+        raise ValueError(f"{len(ids)} image ids for {len(masks)} masks")
+    areas = masks.reshape(len(masks), -1).mean(axis=1)
+    rows = []
+    for label, stack in cams.items():
+        stack = np.asarray(stack)
+        if stack.shape != masks.shape:
+            raise ValueError(f"CAMs of {label!r} have shape {stack.shape}, the masks {masks.shape}; "
+                             "give one CAM per masked image at the mask size")
+        for image_id, cam, mask, area in zip(ids, stack, masks, areas):
+            energy = lung_energy(cam, mask)
+            rows.append({"model": label, "image_id": image_id, "lung_energy": energy, "lung_area": float(area),
+                         "excess": energy - area, "outside": bool(energy - area <= OUTSIDE_MARGIN)})
+    return pd.DataFrame(rows, columns=["model", "image_id", "lung_energy", "lung_area", "excess", "outside"])
+
+
+def summarise_lung_energy(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std of lung energy per model, beside the uniform baseline, from :func:`lung_energy_table`.
+
+    Columns: ``images``, ``energy_mean``, ``energy_std``, ``area_mean`` (uniform-map share),
+    ``excess_mean`` with its :data:`CONFIDENCE` t-interval ``excess_ci_low``/``excess_ci_high``,
+    ``outside_share`` (share of images flagged) and ``looks_outside`` (mean excess <=
+    :data:`OUTSIDE_MARGIN`: on average no more on the lungs than a blank map).  Images whose CAM
+    was all zero (NaN energy) are left out.  One row per model, in first-seen order.
+    """
+    out = []
+    for label, group in per_image.dropna(subset=["lung_energy"]).groupby("model", sort=False):
+        n = len(group)
+        excess = group["excess"].to_numpy()
+        half = (stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * excess.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
+        out.append({
+            "model": label, "images": n,
+            "energy_mean": group["lung_energy"].mean(), "energy_std": group["lung_energy"].std(ddof=1),
+            "area_mean": group["lung_area"].mean(),
+            "excess_mean": excess.mean(), "excess_ci_low": excess.mean() - half, "excess_ci_high": excess.mean() + half,
+            "outside_share": group["outside"].mean(), "looks_outside": bool(excess.mean() <= OUTSIDE_MARGIN),
+        })
+    return pd.DataFrame(out).set_index("model") if out else pd.DataFrame()

@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data_prep.sources import load_table
+from nbhelpers import lungs
+from nbhelpers.preprocess import PreprocessConfig, RESIZE_MODES, prepare
+
+# ieee8023 images: one whose mask upstream named "<stem>_mask.png.png", one without a mask, one plain.
+DOUBLE_SUFFIX = "post-intubuation-pneumomediastium-and-pneumothorax-background-covid-19-pneumonia-day1"
+LATERAL_WITHOUT_MASK = "covid-19-pneumonia-14-L.png"
+PLAIN = "1-s2.0-S0929664620300449-gr2_lrg-a"
+
+
+@pytest.fixture(scope="module")
+def ieee(data_dir: Path) -> pd.DataFrame:
+    table, _ = load_table(data_dir, ["ieee8023"], hash_images=False)
+    return table
+
+
+# --------------------------------------------------------------------------- finding masks on real files
+
+
+def test_masks_are_indexed_by_image_stem_with_both_upstream_namings(data_dir):
+    index = lungs.mask_index(data_dir)
+    assert len(index) > 200
+    assert index[DOUBLE_SUFFIX].name == f"{DOUBLE_SUFFIX}_mask.png.png"
+    assert index[PLAIN].name == f"{PLAIN}_mask.png"
+    assert "README" not in index and not any(k.endswith(".png") for k in index)
+
+
+def test_manifest_rows_find_their_masks_and_the_rest_are_reported(data_dir, ieee):
+    found = lungs.find_masks(ieee, data_dir)
+    assert list(found.index) == list(ieee["image_id"])
+    matched = found.dropna()
+    assert 150 < len(matched) < len(ieee)
+    for image_id, mask in matched.items():  # every match is named after its own image
+        assert mask.name.startswith(Path(image_id.split(":", 1)[1]).stem + "_mask.png")
+    without = lungs.rows_without_mask(ieee, data_dir)
+    assert len(without) == len(ieee) - len(matched)
+    assert LATERAL_WITHOUT_MASK in {Path(p).name for p in without["path"]}
+
+
+def test_other_sources_never_borrow_an_ieee8023_mask(data_dir):
+    # An NIH file that happened to share an ieee8023 image's stem must not get its mask.
+    rows = pd.DataFrame({"image_id": ["nih:x", "ieee8023:y"], "source": ["nih", "ieee8023"],
+                         "path": [f"nih-cxr14-subset/images/{PLAIN}.png", f"covid-chestxray-dataset/images/{PLAIN}.jpg"]})
+    found = lungs.find_masks(rows, data_dir)
+    assert found["nih:x"] is None and found["ieee8023:y"] is not None
+    # Without a source column the path's folder decides.
+    assert lungs.find_masks(rows.drop(columns="source"), data_dir)["nih:x"] is None
+
+
+def test_missing_mask_folder_is_named(tmp_path):
+    (tmp_path / "covid-chestxray-dataset").mkdir()
+    with pytest.raises(lungs.LungMaskError, match="lungVAE-masks"):
+        lungs.mask_index(tmp_path)
+    with pytest.raises(KeyError, match="path"):
+        lungs.find_masks(pd.DataFrame({"image_id": ["a"]}), tmp_path)
+
+
+def test_real_masks_in_training_geometry(data_dir, ieee):
+    cfg = PreprocessConfig(size=64)
+    found = lungs.find_masks(ieee, data_dir)
+    ids = list(found.dropna().index[:4]) + [f"ieee8023:covid-chestxray-dataset/images/{LATERAL_WITHOUT_MASK}"]
+    result = lungs.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False)
+    assert result.image_ids == ids[:4] and result.missing == ids[4:]
+    assert result.masks.shape == (4, 64, 64) and result.masks.dtype == bool
+    areas = result.masks.reshape(4, -1).mean(axis=1)
+    assert ((areas > 0.1) & (areas < 0.5)).all()  # two lung fields: a fifth to a half of the square
+    # Lungs are the dark (air-filled) part of the chest: darker than the rest of the film's content.
+    for image_id, mask in zip(result.image_ids, result.masks):
+        image = prepare(np.asarray(Image.open(data_dir / image_id.split(":", 1)[1]).convert("L")),
+                        PreprocessConfig(size=64, clahe=False))
+        body = image > 0  # leave the letterbox padding out
+        assert image[mask].mean() < image[body & ~mask].mean()
+    with pytest.raises(KeyError, match="not in the manifest"):
+        lungs.lung_masks(ieee, data_dir, cfg, image_ids=["ieee8023:nowhere.png"], progress=False)
+
+
+# --------------------------------------------------------------------------- geometry on synthetic files
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+@pytest.mark.parametrize("shape", [(300, 500), (500, 300)])
+def test_mask_lands_on_the_pixels_it_marks_in_every_resize_mode(mode, shape):
+    image = np.full(shape, 40, dtype=np.uint8)
+    mask = np.zeros(shape, dtype=bool)
+    mask[60:240, 80:200] = True  # a block off-centre, so a flip or shift would show
+    image[mask] = 220
+    cfg = PreprocessConfig(size=48, clahe=False, resize=mode)
+    prepared, small = prepare(image, cfg), lungs.prepare_mask(mask, cfg)
+    assert small.shape == (48, 48)
+    bright = prepared > 130
+    agreement = (bright == small).mean()
+    assert agreement > 0.99, f"{mode} {shape}: mask and image disagree on {1 - agreement:.1%} of pixels"
+
+
+def test_load_mask_thresholds_and_resizes_to_its_image(tmp_path):
+    grey = np.zeros((20, 40), dtype=np.uint8)
+    grey[:, 10:20] = 127  # just under half scale: not lung
+    grey[:, 20:30] = 128
+    path = tmp_path / "a_mask.png"
+    Image.fromarray(grey).save(path)
+    mask = lungs.load_mask(path)
+    assert mask.dtype == bool and mask[:, 20:30].all() and not mask[:, :20].any()
+    bigger = lungs.load_mask(path, shape=(40, 80))
+    assert bigger.shape == (40, 80) and abs(bigger.mean() - mask.mean()) < 0.05
+    (tmp_path / "broken_mask.png").write_bytes(b"not a png")
+    with pytest.raises(lungs.LungMaskError, match="broken_mask.png"):
+        lungs.load_mask(tmp_path / "broken_mask.png")
+
+
+def test_positions_in_a_split():
+    masks = lungs.LungMasks(image_ids=["b", "d"], masks=np.zeros((2, 4, 4), bool), missing=["c"])
+    assert masks.positions_in(["a", "b", "c", "d"]) == [1, 3]
+    with pytest.raises(KeyError, match="not among"):
+        masks.positions_in(["a", "b"])
+
+
+# --------------------------------------------------------------------------- energy
+
+
+def square_mask(size: int = 10) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[2:7, 3:8] = True  # 25 of 100 pixels
+    return mask
+
+
+def test_lung_energy_against_the_uniform_baseline():
+    mask = square_mask()
+    assert lungs.lung_energy(np.ones((10, 10)), mask) == pytest.approx(0.25)  # uniform map = area share
+    assert lungs.lung_energy(mask * 0.7, mask) == pytest.approx(1.0)
+    assert lungs.lung_energy(~mask * 1.0, mask) == pytest.approx(0.0)
+    half = np.where(mask, 1.0, 1 / 3)  # 25 units inside, 25 outside
+    assert lungs.lung_energy(half, mask) == pytest.approx(0.5)
+    assert np.isnan(lungs.lung_energy(np.zeros((10, 10)), mask))
+    with pytest.raises(ValueError, match="shape"):
+        lungs.lung_energy(np.ones((10, 12)), mask)
+    with pytest.raises(ValueError, match="non-negative"):
+        lungs.lung_energy(-np.ones((10, 10)), mask)
+
+
+def test_table_and_summary_flag_a_model_that_looks_outside():
+    masks = np.stack([square_mask()] * 3)
+    rng = np.random.default_rng(0)
+    cams = {
+        "inside": masks * rng.uniform(0.5, 1.0, masks.shape),
+        "uniform": np.ones(masks.shape),
+        "outside": ~masks * rng.uniform(0.5, 1.0, masks.shape),
+    }
+    per_image = lungs.lung_energy_table(cams, masks, ["a", "b", "c"])
+    assert list(per_image.columns) == ["model", "image_id", "lung_energy", "lung_area", "excess", "outside"]
+    assert len(per_image) == 9 and set(per_image["image_id"]) == {"a", "b", "c"}
+    summary = lungs.summarise_lung_energy(per_image)
+    assert list(summary.index) == ["inside", "uniform", "outside"]
+    assert summary.loc["inside", "energy_mean"] == pytest.approx(1.0)
+    assert summary.loc["uniform", "energy_mean"] == pytest.approx(0.25)
+    assert summary.loc["uniform", "area_mean"] == pytest.approx(0.25)
+    assert summary["looks_outside"].to_dict() == {"inside": False, "uniform": True, "outside": True}
+    assert summary.loc["outside", "outside_share"] == 1.0 and summary.loc["inside", "outside_share"] == 0.0
+    assert summary.loc["inside", "excess_ci_low"] <= 0.75 <= summary.loc["inside", "excess_ci_high"]
+    with pytest.raises(ValueError, match="shape"):
+        lungs.lung_energy_table({"bad": np.ones((2, 10, 10))}, masks, ["a", "b", "c"])
+
+
+def test_table_takes_lung_masks_and_std_reflects_spread():
+    masks = lungs.LungMasks(image_ids=["a", "b"], masks=np.stack([square_mask()] * 2))
+    one = np.ones((10, 10))
+    cams = {"m": np.stack([one, square_mask() * 1.0])}  # energy 0.25 and 1.0
+    summary = lungs.summarise_lung_energy(lungs.lung_energy_table(cams, masks))
+    assert summary.loc["m", "energy_mean"] == pytest.approx(0.625)
+    assert summary.loc["m", "energy_std"] == pytest.approx(np.std([0.25, 1.0], ddof=1))
+    assert summary.loc["m", "images"] == 2

@@ -22,6 +22,7 @@ from nbhelpers.cam import (
     predict_classes,
     randomisation_check,
     randomised_copy,
+    road_scores,
     tokens_to_grid,
 )
 from nbhelpers.data import to_model_input
@@ -267,3 +268,27 @@ def test_randomisation_check_separates_the_model_from_its_random_copy(trained):
     assert result["spearman"].mean() < 0.5 and result["ssim"].mean() < 0.5
     default_targets = randomisation_check(model, x, seed=0)  # the predicted classes, here the true ones
     np.testing.assert_allclose(default_targets.to_numpy(), result.to_numpy(), atol=1e-6)
+
+
+def test_road_scores_a_faithful_map_above_a_random_and_an_inverted_one(trained):
+    model, x, targets, _ = trained
+    cams = compute_cams(model, x, targets)
+    own = road_scores(model, x, cams, targets)
+    assert own.shape == (len(x),) and own.mean() > 0.2
+    noise = np.random.default_rng(0).random(cams.shape).astype(np.float32)
+    assert abs(road_scores(model, x, noise, targets).mean()) < 0.1
+    assert road_scores(model, x, 1 - cams, targets).mean() < -0.2
+    np.testing.assert_allclose(road_scores(model, x, cams, targets), own)  # seeded infill noise
+    with pytest.raises(ValueError, match="one CAM and one target per image"):
+        road_scores(model, x, cams[:1], targets)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_registered_models_gradcam_follows_the_definition(name, x):
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=3)
+    cams = compute_cams(model, x, [0, 1])
+    assert cams.shape == (2, SIZE, SIZE) and np.isfinite(cams).all()
+    if len(model.cam_layer_names) == 1:  # several layers are averaged by grad-cam: no single definition
+        np.testing.assert_allclose(cams, hand_gradcam(model, model.cam_layer_names[0], x, [0, 1]), atol=1e-4)

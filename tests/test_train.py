@@ -29,6 +29,16 @@ from nbhelpers.train import (
 )
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a shared 2-core machine, two torch threads that wait on each other run up to 100x
+    # slower when another process holds a core; one thread keeps these tests fast anywhere.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 #: The smallest registered model with dropout (so resuming must restore torch's RNG too); fast on 2 cores.
 TINY = "mobilenetv2"
 
@@ -210,3 +220,24 @@ def test_command_line_run_evaluates_the_test_split_once_and_matches_sklearn(data
     assert load_checkpoint(out / "best.pt", net)["epoch"] == m["best_epoch"]
     table = runs_table([out])
     assert table.loc[0, "model"] == TINY and table.loc[0, "accuracy"] == pytest.approx(test["accuracy"])
+
+
+def test_training_benchmark_reports_both_paths_and_their_ratio(data_dir, tmp_path):
+    from nbhelpers import bench_train
+
+    out = tmp_path / "train_cpu.txt"
+    argv = ["--models", "squeezenet", "--size", "32", "--batch-size", "4", "--steps", "2", "--repeats", "1", "--threads", "1", "--device", "cpu",
+            "--data-dir", str(data_dir), "--out", str(out)]
+    assert bench_train.main(argv) == 0
+    text = out.read_text()
+    assert text.startswith("$ python -m nbhelpers.bench_train --models squeezenet")
+    assert "device: cpu" in text and "torch " + torch.__version__ in text
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("model"))
+    row = next(line for line in text.splitlines() if line.lstrip().startswith("squeezenet")).split()
+    values = dict(zip(header.split(), row))
+    for column in ("train_bare", "train_data", "infer_b1_bare", "infer_b1_data", "infer_b64_bare", "infer_b64_data"):
+        assert float(values[column].replace(",", "")) > 0, column
+    ratio = float(values["train_data"].replace(",", "")) / float(values["train_bare"].replace(",", ""))
+    assert float(values["data/bare"]) == pytest.approx(ratio, abs=0.02)
+    with pytest.raises(models.UnknownModelError):
+        bench_train.main(["--models", "densenet12", "--device", "cpu", "--data-dir", str(data_dir)])

@@ -229,15 +229,20 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")  # a constant map has no ranking
+    flat_a, flat_b = np.ptp(a) == 0, np.ptp(b) == 0
+    if flat_a and flat_b:
+        return float("nan")  # two blank maps: nothing to rank
+    if flat_a or flat_b:
+        return 0.0  # a blank map ranks nothing, so it shares no ranking with the other
     return float(stats.spearmanr(a.ravel(), b.ravel()).statistic)
 
 
 def cam_similarity(cams_a: np.ndarray, cams_b: np.ndarray) -> pd.DataFrame:
     """Per-image similarity of two CAM stacks (N, H, W) in [0, 1]: Spearman rank correlation and SSIM.
 
-    Spearman is NaN where either map is constant (it ranks nothing).  Returns a DataFrame with
+    A constant (blank) map has no ranking: its Spearman with a non-constant map is 0, with
+    another constant map NaN.  Fresh networks often give blank Grad-CAMs (every weighted
+    activation negative, cut by the ReLU), so the randomised side is often blank.  Returns a DataFrame with
     columns ``spearman`` and ``ssim``, one row per image.  Raises ValueError for unequal shapes.
     """
     cams_a, cams_b = np.asarray(cams_a), np.asarray(cams_b)

@@ -7,7 +7,14 @@ the mask of each manifest row by the image's file name, thresholds it at half sc
 (:data:`MASK_THRESHOLD`) and brings it into the geometry of the cached training image with the
 very resize and padding functions of :mod:`nbhelpers.preprocess`, so mask pixel (i, j) lies over
 cache pixel (i, j).  Rows of other sources, and ieee8023 images without a mask, are reported
-as missing rather than guessed.
+as missing rather than guessed.  With ``boxes=True`` an image without a mask falls back to the
+two lung bounding boxes of ``annotations/imageannotation_ai_lung_bounding_boxes.json`` (scaled
+from the size they were drawn on to the image's; skipped when the aspect ratio disagrees, i.e.
+the image changed upstream since).  Boxes also cover some mediastinum and diaphragm, so their
+area share is larger and a CAM scores higher against them than against a mask.
+
+Upstream annotated COVID-19 images only: lung energy measures how models look at the COVID
+class, not at pneumonia or normal films.
 
 :func:`lung_energy` is the share of a CAM's total value that falls on lung pixels.  A CAM spread
 evenly over the square would score the lung *area* share (about a quarter to a third of a
@@ -22,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -38,6 +47,10 @@ MASK_SOURCE = "ieee8023"
 MASK_FOLDER = Path("annotations") / "lungVAE-masks"
 #: File name endings of the masks (the second is an upstream naming slip kept as it is).
 MASK_SUFFIXES = ("_mask.png", "_mask.png.png")
+BOX_FILE = Path("annotations") / "imageannotation_ai_lung_bounding_boxes.json"
+#: Largest relative difference between the aspect ratio the boxes were drawn on and the image's
+#: own before the boxes are taken to belong to another version of the image.
+BOX_ASPECT_TOLERANCE = 0.02
 #: Grey level (of 0..255) at or above which a mask pixel is lung: half scale, so the soft edges
 #: that resizing left split evenly.
 MASK_THRESHOLD = 128
@@ -79,6 +92,44 @@ def mask_index(data_dir: Path | str) -> dict[str, Path]:
     return index
 
 
+def box_index(data_dir: Path | str) -> dict[str, tuple[tuple[int, int], list[list[float]]]]:
+    """Map each image file stem with lung boxes to ((height, width) they were drawn on, [[x, y, w, h], ...]).
+
+    Images whose boxes upstream left empty (null) are left out.
+    Raises :class:`LungMaskError` naming the file when the box annotations are missing or malformed.
+    """
+    path = mask_folder(data_dir).parent.parent / BOX_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        images = {im["id"]: im for im in data["images"]}
+        index: dict[str, tuple[tuple[int, int], list[list[float]]]] = {}
+        for im in images.values():
+            index[Path(im["file_name"]).stem] = ((int(im["height"]), int(im["width"])), [])
+        for ann in data["annotations"]:
+            if any(v is None for v in ann["bbox"]):  # upstream has an image whose boxes are all null
+                continue
+            index[Path(images[ann["image_id"]]["file_name"]).stem][1].append([float(v) for v in ann["bbox"]])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LungMaskError(f"lung boxes {path} cannot be read ({err!r}); re-fetch the ieee8023 annotations") from err
+    return {stem: entry for stem, entry in index.items() if entry[1]}
+
+
+def box_mask(boxes: Sequence[Sequence[float]], drawn_on: tuple[int, int], shape: tuple[int, int]) -> np.ndarray | None:
+    """Fill ``boxes`` ([x, y, w, h] on an image of size ``drawn_on``) into a bool mask of ``shape``.
+
+    Returns None when the two aspect ratios differ by more than :data:`BOX_ASPECT_TOLERANCE`.
+    """
+    (h0, w0), (h, w) = drawn_on, shape
+    if abs((w / h) / (w0 / h0) - 1) > BOX_ASPECT_TOLERANCE:
+        return None
+    sy, sx = h / h0, w / w0
+    mask = np.zeros(shape, dtype=bool)
+    for x, y, bw, bh in boxes:
+        top, left = max(0, round(y * sy)), max(0, round(x * sx))
+        mask[top : round((y + bh) * sy), left : round((x + bw) * sx)] = True
+    return mask
+
+
 def find_masks(manifest: pd.DataFrame, data_dir: Path | str) -> pd.Series:
     """Return the mask path of every manifest row (index ``image_id``), or None where it has none.
 
@@ -90,13 +141,17 @@ def find_masks(manifest: pd.DataFrame, data_dir: Path | str) -> pd.Series:
     if missing:
         raise KeyError(f"manifest lacks column(s) {missing}; lung masks are matched by image_id and path")
     index = mask_index(data_dir)
-    folders = SOURCES[MASK_SOURCE].folders
-    found: list[Path | None] = []
-    for _, row in manifest.iterrows():
-        rel = Path(str(row["path"]))
-        own = row["source"] == MASK_SOURCE if "source" in manifest.columns else rel.parts[0] in folders
-        found.append(index.get(rel.stem) if own else None)
+    found = [index.get(Path(rel).stem) if own else None
+             for rel, own in zip(manifest["path"].astype(str), _from_mask_source(manifest))]
     return pd.Series(found, index=manifest["image_id"].astype(str).to_numpy(), name="mask_path", dtype=object)
+
+
+def _from_mask_source(manifest: pd.DataFrame) -> np.ndarray:
+    """Which rows come from the ieee8023 source: its ``source`` value, or a path inside its folder."""
+    if "source" in manifest.columns:
+        return (manifest["source"] == MASK_SOURCE).to_numpy()
+    folders = SOURCES[MASK_SOURCE].folders
+    return np.array([Path(str(p)).parts[0] in folders for p in manifest["path"]], dtype=bool)
 
 
 def rows_without_mask(manifest: pd.DataFrame, data_dir: Path | str) -> pd.DataFrame:
@@ -140,11 +195,13 @@ def prepare_mask(mask: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 @dataclass
 class LungMasks:
     """Lung masks in training geometry: ``masks`` bool (N, size, size) for ``image_ids`` (in the
-    order asked for), and ``missing``, the asked-for ids without a mask."""
+    order asked for), ``kinds`` ("mask" or "boxes") per image, and ``missing``, the asked-for ids
+    without either."""
 
     image_ids: list[str]
     masks: np.ndarray
     missing: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -167,33 +224,44 @@ def lung_masks(
     cfg: PreprocessConfig,
     image_ids: Sequence[str] | None = None,
     progress: bool = True,
+    boxes: bool = False,
 ) -> LungMasks:
     """Load the lung mask of each asked-for image in ``cfg``'s training geometry.
 
     ``image_ids`` (default: every manifest row) are looked up in ``manifest``; each mask is read
     at the size of its source image (decoded with :func:`~nbhelpers.images.load_gray` to learn it)
-    and passed through :func:`prepare_mask`.  Returns :class:`LungMasks`; ids without a mask are
+    and passed through :func:`prepare_mask`.  With ``boxes`` an ieee8023 image without a mask uses
+    its lung bounding boxes (:func:`box_mask`).  Returns :class:`LungMasks`; ids with neither are
     listed in ``missing``.  Raises KeyError for an id not in the manifest and
     :class:`LungMaskError` for a missing mask folder or unreadable mask.
     """
     data_dir = Path(data_dir)
     paths = find_masks(manifest, data_dir)
+    box_by_stem = box_index(data_dir) if boxes else {}
     rel = dict(zip(manifest["image_id"].astype(str), manifest["path"].astype(str)))
+    own = dict(zip(manifest["image_id"].astype(str), _from_mask_source(manifest)))
     wanted = [str(i) for i in (manifest["image_id"] if image_ids is None else image_ids)]
     unknown = [i for i in wanted if i not in rel]
     if unknown:
         raise KeyError(f"{len(unknown)} image id(s) are not in the manifest, e.g. {unknown[0]!r}")
-    kept, masks, missing = [], [], []
+    out = LungMasks(image_ids=[], masks=np.zeros(0), missing=[], kinds=[])
+    masks = []
     for image_id in tqdm(wanted, desc="lung masks", unit="img", disable=not progress):
-        path = paths[image_id]
-        if path is None:
-            missing.append(image_id)
+        path, stem = paths[image_id], Path(rel[image_id]).stem
+        drawn = box_by_stem.get(stem) if path is None and own[image_id] else None
+        if path is None and drawn is None:
+            out.missing.append(image_id)
             continue
         shape = load_gray(data_dir / rel[image_id]).shape
-        masks.append(prepare_mask(load_mask(path, shape), cfg))
-        kept.append(image_id)
-    stack = np.stack(masks) if masks else np.zeros((0, cfg.size, cfg.size), dtype=bool)
-    return LungMasks(image_ids=kept, masks=stack, missing=missing)
+        mask = load_mask(path, shape) if path is not None else box_mask(drawn[1], drawn[0], shape)
+        if mask is None:  # boxes drawn on another version of the image
+            out.missing.append(image_id)
+            continue
+        masks.append(prepare_mask(mask, cfg))
+        out.image_ids.append(image_id)
+        out.kinds.append("mask" if path is not None else "boxes")
+    out.masks = np.stack(masks) if masks else np.zeros((0, cfg.size, cfg.size), dtype=bool)
+    return out
 
 
 # --------------------------------------------------------------------------- CAM energy

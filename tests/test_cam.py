@@ -206,8 +206,9 @@ def test_similarity_of_a_map_with_itself_and_with_others():
     np.testing.assert_allclose(own[["spearman", "ssim"]].to_numpy(), 1.0, atol=1e-6)
     flipped = cam_similarity(cams, cams[:, ::-1, :].copy())
     assert (flipped["spearman"] < 0.5).all() and (flipped["ssim"] < 0.5).all()
-    constant = cam_similarity(cams[:1], np.zeros((1, 32, 32), np.float32))
-    assert np.isnan(constant["spearman"][0])
+    blank = np.zeros((1, 32, 32), np.float32)
+    assert cam_similarity(cams[:1], blank)["spearman"][0] == 0.0
+    assert np.isnan(cam_similarity(blank, blank)["spearman"][0])
     with pytest.raises(ValueError, match="differ in shape"):
         cam_similarity(cams, cams[:2])
 

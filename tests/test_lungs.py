@@ -177,3 +177,43 @@ def test_table_takes_lung_masks_and_std_reflects_spread():
     assert summary.loc["m", "energy_mean"] == pytest.approx(0.625)
     assert summary.loc["m", "energy_std"] == pytest.approx(np.std([0.25, 1.0], ddof=1))
     assert summary.loc["m", "images"] == 2
+
+
+# --------------------------------------------------------------------------- bounding boxes
+
+
+def test_boxes_are_scaled_to_the_image_and_hold_its_mask(data_dir):
+    boxes, masks = lungs.box_index(data_dir), lungs.mask_index(data_dir)
+    images = {p.stem: p for p in (data_dir / "covid-chestxray-dataset" / "images").iterdir()}
+    assert all(len(b) == 2 for _, b in boxes.values())  # a right and a left lung box each
+    both = sorted(s for s in boxes if s in masks and s in images)[:15]
+    assert len(both) == 15
+    for stem in both:
+        shape = np.asarray(Image.open(images[stem])).shape[:2]
+        box = lungs.box_mask(boxes[stem][1], boxes[stem][0], shape)
+        if box is None:  # drawn on another version of the image
+            continue
+        mask = lungs.load_mask(masks[stem], shape)
+        assert (mask & box).sum() / mask.sum() > 0.85, stem  # the lungs lie inside their boxes
+        assert box.mean() > mask.mean()  # and the boxes are looser
+
+
+def test_box_mask_scales_and_refuses_another_aspect_ratio():
+    mask = lungs.box_mask([[10, 20, 30, 40]], drawn_on=(200, 100), shape=(100, 50))
+    assert mask.shape == (100, 50) and mask.sum() == 15 * 20 and mask[10:30, 5:20].all()
+    assert lungs.box_mask([[10, 20, 30, 40]], drawn_on=(200, 100), shape=(100, 100)) is None
+
+
+def test_boxes_fill_in_where_masks_are_missing(data_dir, ieee):
+    boxes, masks = lungs.box_index(data_dir), lungs.mask_index(data_dir)
+    stem_of = {Path(p).stem: i for i, p in zip(ieee["image_id"], ieee["path"])}
+    box_only = [stem_of[s] for s in sorted(boxes) if s not in masks and s in stem_of][:2]
+    with_mask = [stem_of[s] for s in sorted(masks) if s in stem_of][:1]
+    ids = with_mask + box_only
+    cfg = PreprocessConfig(size=32)
+    plain = lungs.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False)
+    assert plain.image_ids == with_mask and plain.missing == box_only
+    filled = lungs.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False, boxes=True)
+    assert filled.image_ids == ids and filled.kinds == ["mask", "boxes", "boxes"] and not filled.missing
+    np.testing.assert_array_equal(filled.masks[0], plain.masks[0])
+    assert all(0.1 < m.mean() < 0.8 for m in filled.masks[1:])

@@ -125,7 +125,8 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[int] | Non
     """Return CAMs in [0, 1] of shape (B, H, W) for model input ``x`` (B, C, H, W).
 
     ``targets`` gives the class to explain per image (default: the predicted class).
-    ``target_layers``/``reshape_transform`` default to the model's registered ones.  The model's
+    ``target_layers`` default to the model's registered ones, and so does ``reshape_transform``
+    unless ``target_layers`` are given (then it defaults to no reshape).  The model's
     mode and in-place flags are restored afterwards.  Works with frozen parameters and inside
     ``torch.no_grad()``.  Raises ValueError for an unknown method or a target list of the wrong
     length, :class:`CamError` when grad-cam returns no map.
@@ -135,7 +136,9 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[int] | Non
     if targets is not None and len(targets) != len(x):
         raise ValueError(f"{len(targets)} targets for {len(x)} images: give one target class per image")
     layers = list(target_layers) if target_layers is not None else cam_target_layers(model)
-    reshape = reshape_transform if target_layers is not None else cam_reshape_transform(model)
+    # Given layers bring their own reshape (or none); the registered reshape belongs to the registered layers.
+    registered = cam_reshape_transform(model) if target_layers is None else None
+    reshape = reshape_transform if reshape_transform is not None else registered
     # An input that needs its gradient keeps the graph alive even when every parameter is frozen.
     x = x.detach().clone().requires_grad_(method not in GRADIENT_FREE)
     per_image = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]

@@ -35,6 +35,8 @@ CI_LEVEL = 0.95
 N_CALIBRATION_BINS = 15
 #: The per-class columns :func:`per_class` computes; their macro means are in :func:`summary`.
 PER_CLASS_COLUMNS = ("sensitivity", "specificity", "precision", "f1", "ovr_accuracy")
+#: Numeric run-table columns that describe a run rather than score it (left out by :func:`aggregate`).
+NOT_METRICS = ("n", "seed", "fold", "best_epoch")
 #: Macro averages in which an undefined per-class value counts as 0 (as scikit-learn's zero_division=0).
 ZERO_WHEN_UNDEFINED = ("sensitivity", "precision", "f1")
 
@@ -188,7 +190,7 @@ def bootstrap_ci(
     ``numpy.random.default_rng(seed)``; ``low`` / ``high`` are the (1 - level) / 2 and
     (1 + level) / 2 quantiles of the resampled values (NaN resamples, e.g. an AUC for a class
     missing from a resample, are ignored).  Returns one row per metric: metric, value, low,
-    high, n_boot.  Raises ValueError for ``n < 1`` or ``level`` outside (0, 1).
+    high, level, n_boot.  Raises ValueError for ``n < 1`` or ``level`` outside (0, 1).
     """
     if n < 1:
         raise ValueError(f"bootstrap needs n >= 1 resamples, got {n}")
@@ -207,7 +209,8 @@ def bootstrap_ci(
     for key, value in point.items():
         finite = draws[key][np.isfinite(draws[key])]
         low, high = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan, np.nan)
-        rows.append({"metric": key, "value": float(value), "low": float(low), "high": float(high), "n_boot": n})
+        rows.append({"metric": key, "value": float(value), "low": float(low), "high": float(high), "level": level,
+                     "n_boot": n})
     return pd.DataFrame(rows)
 
 
@@ -268,14 +271,14 @@ def aggregate(
     """Summarise several runs (seeds or folds) per group as mean ± sample std (ddof=1), like seed 002.
 
     ``runs`` has one row per run with the ``by`` column(s) and metric columns (e.g. rows of
-    :func:`summary`).  ``metrics`` defaults to every numeric column except ``by``, ``n``,
-    ``seed`` and ``fold``.  Returns one row per group: ``by``, ``runs`` (count), and for each
+    :func:`summary`, or :func:`nbhelpers.train.runs_table`).  ``metrics`` defaults to every
+    numeric column except ``by`` and :data:`NOT_METRICS`.  Returns one row per group: ``by``, ``runs`` (count), and for each
     metric ``<m>_mean``, ``<m>_std`` (NaN for a single run) and ``<m>`` formatted by
     :func:`format_mean_std`.  Raises KeyError naming missing columns.
     """
     keys = [by] if isinstance(by, str) else list(by)
     if metrics is None:
-        skip = set(keys) | {"n", "seed", "fold"}
+        skip = set(keys) | set(NOT_METRICS)
         metrics = [c for c in runs.columns if c not in skip and pd.api.types.is_numeric_dtype(runs[c])]
     missing = [c for c in [*keys, *metrics] if c not in runs.columns]
     if missing:

@@ -73,6 +73,8 @@ PRESET_EXTRAS = ("description", "image_size", "pretrained")
 #: Manifest columns a training run needs, and the splits it cannot do without.
 RUN_COLUMNS = ("image_id", "path", "label", "split")
 RUN_SPLITS = ("train", "val")
+#: Exit status of the command line for a setup mistake (unknown preset or model, missing file).
+EXIT_SETUP_ERROR = 2
 #: TrainConfig fields that may change when resuming (the rest must match ``last.pt``).
 RESUMABLE_CHANGES = ("epochs", "patience")
 
@@ -203,7 +205,8 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -239,7 +242,7 @@ def train_step(
     dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch; returns (loss, logits) still on the device."""
-    with _autocast(x.device, dtype):
+    with autocast(x.device, dtype):
         logits = net(x)
     loss = loss_fn(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
@@ -253,7 +256,7 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
-def _run_epoch(
+def run_epoch(
     net: nn.Module, split, cfg: TrainConfig, device: torch.device, policy: AugmentPolicy, loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer | None = None, scaler=None, dtype=None, epoch: int = 0, desc: str = "",
     generator: torch.Generator | None = None, progress: bool = True,
@@ -277,7 +280,7 @@ def _run_epoch(
             if training:
                 loss, logits = train_step(net, x, y, loss_fn, optimizer, dtype, scaler)
             else:
-                with _autocast(device, dtype):
+                with autocast(device, dtype):
                     logits = net(x)
                 loss = loss_fn(logits.float(), y)
             total_loss += loss * len(y)
@@ -383,11 +386,11 @@ def fit(
                       disable=not progress):
         begin = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = _run_epoch(net, train_split, cfg, device, policy, loss_fn, optimizer, scaler, dtype,
+        train_loss, train_acc = run_epoch(net, train_split, cfg, device, policy, loss_fn, optimizer, scaler, dtype,
                                            epoch=epoch, desc=f"train {epoch}", generator=augment_rng,
                                            progress=progress)
         train_seconds = time.perf_counter() - begin
-        val_loss, val_acc = _run_epoch(net, val_split, cfg, device, no_augment, val_loss_fn, dtype=dtype,
+        val_loss, val_acc = run_epoch(net, val_split, cfg, device, no_augment, val_loss_fn, dtype=dtype,
                                        desc=f"val {epoch}", progress=progress)
         if scheduler is not None:
             scheduler.step()
@@ -503,7 +506,6 @@ def evaluate(
         "per_class": M.per_class(cm).to_dict(orient="records"),
         "auc": M.auc_ovr(y_true, probs),
         "ci": M.summary_with_ci(y_true, probs, n=n_boot, seed=seed).to_dict(orient="records"),
-        "ci_level": M.CI_LEVEL,
         "confusion": cm.tolist(),
         "ece": M.expected_calibration_error(y_true, probs),
     }
@@ -569,13 +571,14 @@ def train_run(
     out_dir = Path(out_dir)
     pcfg = PreprocessConfig(**{"size": int(extras["image_size"]), **(preprocess or {})})
     device = pick_device(str(device), verbose=progress) if not isinstance(device, torch.device) else device
+    seed_everything(cfg.seed)  # the model's random initialisation also follows the seed
+    options = dict(model_options or {})
+    # The model first: a wrong option or an unreachable weights file stops the run before preprocessing.
+    net = models.create(model_name, num_classes=len(CLASSES), in_chans=cfg.in_chans,
+                        pretrained=bool(extras.get("pretrained", False)), **options)
     cache = build_cache(table, source, Path(cache_root) if cache_root else out_dir / "cache", pcfg,
                         workers=workers, progress=progress)
     train, val = cache.split("train"), cache.split("val")
-    seed_everything(cfg.seed)  # the model's random initialisation also follows the seed
-    options = dict(model_options or {})
-    net = models.create(model_name, num_classes=len(CLASSES), in_chans=cfg.in_chans,
-                        pretrained=bool(extras.get("pretrained", False)), **options)
     meta = {"model": model_name, "options": options, "preset": preset, "pretrained": bool(extras.get("pretrained")),
             "preprocess": asdict(pcfg), "cache_key": cache.key}
     started = time.perf_counter()
@@ -677,14 +680,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run :func:`train_run` from the command line and print the test summary; returns the exit status."""
+    """Run :func:`train_run` from the command line and print the test summary.
+
+    Returns 0, or :data:`EXIT_SETUP_ERROR` with a one-line message on stderr when the preset,
+    manifest, data folder, model name, device or pretrained download fails (nothing has been
+    trained then).
+    """
+    from nbhelpers.device import DeviceError
+    from nbhelpers.models import PretrainedWeightsError, UnknownModelError
+    from nbhelpers.presets import PresetError
+
     args = parse_args(argv)
-    result = train_run(
-        args.model, args.manifest, args.data_dir, args.out, preset=args.preset, seed=args.seed, device=args.device,
-        model_options=_pairs(args.option, "--option"), cache_root=args.cache_root,
-        preprocess=_pairs(args.preprocess, "--preprocess"), workers=args.workers, resume=args.resume,
-        n_boot=args.n_boot, **_pairs(args.set, "--set"),
-    )
+    try:
+        result = train_run(
+            args.model, args.manifest, args.data_dir, args.out, preset=args.preset, seed=args.seed,
+            device=args.device, model_options=_pairs(args.option, "--option"), cache_root=args.cache_root,
+            preprocess=_pairs(args.preprocess, "--preprocess"), workers=args.workers, resume=args.resume,
+            n_boot=args.n_boot, **_pairs(args.set, "--set"),
+        )
+    except (PresetError, FileNotFoundError, UnknownModelError, DeviceError, PretrainedWeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
     test = result.metrics["test"] or {}
     print(json.dumps({k: v for k, v in test.items() if not isinstance(v, (dict, list))}, indent=2))
     print(f"run written to {result.out_dir}")

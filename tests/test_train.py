@@ -188,6 +188,15 @@ def test_missing_manifest_stops_a_run_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_command_line_names_a_setup_mistake_in_one_line(tmp_path, capsys):
+    argv = ["--model", TINY, "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "run")]
+    assert main(argv + ["--preset", "smoke", "--data-dir", str(tmp_path)]) == 2
+    assert "curate the data first" in capsys.readouterr().err
+    assert main(argv + ["--preset", "seed002", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown training preset 'seed002'") and "seed001" in err
+
+
 def test_command_line_run_evaluates_the_test_split_once_and_matches_sklearn(data_dir, tmp_path):
     manifest = _real_manifest(data_dir, splits=("train", "train", "val", "test"))
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
@@ -220,6 +229,10 @@ def test_command_line_run_evaluates_the_test_split_once_and_matches_sklearn(data
     assert load_checkpoint(out / "best.pt", net)["epoch"] == m["best_epoch"]
     table = runs_table([out])
     assert table.loc[0, "model"] == TINY and table.loc[0, "accuracy"] == pytest.approx(test["accuracy"])
+    from nbhelpers.metrics import aggregate
+
+    summary = aggregate(table)
+    assert summary.loc[0, "runs"] == 1 and "macro_auc" in summary.columns and "best_epoch_mean" not in summary.columns
 
 
 def test_training_benchmark_reports_both_paths_and_their_ratio(data_dir, tmp_path):

@@ -66,7 +66,7 @@ SSIM_C2 = 0.03**2
 #: Shares (%) of pixels ROAD removes, most- and least-relevant first (fewer than grad-cam's nine: CPU cost).
 ROAD_PERCENTILES = (20, 40, 60, 80)
 #: Standard deviation of the normal draw for parameters of modules without ``reset_parameters``
-#: (the truncated-normal scale timm and Swin use for position-bias tables and layer scales).
+#: (the scale timm and Swin initialise position-bias tables and layer scales with).
 REINIT_STD = 0.02
 
 
@@ -153,17 +153,18 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[int] | Non
             # grad-cam fails obscurely (None.shape) when a target layer recorded nothing.
             if cam.activations_and_grads.activations:
                 raise
-            raise _no_map(model, method) from err
+            raise _no_map(model, method, target_layers is not None) from err
     # grad-cam's context manager swallows an IndexError and prints it; do not return nothing silently.
     if cams is None or len(cams) != len(x):
-        raise _no_map(model, method)
+        raise _no_map(model, method, target_layers is not None)
     return cams
 
 
-def _no_map(model: nn.Module, method: str) -> CamError:
+def _no_map(model: nn.Module, method: str, given: bool) -> CamError:
     name = getattr(model, "model_name", type(model).__name__)
-    return CamError(f"{method} gave no CAM for {name}: no activation or gradient reached the target layers "
-                    f"{getattr(model, 'cam_layer_names', '(given)')}; pick layers that forward() uses")
+    layers = "given target layers" if given else f"registered target layers {getattr(model, 'cam_layer_names', '?')}"
+    return CamError(f"{method} gave no CAM for {name}: no activation or gradient reached the {layers}; "
+                    "pick layers that forward() uses")
 
 
 def predict_classes(model: nn.Module, x: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,247 @@
+"""The ablation grid: declared rows, run for several seeds, summarised with honest uncertainty.
+
+Rows live in ``ablations.toml`` (model + options + preprocessing + preset overrides, grouped, one
+baseline per group).  :func:`run_grid` trains every row for every seed through
+:func:`nbhelpers.train.train_run`, skipping runs whose ``metrics.json`` already exists, so an
+interrupted grid resumes.  :func:`summarise` gives mean ± std over seeds with a 95 % interval of
+the mean; :func:`paired_tests` compares each variant with its group's baseline *on the same test
+images*: the per-seed accuracy difference with a t-interval over seeds (seed noise), a paired
+bootstrap over test images (test-set noise) and McNemar's exact test.  A difference counts as
+distinguishable only when both intervals exclude zero.
+
+``python -m nbhelpers.ablation --manifest M --data-dir D --preset smoke --seeds 0 1 2`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import product
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from tqdm.auto import tqdm
+
+GRID_FILE = Path(__file__).with_name("ablations.toml")
+ROW_KEYS = {"group", "name", "model", "options", "preprocess", "overrides", "baseline", "paper_accuracy"}
+METRICS = ("accuracy", "macro_sensitivity", "macro_specificity", "macro_f1")
+N_BOOT = 2000
+CONFIDENCE = 0.95
+
+
+class GridError(ValueError):
+    """The ablation grid file or a requested group is malformed."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One variant of the grid."""
+
+    group: str
+    name: str
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+    paper_accuracy: float | None = None
+
+
+def load_grid(path: Path = GRID_FILE, groups: Sequence[str] | None = None) -> list[Row]:
+    """Read the grid rows (only those of ``groups`` when given).
+
+    Raises :class:`GridError` for unknown keys, duplicate names, a group without exactly one
+    baseline, or an unknown group (naming the known ones).
+    """
+    with open(path, "rb") as f:
+        raw = tomllib.load(f).get("row", [])
+    rows = []
+    for i, entry in enumerate(raw):
+        unknown = set(entry) - ROW_KEYS
+        if unknown:
+            raise GridError(f"{path}: row {i} has unknown key(s) {sorted(unknown)}; allowed: {sorted(ROW_KEYS)}")
+        rows.append(Row(**entry))
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise GridError(f"{path}: row names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
+    known = list(dict.fromkeys(r.group for r in rows))
+    for group in known:
+        if sum(r.baseline for r in rows if r.group == group) != 1:
+            raise GridError(f"{path}: group {group!r} needs exactly one row with baseline = true")
+    if groups:
+        missing = [g for g in groups if g not in known]
+        if missing:
+            raise GridError(f"unknown ablation group(s) {missing}; known groups: {', '.join(known)}")
+        rows = [r for r in rows if r.group in groups]
+    return rows
+
+
+def run_dir(out_root: Path, row: Row, seed: int) -> Path:
+    """Where the run of ``row`` with ``seed`` lives."""
+    return Path(out_root) / row.group / row.name / f"seed{seed}"
+
+
+def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir: Path | str | None,
+             out_root: Path, seeds: Sequence[int], preset: str, device: str = "auto", **overrides: Any) -> pd.DataFrame:
+    """Train every row for every seed (skipping finished runs) and return :func:`collect`'s table.
+
+    ``overrides`` change preset settings for every row (a row's own ``overrides`` win).  All rows
+    share one preprocessing cache under ``out_root/cache``.
+    """
+    from nbhelpers.train import train_run
+
+    out_root = Path(out_root)
+    todo = [(row, seed) for row, seed in product(rows, seeds) if not (run_dir(out_root, row, seed) / "metrics.json").is_file()]
+    print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} runs already finished; {len(todo)} to train")
+    for row, seed in tqdm(todo, desc="ablation runs"):
+        train_run(row.model, manifest, data_dir, run_dir(out_root, row, seed), preset=preset, seed=seed, device=device,
+                  model_options=row.options, cache_root=out_root / "cache", preprocess=row.preprocess,
+                  progress=False, **{**overrides, **row.overrides})
+    return collect(rows, out_root, seeds)
+
+
+def collect(rows: Sequence[Row], out_root: Path, seeds: Sequence[int]) -> pd.DataFrame:
+    """One line per finished (row, seed): group, name, seed and the test metrics; raises
+    FileNotFoundError naming the first run that has not finished."""
+    from nbhelpers.train import load_run
+
+    lines = []
+    for row, seed in product(rows, seeds):
+        test = load_run(run_dir(out_root, row, seed)).metrics.get("test") or {}
+        lines.append({"group": row.group, "name": row.name, "baseline": row.baseline, "seed": seed,
+                      **{m: test.get(m, np.nan) for m in METRICS}})
+    return pd.DataFrame(lines)
+
+
+def _t_interval(values: np.ndarray) -> tuple[float, float]:
+    """95 % t-interval of the mean of ``values`` (NaNs for fewer than two values)."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def summarise(runs: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
+    """Per row: number of seeds, mean and std of each metric, the 95 % t-interval of the mean
+    test accuracy over seeds, and the accuracy the paper reports (where it does)."""
+    paper = {r.name: r.paper_accuracy for r in rows}
+    out = []
+    for (group, name), part in runs.groupby(["group", "name"], sort=False):
+        line = {"group": group, "name": name, "seeds": len(part)}
+        for m in METRICS:
+            line[f"{m}_mean"], line[f"{m}_std"] = part[m].mean(), part[m].std(ddof=1)
+        line["accuracy_ci_low"], line["accuracy_ci_high"] = _t_interval(part["accuracy"].to_numpy())
+        line["paper_accuracy"] = paper.get(name)
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def _correct(out_root: Path, row: Row, seed: int) -> pd.Series:
+    """Per test image (indexed by image id): 1 if the run classified it correctly."""
+    table = pd.read_csv(run_dir(out_root, row, seed) / "test_predictions.csv", index_col="image_id")
+    return (table["pred"] == table["label"]).astype(int)
+
+
+def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_boot: int = N_BOOT,
+                 boot_seed: int = 0) -> pd.DataFrame:
+    """Compare each non-baseline row with its group's baseline on the same test images.
+
+    Per row: mean accuracy difference (variant − baseline), its 95 % t-interval over seeds, a
+    95 % paired-bootstrap interval over test images (images resampled jointly for both models,
+    difference averaged over seeds), McNemar's exact p-value on the discordant images pooled over
+    seeds, and ``distinguishable`` (both intervals exclude zero).  Raises ValueError when the two
+    runs of a seed were scored on different images.
+    """
+    rng = np.random.default_rng(boot_seed)
+    baselines = {r.group: r for r in rows if r.baseline}
+    out = []
+    for row in rows:
+        if row.baseline:
+            continue
+        base = baselines[row.group]
+        pairs = [(_correct(out_root, row, s), _correct(out_root, base, s)) for s in seeds]
+        for variant, reference in pairs:
+            if not variant.index.equals(reference.index):
+                raise ValueError(f"{row.name} and {base.name} were not scored on the same test images")
+        diff = np.stack([(v - r).to_numpy() for v, r in pairs])  # seeds x images, values in {-1, 0, 1}
+        per_seed = diff.mean(axis=1)
+        boot = diff[:, rng.integers(0, diff.shape[1], (n_boot, diff.shape[1]))].mean(axis=(0, 2))
+        better = int((diff == 1).sum())
+        worse = int((diff == -1).sum())
+        p_mcnemar = stats.binomtest(min(better, worse), better + worse, 0.5).pvalue if better + worse else 1.0
+        seed_low, seed_high = _t_interval(per_seed)
+        boot_low, boot_high = np.quantile(boot, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+        excludes_zero = [not (lo <= 0 <= hi) for lo, hi in ((seed_low, seed_high), (boot_low, boot_high))
+                         if not np.isnan(lo)]
+        out.append({
+            "group": row.group, "variant": row.name, "baseline": base.name, "seeds": len(seeds),
+            "test_images": diff.shape[1], "accuracy_diff": per_seed.mean(),
+            "seed_ci_low": seed_low, "seed_ci_high": seed_high,
+            "bootstrap_ci_low": boot_low, "bootstrap_ci_high": boot_high,
+            "variant_better": better, "variant_worse": worse, "mcnemar_p": p_mcnemar,
+            "distinguishable": bool(len(excludes_zero) == 2 and all(excludes_zero)),
+        })
+    return pd.DataFrame(out)
+
+
+def write_tables(folder: Path, header: str, **tables: pd.DataFrame) -> list[Path]:
+    """Write each table as ``ablation_<name>.csv`` and ``.md`` (with ``header`` on top) in ``folder``."""
+    from nbhelpers.complexity import markdown_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in tables.items():
+        csv, md = folder / f"ablation_{name}.csv", folder / f"ablation_{name}.md"
+        table.to_csv(csv, index=False)
+        md.write_text(f"{header}\n\n{markdown_table(table, digits=4)}\n")
+        written += [csv, md]
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from nbhelpers.run import parse_overrides
+
+    parser = argparse.ArgumentParser(prog="python -m nbhelpers.ablation", description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True, type=Path, help="curated manifest.csv (notebook 01 / python -m data_prep)")
+    parser.add_argument("--data-dir", help="folder of the upstream sources (default: $CXR_DATA_DIR)")
+    parser.add_argument("--out", type=Path, default=Path("results/runs/ablation"), help="where the runs go")
+    parser.add_argument("--tables", type=Path, help="also write the summary tables to this folder")
+    parser.add_argument("--preset", default="seed001", help="training protocol from nbhelpers/presets.toml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--groups", nargs="+", help="only these groups of ablations.toml")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a preset setting for every run, e.g. --set epochs=5")
+    args = parser.parse_args(argv)
+    try:
+        rows = load_grid(groups=args.groups)
+        runs = run_grid(rows, args.manifest, args.data_dir, args.out, args.seeds, args.preset, args.device,
+                        **parse_overrides(args.set))
+    except (GridError, FileNotFoundError, ValueError, KeyError) as error:
+        print(f"ablation: {error}", file=sys.stderr)
+        return 1
+    summary, tests = summarise(runs, rows), paired_tests(rows, args.out, args.seeds)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(summary.round(4).to_string(index=False))
+        print(tests.round(4).to_string(index=False))
+    if args.tables:
+        from nbhelpers.train import load_run
+
+        first = load_run(run_dir(args.out, rows[0], args.seeds[0])).metrics
+        header = (f"Made by `python -m nbhelpers.ablation {shlex.join(argv if argv is not None else sys.argv[1:])}` "
+                  f"on {datetime.now(timezone.utc):%Y-%m-%d}; preset {args.preset}, seeds {args.seeds}, "
+                  f"device {first['device']}, data {first['data']['counts']} (manifest {first['data']['manifest_hash']}).")
+        for path in write_tables(args.tables, header, runs=runs, summary=summary, tests=tests):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nbhelpers import ablation
+from nbhelpers.ablation import GridError, Row
+
+
+def test_the_grid_declares_the_papers_rows():
+    rows = ablation.load_grid()
+    groups = {r.group for r in rows}
+    assert {"cbam", "lgfnet", "clahe", "fpn"} <= groups
+    cbam = {r.name: r for r in ablation.load_grid(groups=["cbam"])}
+    assert cbam["densenet121"].baseline and cbam["densenet121"].options == {"attention": "none"}
+    assert cbam["densenet121_cbam"].paper_accuracy == 86.1
+    assert len([r for r in rows if r.group == "lgfnet"]) == 5  # seed 000's five ablation rows
+    with pytest.raises(GridError, match="known groups"):
+        ablation.load_grid(groups=["cbm"])
+
+
+def test_every_grid_row_names_a_registered_model_and_its_options():
+    from nbhelpers import models
+
+    for row in ablation.load_grid():
+        assert models.model_spec(row.model)  # the registry knows the model ...
+        if row.options:  # ... and accepts its options (checked without building heavy nets twice)
+            assert set(row.options) <= set(models.model_spec(row.model).options)
+
+
+def test_a_grid_without_baseline_is_refused(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text('[[row]]\ngroup = "g"\nname = "a"\nmodel = "densenet121"\n')
+    with pytest.raises(GridError, match="baseline"):
+        ablation.load_grid(path)
+
+
+def _fake_run(root, row, seed, correct):
+    folder = ablation.run_dir(root, row, seed)
+    folder.mkdir(parents=True)
+    labels = np.zeros(len(correct), int)
+    pd.DataFrame({"image_id": [f"img{i}" for i in range(len(correct))], "label": labels,
+                  "pred": np.where(correct, 0, 1)}).to_csv(folder / "test_predictions.csv", index=False)
+
+
+def test_paired_tests_see_a_real_difference_and_not_a_null_one(tmp_path):
+    base, good, same = Row("g", "base", "m", baseline=True), Row("g", "good", "m"), Row("g", "same", "m")
+    rng = np.random.default_rng(0)
+    for seed in (0, 1, 2):
+        reference = rng.random(200) < 0.6
+        _fake_run(tmp_path, base, seed, reference)
+        _fake_run(tmp_path, good, seed, reference | (rng.random(200) < 0.5))  # fixes about half the errors
+        _fake_run(tmp_path, same, seed, reference)
+    tests = ablation.paired_tests([base, good, same], tmp_path, [0, 1, 2]).set_index("variant")
+    assert tests.loc["good", "accuracy_diff"] > 0.1 and tests.loc["good", "distinguishable"]
+    assert tests.loc["good", "variant_worse"] == 0 and tests.loc["good", "mcnemar_p"] < 1e-6
+    assert tests.loc["same", "accuracy_diff"] == 0 and not tests.loc["same", "distinguishable"]
+
+
+def test_summary_gives_mean_std_and_interval():
+    runs = pd.DataFrame({"group": "g", "name": "a", "baseline": True, "seed": [0, 1, 2],
+                         "accuracy": [0.8, 0.82, 0.84], "macro_sensitivity": 0.8, "macro_specificity": 0.9,
+                         "macro_f1": 0.8})
+    table = ablation.summarise(runs, [Row("g", "a", "m", baseline=True, paper_accuracy=86.1)]).iloc[0]
+    assert table["accuracy_mean"] == pytest.approx(0.82) and table["accuracy_std"] == pytest.approx(0.02)
+    assert table["accuracy_ci_low"] < 0.82 < table["accuracy_ci_high"] and table["paper_accuracy"] == 86.1

@@ -15,6 +15,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
 PROFILES_FILE = Path(__file__).with_name("profiles.toml")
+REPORTED_FILE = Path(__file__).with_name("reported.toml")
 
 #: The environment variable that says where the upstream sources live.
 DATA_ENV = "CXR_DATA_DIR"
@@ -121,3 +122,11 @@ def resolve(
         run_dir=out.resolve(),
         values=values,
     )
+
+
+def load_reported(path: Path = REPORTED_FILE) -> "pd.DataFrame":
+    """The seed papers' reported results (on their data, in percent) as a table, one row each."""
+    import pandas as pd
+
+    with open(path, "rb") as f:
+        return pd.DataFrame(tomllib.load(f)["result"])

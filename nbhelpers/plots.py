@@ -85,3 +85,49 @@ def cam_overlays(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], title
         fig.subplots_adjust(right=0.9)
         fig.colorbar(mappable, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label="CAM (normalised)")
     return fig
+
+
+def roc_plot(roc: pd.DataFrame, aucs: dict[str, float] | None = None, title: str = "") -> plt.Figure:
+    """One-vs-rest ROC curves from a long table (class, fpr, tpr), the AUC of each in the legend."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for name, curve in roc.groupby("class", sort=False):
+        label = f"{name} (AUC {aucs[name]:.3f})" if aucs and name in aucs else name
+        ax.step(curve["fpr"], curve["tpr"], where="post", label=label)
+    ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(bins: pd.DataFrame, ece: float | None = None, title: str = "") -> plt.Figure:
+    """Accuracy against confidence per bin (columns lower, upper, count, confidence, accuracy),
+    with the diagonal of perfect calibration and bar widths of the bins."""
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.2, 4.6), sharex=True, height_ratios=(3, 1))
+    full = bins[bins["count"] > 0]
+    width = full["upper"] - full["lower"]
+    ax.bar(full["lower"], full["accuracy"], width=width, align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], ":", color="0.4", label="perfect calibration")
+    ax.set(ylabel="accuracy", ylim=(0, 1), title=title + (f" ECE {ece:.3f}" if ece is not None else ""))
+    ax.legend(fontsize=8, loc="upper left")
+    ax_count.bar(full["lower"], full["count"], width=width, align="edge", color="0.6")
+    ax_count.set(xlabel="confidence of the top class", ylabel="images", xlim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+
+def ablation_bars(summary: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
+    """Mean ``metric`` per ablation row (bars, ± one std over seeds), grouped by ablation group,
+    with the paper's reported accuracy (on its own data) as a marker where it gives one."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(summary) + 1.5), 3.6))
+    x = np.arange(len(summary))
+    colours = dict(zip(summary["group"].unique(), sns.color_palette(n_colors=summary["group"].nunique())))
+    ax.bar(x, summary[f"{metric}_mean"], yerr=summary[f"{metric}_std"].fillna(0), capsize=3,
+           color=[colours[g] for g in summary["group"]])
+    if metric == "accuracy" and "paper_accuracy" in summary:
+        ax.scatter(x, summary["paper_accuracy"] / 100, marker="_", s=300, color="k", label="paper (its data)", zorder=3)
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xticks(x, summary["name"], rotation=40, ha="right", fontsize=8)
+    ax.set(ylabel=f"test {metric}", ylim=(0, 1))
+    fig.tight_layout()
+    return fig

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from nbhelpers import config
+from nbhelpers.ablation import load_grid
 from nbhelpers.device import DeviceError, pick_device
+from nbhelpers.presets import load_preset
 
 
 def test_profiles_have_the_same_settings():
@@ -15,9 +17,18 @@ def test_profiles_have_the_same_settings():
 
 def test_full_profile_is_the_paper_protocol():
     full = config.load_profile("full")
-    assert (full["per_class"], full["image_size"], full["epochs"], full["batch_size"]) == (475, 224, 50, 32)
-    assert full["lr"] == pytest.approx(2e-4)
+    assert (full["per_class"], full["image_size"], full["preset"]) == (475, 224, "seed001")
     assert full["split"] == [0.7, 0.1, 0.2]
+    preset = load_preset("seed001")
+    assert (preset["epochs"], preset["batch_size"], preset["optimizer"]) == (50, 32, "adam")
+    assert preset["lr"] == pytest.approx(2e-4)
+
+
+def test_profiles_and_their_presets_agree_on_the_image_size():
+    # notebook 02's cache and the trainer's must be the same images
+    for name, profile in config.load_profiles().items():
+        assert profile["image_size"] == load_preset(profile["preset"])["image_size"], name
+        assert set(profile["ablation_groups"]) <= {r.group for r in load_grid()}, name
 
 
 def test_unknown_profile_names_the_known_ones():
@@ -26,11 +37,11 @@ def test_unknown_profile_names_the_known_ones():
 
 
 def test_resolve_overrides_and_rejects_typos(tmp_path):
-    s = config.resolve("smoke", run_dir=tmp_path, need_data=False, epochs=3, lr=None)
-    assert s.epochs == 3 and s.lr == config.load_profile("smoke")["lr"]
+    s = config.resolve("smoke", run_dir=tmp_path, need_data=False, image_size=32, clip_limit=None)
+    assert s.image_size == 32 and s.clip_limit == config.load_profile("smoke")["clip_limit"]
     assert s.run_dir == tmp_path.resolve()
-    with pytest.raises(config.ProfileError, match="epoch"):
-        config.resolve("smoke", need_data=False, epoch=3)
+    with pytest.raises(config.ProfileError, match="image_sise"):
+        config.resolve("smoke", need_data=False, image_sise=3)
     with pytest.raises(AttributeError, match="nonsense"):
         s.nonsense
 

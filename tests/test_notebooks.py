@@ -110,14 +110,20 @@ def test_05_evaluation(workbook):
     assert summary["accuracy"].between(0, 1).all() and (summary["n"] > 0).all()
     per_class = _table(workbook, "05_per_class")
     assert list(per_class["class"]) == list(CLASSES)
-    _figure(workbook, "05_confusion")
+    ci = _table(workbook, "05_test_metrics_ci").set_index("metric")
+    assert (ci["low"] <= ci["value"] + 1e-9).all() and (ci["value"] <= ci["high"] + 1e-9).all()
+    for name in ("05_confusion", "05_roc", "05_calibration"):
+        _figure(workbook, name)
 
 
 def test_06_ablations(workbook):
     workbook.ran("06")
     table = _table(workbook, "06_ablation")
-    assert {"densenet121", "densenet121_cbam"} <= set(table["model"])
-    assert table["test_accuracy"].between(0, 1).all()
+    assert {"densenet121", "densenet121_cbam"} <= set(table["name"])
+    assert table["accuracy_mean"].between(0, 1).all() and (table["seeds"] >= 1).all()
+    tests = _table(workbook, "06_paired_tests")
+    assert set(tests["baseline"]) == {"densenet121"} and tests["mcnemar_p"].between(0, 1).all()
+    _figure(workbook, "06_ablation")
 
 
 def test_07_gradcam(workbook):

@@ -24,3 +24,20 @@ def test_figures_draw_what_they_are_given():
     assert [t.get_text() for t in heat.axes[0].texts][:3] == ["2", "1", "0"]
     cams = plots.cam_overlays([np.zeros((8, 8))] * 2, [np.ones((8, 8)) * 0.5] * 2, titles=["x", "y"])
     assert len(cams.axes) == 5  # 2 x 2 panels + colour bar
+
+
+def test_roc_and_reliability_figures():
+    roc = pd.DataFrame({"class": ["covid"] * 3 + ["normal"] * 3, "fpr": [0, 0.5, 1] * 2, "tpr": [0, 1, 1] * 2})
+    fig = plots.roc_plot(roc, {"covid": 0.75, "normal": 0.75})
+    assert len(fig.axes[0].lines) == 3 and "AUC 0.750" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    bins = pd.DataFrame({"lower": [0.0, 0.5], "upper": [0.5, 1.0], "count": [0, 4], "confidence": [np.nan, 0.8],
+                         "accuracy": [np.nan, 0.5]})
+    fig = plots.reliability_diagram(bins, ece=0.3)
+    assert len(fig.axes[0].patches) == 1 and "ECE 0.300" in fig.axes[0].get_title()
+
+
+def test_ablation_bars_show_every_row_and_the_papers_marks():
+    summary = pd.DataFrame({"group": ["g", "g"], "name": ["a", "b"], "accuracy_mean": [0.5, 0.6],
+                            "accuracy_std": [0.1, np.nan], "paper_accuracy": [83.3, np.nan]})
+    fig = plots.ablation_bars(summary)
+    assert len(fig.axes[0].patches) == 2 and [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b"]

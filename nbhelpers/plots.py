@@ -68,25 +68,6 @@ def confusion_heatmap(cm: np.ndarray, classes: Sequence[str] = CLASSES, title: s
     return fig
 
 
-def cam_overlays(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], titles: Sequence[str] = (),
-                 alpha: float = 0.45) -> plt.Figure:
-    """Each image with its CAM (values in [0, 1]) overlaid in the jet colour map, plus a colour bar."""
-    n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.6 * n + 0.6, 5.4), squeeze=False)
-    mappable = None
-    for i in range(n):
-        for row in (0, 1):
-            axes[row, i].imshow(images[i], cmap="gray")
-            axes[row, i].axis("off")
-        mappable = axes[1, i].imshow(cams[i], cmap="jet", alpha=alpha, vmin=0, vmax=1)
-        if i < len(titles):
-            axes[0, i].set_title(titles[i], fontsize=8)
-    if mappable is not None:  # a colour bar in its own axes, so the last column keeps its size
-        fig.subplots_adjust(right=0.9)
-        fig.colorbar(mappable, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label="CAM (normalised)")
-    return fig
-
-
 def roc_plot(roc: pd.DataFrame, aucs: dict[str, float] | None = None, title: str = "") -> plt.Figure:
     """One-vs-rest ROC curves from a long table (class, fpr, tpr), the AUC of each in the legend."""
     fig, ax = plt.subplots(figsize=(4.2, 4))
@@ -130,4 +111,27 @@ def ablation_bars(summary: pd.DataFrame, metric: str = "accuracy") -> plt.Figure
     ax.set_xticks(x, summary["name"], rotation=40, ha="right", fontsize=8)
     ax.set(ylabel=f"test {metric}", ylim=(0, 1))
     fig.tight_layout()
+    return fig
+
+
+def cam_comparison(images: Sequence[np.ndarray], cams: dict[str, np.ndarray], titles: Sequence[str] = (),
+                   alpha: float = 0.45) -> plt.Figure:
+    """The same images (columns) explained by several models or methods (rows, keyed by label),
+    each CAM overlaid in the jet colour map, with one shared colour bar."""
+    n, labels = len(images), list(cams)
+    fig, axes = plt.subplots(len(labels) + 1, n, figsize=(2.3 * n + 0.8, 2.3 * (len(labels) + 1)), squeeze=False)
+    mappable = None
+    for j in range(n):
+        axes[0, j].imshow(images[j], cmap="gray")
+        axes[0, j].set_title(titles[j] if j < len(titles) else "", fontsize=7)
+        for i, label in enumerate(labels, 1):
+            axes[i, j].imshow(images[j], cmap="gray")
+            mappable = axes[i, j].imshow(cams[label][j], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        for i in range(len(labels) + 1):
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+    for i, label in enumerate(["image"] + labels):
+        axes[i, 0].set_ylabel(label, fontsize=8)
+    if mappable is not None:
+        fig.subplots_adjust(right=0.9)
+        fig.colorbar(mappable, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label="CAM (normalised)")
     return fig

@@ -709,3 +709,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def load_trained(out_dir: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, RunResult]:
+    """Rebuild the model of a finished :func:`train_run` folder (name and options from its
+    ``metrics.json``) with its best-validation weights, in eval mode on ``device``.
+
+    Raises FileNotFoundError naming the folder when the run has not finished.
+    """
+    from nbhelpers import models
+
+    run = load_run(out_dir)
+    net = models.create(run.metrics["model"], num_classes=len(CLASSES), in_chans=run.config.in_chans,
+                        **run.metrics.get("model_options", {}))
+    load_checkpoint(Path(out_dir) / BEST_NAME, net, device)
+    return net.to(device).eval(), run

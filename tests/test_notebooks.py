@@ -129,5 +129,8 @@ def test_06_ablations(workbook):
 def test_07_gradcam(workbook):
     workbook.ran("07")
     _figure(workbook, "07_gradcam")
+    _figure(workbook, "07_methods")
+    check = _table(workbook, "07_randomisation_check")
+    assert "densenet121_cbam" in set(check["model"]) and check["ssim_mean"].between(-1, 1).all()
     stats = json.loads((workbook.run_dir / "cam_summary.json").read_text())
     assert stats["images"] >= 1 and 0.0 <= stats["mean_cam"] <= 1.0

@@ -22,8 +22,6 @@ def test_figures_draw_what_they_are_given():
     assert len(curves.axes[0].lines) == 2
     heat = plots.confusion_heatmap(np.array([[2, 1, 0], [0, 3, 0], [1, 0, 2]]))
     assert [t.get_text() for t in heat.axes[0].texts][:3] == ["2", "1", "0"]
-    cams = plots.cam_overlays([np.zeros((8, 8))] * 2, [np.ones((8, 8)) * 0.5] * 2, titles=["x", "y"])
-    assert len(cams.axes) == 5  # 2 x 2 panels + colour bar
 
 
 def test_roc_and_reliability_figures():
@@ -41,3 +39,9 @@ def test_ablation_bars_show_every_row_and_the_papers_marks():
                             "accuracy_std": [0.1, np.nan], "paper_accuracy": [83.3, np.nan]})
     fig = plots.ablation_bars(summary)
     assert len(fig.axes[0].patches) == 2 and [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b"]
+
+
+def test_cam_comparison_has_a_row_per_model():
+    cams = {"a": np.zeros((2, 8, 8)), "b": np.ones((2, 8, 8))}
+    fig = plots.cam_comparison([np.zeros((8, 8))] * 2, cams, titles=["x", "y"])
+    assert len(fig.axes) == 3 * 2 + 1 and fig.axes[2].get_ylabel() == "a"

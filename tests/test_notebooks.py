@@ -106,6 +106,9 @@ def test_04_training(workbook):
 
 def test_05_evaluation(workbook):
     workbook.ran("05")
+    comparison = _table(workbook, "05_model_comparison")
+    assert {"densenet121_cbam", "mobilenetv2", "resnet50", "efficientnet_b0"} <= set(comparison["model"])
+    assert comparison["accuracy"].between(0, 1).all() and (comparison["preset"] == "smoke").all()
     summary = _table(workbook, "05_test_metrics")
     assert summary["accuracy"].between(0, 1).all() and (summary["n"] > 0).all()
     per_class = _table(workbook, "05_per_class")

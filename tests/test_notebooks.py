@@ -133,6 +133,8 @@ def test_07_gradcam(workbook):
     workbook.ran("07")
     _figure(workbook, "07_gradcam")
     _figure(workbook, "07_methods")
+    energy = _table(workbook, "07_lung_energy")  # the smoke split holds a few masked COVID-19 images
+    assert "densenet121_cbam" in set(energy["model"]) and energy["energy_mean"].between(0, 1).all()
     check = _table(workbook, "07_randomisation_check")
     assert "densenet121_cbam" in set(check["model"]) and check["ssim_mean"].between(-1, 1).all()
     stats = json.loads((workbook.run_dir / "cam_summary.json").read_text())

@@ -109,6 +109,15 @@ def header(argv: Sequence[str]) -> list[str]:
     ]
 
 
+def emit(lines: Sequence[str], out: Path | None) -> None:
+    """Print a report's ``lines`` and, with ``out``, also write them to that file."""
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+
+
 def bench_loader(
     data_dir: Path, n: int, size: int, batch_size: int, seed: int, min_seconds: float = MIN_TIMED_SECONDS
 ) -> list[str]:
@@ -230,11 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         body = bench_loader(data_dir, args.n, args.size, args.batch_size, args.seed, args.min_seconds)
     else:
         body = bench_clahe_order(data_dir, args.n, args.seed)
-    text = "\n".join(header(argv) + body) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    emit(header(argv) + body, args.out)
     return 0
 
 

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nbhelpers import models
-from nbhelpers.bench import sample_images, sample_manifest
+from nbhelpers.bench import emit, sample_images, sample_manifest
 from nbhelpers.config import data_dir as resolve_data_dir
 from nbhelpers.data import AugmentPolicy, batches, to_model_input
 from nbhelpers.device import describe, pick_device
@@ -242,11 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = pick_device(args.device, verbose=False)
     table, notes = run(args.models, resolve_data_dir(args.data_dir), args.size, args.batch_size, args.steps, device,
                        seed=args.seed, compile=args.compile, repeats=args.repeats)
-    text = "\n".join(header(argv, device) + notes + format_table(table, device)) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    emit(header(argv, device) + notes + format_table(table, device), args.out)
     return 0
 
 

@@ -9,6 +9,8 @@ PROFILE ?= full
 # Where the upstream sources live; empty means: use $CXR_DATA_DIR.
 DATA ?=
 PYTEST_ARGS ?=
+# Extra runner arguments, e.g. ARGS="-p balance=down --only 01 02".
+ARGS ?=
 
 .PHONY: install workbook test lab clean-runs
 
@@ -22,7 +24,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 install: $(VENV)/.installed
 
 workbook: install
-	$(PY) -m nbhelpers.run --profile $(PROFILE) $(if $(DATA),--data-dir $(DATA))
+	$(PY) -m nbhelpers.run --profile $(PROFILE) $(if $(DATA),--data-dir $(DATA)) $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,419 @@
+"""The shortcut audit's measurements: is a model reading the disease or the archive?
+
+In the public COVID sets the source and the label nearly coincide (COVID-19 images from
+ieee8023/Figure1/Actualmed, normals and pneumonias mostly from NIH/RSNA), so a classifier can
+score well by recognising the archive (DeGrave et al., Nature Machine Intelligence 2021).
+Three measurements make that visible:
+
+* :func:`per_source_table` — a finished run's test accuracy per (source x class), with counts
+  and a 95 % Wilson interval (within one true class, accuracy is that class's sensitivity).
+* :func:`within_source_table` — the diagnosis accuracy on the test images of sources that hold
+  more than one class (ieee8023, Actualmed, Figure1): there the archive gives no hint.
+* :func:`source_probe` — within one diagnosis class, train the same architecture to tell one
+  source group from the rest and report its balanced accuracy with a bootstrap interval; chance
+  (0.5) is the bar for "no source signal".
+
+``python -m nbhelpers.audit probe --manifest M --data-dir D --out O`` runs the probe and
+``python -m nbhelpers.audit tables --manifest M --run R --out O`` writes both tables of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from data_prep.schema import CLASSES, label_index
+from data_prep.split import DEFAULT_RATIOS, split_by_patient
+from nbhelpers import metrics as M
+
+#: Two-sided confidence level of every interval here.
+CI_LEVEL = M.CI_LEVEL
+#: The balanced accuracy of a two-group probe that has learnt nothing.
+CHANCE = 0.5
+#: The probe's two groups travel through the preprocessing cache as these class names (the cache
+#: stores labels as CLASSES indices): group 0 (the named or largest source) as index 0, group 1
+#: (every other source of the class) as index 1.  They mean "group 0/1", not a diagnosis.
+PROBE_CARRIERS: tuple[str, str] = (CLASSES[0], CLASSES[1])
+#: Losses the two-output probe can train with (the class-balanced focal loss weights all CLASSES).
+PROBE_LOSSES = ("ce", "label_smoothing")
+#: Files the probe writes to its output folder (the training run itself goes to ``run/``).
+PROBE_JSON = "probe.json"
+PROBE_PREDICTIONS = "probe_predictions.csv"
+PROBE_RUN_DIR = "run"
+PROBE_CACHE_DIR = "cache"
+#: Files ``tables`` writes.
+PER_SOURCE_CSV = "per_source.csv"
+WITHIN_SOURCE_CSV = "within_source.csv"
+#: Label written for the all-classes row of a source in :func:`per_source_table`.
+ALL_CLASSES = "all"
+EXIT_SETUP_ERROR = 2
+
+
+class ProbeError(ValueError):
+    """The source probe cannot be set up from this manifest (too few sources, images or patients)."""
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def wilson_interval(correct: int, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``correct / n`` at confidence ``level``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest for small ``n`` and for
+    0 % or 100 %.  Returns ``(nan, nan)`` for ``n == 0``; raises ValueError for ``correct``
+    outside ``[0, n]`` or ``level`` outside (0, 1).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    if n == 0:
+        return float("nan"), float("nan")
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct={correct} must lie between 0 and n={n}")
+    z = stats.norm.ppf(0.5 + level / 2)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true`` (scikit-learn's ``balanced_accuracy_score``)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) == 0:
+        return float("nan")
+    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
+
+
+def _scores_with_ci(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int, seed: int, level: float) -> pd.DataFrame:
+    """Bootstrap intervals (images resampled) of accuracy and balanced accuracy of hard predictions."""
+    n_classes = int(max(np.max(y_true), np.max(y_pred))) + 1
+    onehot = np.eye(n_classes)[np.asarray(y_pred)]
+
+    def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        pred = p.argmax(1)
+        return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": balanced_accuracy(y, pred)}
+
+    return M.bootstrap_ci(np.asarray(y_true), onehot, scores, n=n_boot, seed=seed, level=level).set_index("metric")
+
+
+# --------------------------------------------------------------------------- tables of a finished run
+
+
+def _as_index(values: pd.Series, column: str) -> np.ndarray:
+    """Class indices from a column of indices or class names; ValueError names the column."""
+    if pd.api.types.is_numeric_dtype(values):
+        out = values.to_numpy().astype(np.int64)
+        if len(out) and (out.min() < 0 or out.max() >= len(CLASSES)):
+            raise ValueError(f"predictions column {column!r} holds indices outside 0..{len(CLASSES) - 1}")
+        return out
+    return np.array([label_index(str(v)) for v in values], dtype=np.int64)
+
+
+def join_predictions(manifest: pd.DataFrame | Path | str, predictions: pd.DataFrame | Path | str) -> pd.DataFrame:
+    """Attach each test prediction's ``source`` from the manifest (joined on ``image_id``).
+
+    ``predictions`` is a run's ``test_predictions.csv`` (image_id, label, pred, p_*; labels as
+    CLASSES indices or names), as a table or path.  Returns image_id, source, y (true index),
+    pred (predicted index).  Raises FileNotFoundError naming a missing file, KeyError naming
+    missing columns, and ValueError listing image ids the manifest lacks (the run was trained on
+    another manifest).
+    """
+    manifest, predictions = _read_table(manifest, "manifest"), _read_table(predictions, "predictions")
+    for name, table, need in (("manifest", manifest, ("image_id", "source")),
+                              ("predictions", predictions, ("image_id", "label", "pred"))):
+        missing = [c for c in need if c not in table.columns]
+        if missing:
+            raise KeyError(f"{name} lacks column(s) {missing}; it needs {list(need)}")
+    sources = manifest.drop_duplicates("image_id").set_index("image_id")["source"]
+    unknown = sorted(set(predictions["image_id"]) - set(sources.index))
+    if unknown:
+        raise ValueError(f"{len(unknown)} predicted image(s) are not in the manifest, e.g. {unknown[:3]}; "
+                         "pass the manifest the run was trained on")
+    return pd.DataFrame({
+        "image_id": predictions["image_id"].to_numpy(),
+        "source": sources.loc[predictions["image_id"]].to_numpy(),
+        "y": _as_index(predictions["label"], "label"),
+        "pred": _as_index(predictions["pred"], "pred"),
+    })
+
+
+def _read_table(table: pd.DataFrame | Path | str, what: str) -> pd.DataFrame:
+    if isinstance(table, pd.DataFrame):
+        return table
+    path = Path(table)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} not found; pass a {what} table or the path of its CSV")
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def _proportion_row(correct: int, n: int, level: float) -> dict[str, Any]:
+    low, high = wilson_interval(correct, n, level)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else float("nan"),
+            "low": low, "high": high, "level": level}
+
+
+def per_source_table(
+    manifest: pd.DataFrame | Path | str, predictions: pd.DataFrame | Path | str, level: float = CI_LEVEL
+) -> pd.DataFrame:
+    """Test accuracy of a finished run per (source x true class), with counts and Wilson intervals.
+
+    One row per source and class present in the test predictions (``accuracy`` there is the
+    class's sensitivity within that source) plus one ``class == "all"`` row per source (its
+    overall accuracy).  Columns: source, class, n, correct, accuracy, low, high, level.  Inputs
+    and errors as :func:`join_predictions`.
+    """
+    joined = join_predictions(manifest, predictions)
+    rows = []
+    for source, part in joined.groupby("source", sort=True):
+        hits = part["y"].to_numpy() == part["pred"].to_numpy()
+        for c, name in enumerate(CLASSES):
+            mask = part["y"].to_numpy() == c
+            if mask.any():
+                rows.append({"source": source, "class": name, **_proportion_row(int(hits[mask].sum()), int(mask.sum()), level)})
+        rows.append({"source": source, "class": ALL_CLASSES, **_proportion_row(int(hits.sum()), len(hits), level)})
+    return pd.DataFrame(rows, columns=["source", "class", "n", "correct", "accuracy", "low", "high", "level"])
+
+
+def within_source_table(
+    manifest: pd.DataFrame | Path | str,
+    predictions: pd.DataFrame | Path | str,
+    level: float = CI_LEVEL,
+    n_boot: int = M.N_BOOTSTRAP,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The diagnosis classifier on the test images of each source holding more than one class.
+
+    Within such a source (ieee8023, Actualmed, Figure1) the archive's look says nothing about the
+    label, so this accuracy is free of the source shortcut.  One row per such source: source, n,
+    ``n_<class>`` per class, correct, accuracy with its Wilson interval (low, high), and
+    balanced_accuracy with a bootstrap interval (ba_low, ba_high; ``n_boot`` resamples from
+    ``seed``), level.  Sources whose test images hold one class are left out; an empty table
+    (same columns) means no test source mixes classes.  Inputs and errors as :func:`join_predictions`.
+    """
+    joined = join_predictions(manifest, predictions)
+    columns = ["source", "n", *[f"n_{c}" for c in CLASSES], "correct", "accuracy", "low", "high",
+               "balanced_accuracy", "ba_low", "ba_high", "level"]
+    rows = []
+    for source, part in joined.groupby("source", sort=True):
+        y, pred = part["y"].to_numpy(), part["pred"].to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        ci = _scores_with_ci(y, pred, n_boot, seed, level)
+        counts = {f"n_{c}": int((y == i).sum()) for i, c in enumerate(CLASSES)}
+        rows.append({"source": source, **counts, **_proportion_row(int((y == pred).sum()), len(y), level),
+                     "balanced_accuracy": ci.loc["balanced_accuracy", "value"],
+                     "ba_low": ci.loc["balanced_accuracy", "low"], "ba_high": ci.loc["balanced_accuracy", "high"]})
+    return pd.DataFrame(rows, columns=columns)
+
+
+# --------------------------------------------------------------------------- the source probe
+
+
+def probe_manifest(
+    manifest: pd.DataFrame,
+    label: str = "normal",
+    sources: Sequence[str] | None = None,
+    balance: bool = True,
+    max_per_group: int | None = None,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The probe's own manifest: images of class ``label`` relabelled by source group, newly split.
+
+    Group 0 is ``sources`` (default: the source with most ``label`` images), group 1 every other
+    source of that class.  With ``balance`` the larger group is cut (seeded sample) to the size of
+    the smaller, so accuracy and balanced accuracy agree; ``max_per_group`` caps both groups.
+    The ``label`` column then holds :data:`PROBE_CARRIERS` (group 0 -> ``covid``, 1 ->
+    ``pneumonia``) so :func:`nbhelpers.preprocess.build_cache` can store it, ``group`` the group
+    index, and ``split`` a new patient-grouped split stratified by group
+    (:func:`data_prep.split.split_by_patient`).  Returns the table and ``{group name: sources}``.
+    Raises ProbeError when the class is absent, has a single source, a named source holds no
+    such image, or a split lacks a group (too few patients: use more images).
+    """
+    need = [c for c in ("image_id", "source", "path", "patient_id", "label") if c not in manifest.columns]
+    if need:
+        raise KeyError(f"manifest lacks column(s) {need} needed by the source probe")
+    rows = manifest[manifest["label"] == label]
+    counts = rows["source"].value_counts()
+    if len(counts) < 2:
+        raise ProbeError(f"class {label!r} has images from {len(counts)} source(s) ({list(counts.index)}) in this "
+                         "manifest; the source probe needs at least two: pick another label")
+    first = list(sources) if sources else [str(counts.index[0])]
+    absent = sorted(set(first) - set(counts.index))
+    if absent:
+        raise ProbeError(f"source(s) {absent} hold no {label!r} images here; sources with them: {list(counts.index)}")
+    rest = sorted(set(counts.index) - set(first))
+    if not rest:
+        raise ProbeError(f"sources={first} covers every source of class {label!r}; leave at least one out")
+    rng = np.random.default_rng(seed)
+    group = rows["source"].isin(first).map({True: 0, False: 1})
+    size = int(group.value_counts().min()) if balance else None
+    if max_per_group is not None:
+        size = min(size, max_per_group) if size is not None else max_per_group
+    parts = []
+    for g in (0, 1):
+        part = rows[group == g]
+        if size is not None and len(part) > size:
+            part = part.iloc[np.sort(rng.choice(len(part), size, replace=False))]
+        parts.append(part.assign(group=g, label=PROBE_CARRIERS[g]))
+    table = pd.concat(parts, ignore_index=True)
+    table["split"] = split_by_patient(table, ratios=ratios, seed=seed).to_numpy()
+    for split in ("train", "val", "test"):
+        present = set(table.loc[table["split"] == split, "group"])
+        if present != {0, 1}:
+            raise ProbeError(f"the probe's {split} split holds group(s) {sorted(present)} only ({len(table)} images "
+                             f"of {table['patient_id'].nunique()} patients); use more images (max_per_group)")
+    return table, {"+".join(first): first, "+".join(rest): rest}
+
+
+def source_probe(
+    manifest: pd.DataFrame | Path | str,
+    data_dir: Path | str | None,
+    out_dir: Path | str,
+    label: str = "normal",
+    sources: Sequence[str] | None = None,
+    model: str = "densenet121",
+    preset: str = "smoke",
+    seed: int = 0,
+    image_size: int | None = None,
+    epochs: int | None = None,
+    device: str = "cpu",
+    balance: bool = True,
+    max_per_group: int | None = None,
+    n_boot: int = M.N_BOOTSTRAP,
+    level: float = CI_LEVEL,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train ``model`` to tell the source groups of class ``label`` apart; report balanced accuracy.
+
+    Builds :func:`probe_manifest` (``sources``, ``balance``, ``max_per_group``, ``seed``), caches
+    its images at ``image_size`` (default: the preset's) under ``out_dir/cache``, trains a
+    two-output ``model`` from preset ``preset`` (``epochs`` and ``overrides`` change single
+    settings, as in :func:`nbhelpers.train.train_run`) with :func:`nbhelpers.train.fit` into
+    ``out_dir/run``, and scores the best-validation checkpoint once on the probe's test split.
+    Returns (and writes as ``probe.json``) the groups, split counts, settings, and ``test``:
+    n, balanced_accuracy with a bootstrap interval (low, high), accuracy, AUC, chance (0.5);
+    ``probe_predictions.csv`` holds each test image's source, group, prediction and p_group1.
+    Raises ProbeError for an unusable manifest, ValueError for a loss the two-output model
+    cannot use, and the trainer's and model zoo's errors for an unknown preset, setting or model.
+    """
+    from nbhelpers import models
+    from nbhelpers.config import data_dir as resolve_data_dir
+    from nbhelpers.device import describe, pick_device
+    from nbhelpers.preprocess import PreprocessConfig, build_cache
+    from nbhelpers.train import (BEST_NAME, _jsonable, config_from_preset, fit, load_checkpoint, predict,
+                                 read_manifest, seed_everything)
+
+    cfg, extras = config_from_preset(preset, seed=seed, epochs=epochs, **overrides)
+    if cfg.loss not in PROBE_LOSSES:
+        raise ValueError(f"the source probe trains two outputs; loss {cfg.loss!r} is not supported, use one of {PROBE_LOSSES}")
+    table, groups = probe_manifest(read_manifest(manifest), label, sources, balance, max_per_group, seed=seed)
+    source_dir = resolve_data_dir(data_dir)
+    out_dir = Path(out_dir)
+    size = int(image_size if image_size is not None else extras["image_size"])
+    torch_device = pick_device(str(device), verbose=progress)
+    seed_everything(cfg.seed)
+    net = models.create(model, num_classes=2, in_chans=cfg.in_chans, pretrained=bool(extras.get("pretrained", False)))
+    cache = build_cache(table, source_dir, out_dir / PROBE_CACHE_DIR, PreprocessConfig(size=size), progress=progress)
+    meta = {"model": model, "task": "source probe", "label": label, "groups": groups}
+    fit(net, cache.split("train"), cache.split("val"), cfg, out_dir / PROBE_RUN_DIR, torch_device, meta=meta,
+        progress=progress)
+    best = load_checkpoint(out_dir / PROBE_RUN_DIR / BEST_NAME, net, torch_device)
+    test = cache.split("test")
+    probs = predict(net, test, torch_device, batch_size=cfg.batch_size, in_chans=cfg.in_chans)
+    y, pred = np.asarray(test.labels), probs.argmax(1)
+    ci = _scores_with_ci(y, pred, n_boot, cfg.seed, level)
+    by_id = table.set_index("image_id")
+    pd.DataFrame({"image_id": test.image_ids, "source": by_id.loc[test.image_ids, "source"].to_numpy(),
+                  "group": y, "pred": pred, "p_group1": probs[:, 1]}).to_csv(out_dir / PROBE_PREDICTIONS, index=False)
+    names = list(groups)
+    result = {
+        "label": label, "groups": {str(i): {"name": n, "sources": groups[n]} for i, n in enumerate(names)},
+        "counts": {s: {names[g]: int(((table["split"] == s) & (table["group"] == g)).sum()) for g in (0, 1)}
+                   for s in ("train", "val", "test")},
+        "model": model, "preset": preset, "seed": cfg.seed, "image_size": size, "config": asdict(cfg),
+        "balance": balance, "max_per_group": max_per_group, "device": describe(torch_device),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+        "test": {"n": int(len(y)), "balanced_accuracy": ci.loc["balanced_accuracy", "value"],
+                 "low": ci.loc["balanced_accuracy", "low"], "high": ci.loc["balanced_accuracy", "high"],
+                 "level": level, "n_boot": n_boot, "accuracy": ci.loc["accuracy", "value"],
+                 "auc": M.binary_auc(y == 1, probs[:, 1]), "chance": CHANCE},
+    }
+    result = _jsonable(result)
+    (out_dir / PROBE_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see :func:`main`)."""
+    p = argparse.ArgumentParser(prog="python -m nbhelpers.audit", description="Shortcut audit: source probe and "
+                                "per-source / within-source tables of a finished run.")
+    sub = p.add_subparsers(dest="command", required=True)
+    probe = sub.add_parser("probe", help="train the architecture to predict the source within one class")
+    probe.add_argument("--manifest", type=Path, required=True, help="curated manifest.csv (python -m data_prep)")
+    probe.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
+    probe.add_argument("--out", type=Path, required=True, help="folder for probe.json, predictions, run and cache")
+    probe.add_argument("--label", default="normal", choices=CLASSES, help="the diagnosis class probed")
+    probe.add_argument("--sources", nargs="*", default=None, help="sources of group 0 (default: the largest)")
+    probe.add_argument("--model", default="densenet121")
+    probe.add_argument("--preset", default="smoke")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--image-size", type=int, default=None)
+    probe.add_argument("--device", default="cpu", help="auto, cuda, cuda:N, mps or cpu")
+    probe.add_argument("--no-balance", action="store_true", help="keep every image of the larger group")
+    probe.add_argument("--max-per-group", type=int, default=None)
+    probe.add_argument("--n-boot", type=int, default=M.N_BOOTSTRAP)
+    probe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides, e.g. epochs=3")
+    tables = sub.add_parser("tables", help="per-source and within-source tables of a finished run")
+    tables.add_argument("--manifest", type=Path, required=True)
+    tables.add_argument("--run", type=Path, required=True, help="a train_run folder holding test_predictions.csv")
+    tables.add_argument("--out", type=Path, required=True, help="folder for per_source.csv and within_source.csv")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the probe or write a run's audit tables, print the result; return 0, or
+    :data:`EXIT_SETUP_ERROR` with a one-line message for a setup mistake."""
+    from nbhelpers.device import DeviceError
+    from nbhelpers.models import PretrainedWeightsError, UnknownModelError
+    from nbhelpers.presets import PresetError
+    from nbhelpers.train import PREDICTIONS_NAME, _pairs
+
+    args = parse_args(argv)
+    try:
+        if args.command == "probe":
+            result = source_probe(args.manifest, args.data_dir, args.out, label=args.label, sources=args.sources,
+                                  model=args.model, preset=args.preset, seed=args.seed, image_size=args.image_size,
+                                  device=args.device, balance=not args.no_balance, max_per_group=args.max_per_group,
+                                  n_boot=args.n_boot, **_pairs(args.set, "--set"))
+            print(json.dumps({"label": result["label"], "groups": result["groups"], **result["test"]}, indent=2))
+            print(f"probe written to {args.out}")
+            return 0
+        args.out.mkdir(parents=True, exist_ok=True)
+        predictions = args.run / PREDICTIONS_NAME
+        for name, fn in ((PER_SOURCE_CSV, per_source_table), (WITHIN_SOURCE_CSV, within_source_table)):
+            table = fn(args.manifest, predictions)
+            table.to_csv(args.out / name, index=False)
+            print(f"{name}:\n{table.to_string(index=False)}\n")
+        return 0
+    except (ProbeError, PresetError, FileNotFoundError, UnknownModelError, DeviceError, PretrainedWeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

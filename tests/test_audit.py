@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_prep.schema import CLASSES
+from data_prep.sources import load_table
+from data_prep.split import check_no_leak, split_by_patient
+from nbhelpers.audit import (
+    CHANCE,
+    PROBE_CARRIERS,
+    ProbeError,
+    balanced_accuracy,
+    main,
+    per_source_table,
+    probe_manifest,
+    source_probe,
+    wilson_interval,
+    within_source_table,
+)
+
+#: A small registered model that trains in seconds at 32 px on one CPU thread.
+TINY = "mobilenetv2"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The machine is shared: one torch thread keeps the training test fast and predictable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- synthetic run
+
+
+def _synthetic() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A manifest and test predictions with known answers.
+
+    Source ``a``: 4 covid (3 right), 2 normal (1 right).  Source ``b``: 3 normal (3 right).
+    Source ``c``: 2 pneumonia (0 right), 2 normal (2 right).
+    """
+    spec = [("a", "covid", [0, 0, 0, 2]), ("a", "normal", [2, 0]), ("b", "normal", [2, 2, 2]),
+            ("c", "pneumonia", [0, 2]), ("c", "normal", [2, 2])]
+    rows, preds = [], []
+    for source, label, predicted in spec:
+        for p in predicted:
+            image_id = f"{source}:{label}{len(rows)}"
+            rows.append({"image_id": image_id, "source": source, "label": label, "split": "test"})
+            preds.append({"image_id": image_id, "label": CLASSES.index(label), "pred": p})
+    return pd.DataFrame(rows), pd.DataFrame(preds)
+
+
+def test_wilson_interval_matches_published_values():
+    # Reference values: Newcombe (1998), Table I, and the closed form at the edges.
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert np.isnan(wilson_interval(0, 0)).all()
+    with pytest.raises(ValueError, match="between 0 and n=3"):
+        wilson_interval(4, 3)
+
+
+def test_balanced_accuracy_is_the_mean_recall_of_the_classes_present():
+    from sklearn.metrics import balanced_accuracy_score
+
+    y, p = np.array([0, 0, 0, 1, 2, 2]), np.array([0, 1, 0, 1, 0, 2])
+    assert balanced_accuracy(y, p) == pytest.approx(balanced_accuracy_score(y, p))
+
+
+def test_per_source_table_counts_and_accuracies():
+    manifest, preds = _synthetic()
+    table = per_source_table(manifest, preds).set_index(["source", "class"])
+    expected = {("a", "covid"): (4, 3), ("a", "normal"): (2, 1), ("a", "all"): (6, 4), ("b", "normal"): (3, 3),
+                ("b", "all"): (3, 3), ("c", "pneumonia"): (2, 0), ("c", "normal"): (2, 2), ("c", "all"): (4, 2)}
+    assert set(table.index) == set(expected)
+    for key, (n, correct) in expected.items():
+        row = table.loc[key]
+        assert (row["n"], row["correct"]) == (n, correct)
+        assert row["accuracy"] == pytest.approx(correct / n)
+        assert (row["low"], row["high"]) == pytest.approx(wilson_interval(correct, n))
+        assert row["low"] <= row["accuracy"] <= row["high"]
+
+
+def test_labels_given_as_class_names_give_the_same_table(tmp_path):
+    manifest, preds = _synthetic()
+    named = preds.assign(label=[CLASSES[i] for i in preds["label"]], pred=[CLASSES[i] for i in preds["pred"]])
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    pd.testing.assert_frame_equal(per_source_table(tmp_path / "manifest.csv", named), per_source_table(manifest, preds))
+
+
+def test_predictions_from_another_manifest_are_refused():
+    manifest, preds = _synthetic()
+    with pytest.raises(ValueError, match="not in the manifest.*trained on"):
+        per_source_table(manifest.iloc[1:], preds)
+    with pytest.raises(KeyError, match="source"):
+        per_source_table(manifest.drop(columns="source"), preds)
+
+
+def test_within_source_table_keeps_mixed_sources_only():
+    manifest, preds = _synthetic()
+    table = within_source_table(manifest, preds, n_boot=200).set_index("source")
+    assert list(table.index) == ["a", "c"]  # b holds normals only
+    a, c = table.loc["a"], table.loc["c"]
+    assert (a["n"], a["n_covid"], a["n_normal"], a["n_pneumonia"], a["correct"]) == (6, 4, 2, 0, 4)
+    assert a["accuracy"] == pytest.approx(4 / 6)
+    assert a["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert c["balanced_accuracy"] == pytest.approx(0.5)
+    for row in (a, c):
+        assert row["low"] <= row["accuracy"] <= row["high"]
+        assert row["ba_low"] <= row["balanced_accuracy"] <= row["ba_high"]
+
+
+def test_tables_command_writes_both_tables(tmp_path, capsys):
+    manifest, preds = _synthetic()
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    (tmp_path / "run").mkdir()
+    preds.to_csv(tmp_path / "run" / "test_predictions.csv", index=False)
+    assert main(["tables", "--manifest", str(tmp_path / "manifest.csv"), "--run", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "audit")]) == 0
+    assert len(pd.read_csv(tmp_path / "audit" / "per_source.csv")) == 8
+    assert list(pd.read_csv(tmp_path / "audit" / "within_source.csv")["source"]) == ["a", "c"]
+    assert main(["tables", "--manifest", str(tmp_path / "missing.csv"), "--run", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "audit")]) == 2
+    assert "missing.csv not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the probe on real images
+
+
+@pytest.fixture(scope="module")
+def real_manifest(data_dir) -> pd.DataFrame:
+    """Every labelled image of the real mirror with a patient-grouped split (no hashing: fast)."""
+    table, _ = load_table(data_dir, hash_images=False)
+    table = table[table["label"] != ""].reset_index(drop=True)
+    return table.assign(split=split_by_patient(table, seed=0).to_numpy())
+
+
+def test_probe_manifest_relabels_one_class_by_source(real_manifest):
+    table, groups = probe_manifest(real_manifest, label="normal", seed=0)
+    assert list(groups) == ["nih", "actualmed+figure1+ieee8023"]  # NIH holds most normals in the mirror
+    assert set(table["image_id"]) <= set(real_manifest.loc[real_manifest["label"] == "normal", "image_id"])
+    assert (table.loc[table["group"] == 0, "source"] == "nih").all()
+    assert (table.loc[table["group"] == 1, "source"] != "nih").all()
+    assert table["label"].tolist() == [PROBE_CARRIERS[g] for g in table["group"]]
+    n_other = int(((real_manifest["label"] == "normal") & (real_manifest["source"] != "nih")).sum())
+    assert table["group"].value_counts().to_dict() == {0: n_other, 1: n_other}  # balanced by cutting NIH
+    check_no_leak(table)
+    for split in ("train", "val", "test"):
+        assert set(table.loc[table["split"] == split, "group"]) == {0, 1}
+
+
+def test_probe_manifest_named_sources_cap_and_errors(real_manifest):
+    table, groups = probe_manifest(real_manifest, label="normal", sources=["ieee8023"], balance=False,
+                                   max_per_group=20, seed=1)
+    assert list(groups) == ["ieee8023", "actualmed+figure1+nih"]
+    assert table["group"].value_counts().to_dict() == {0: 20, 1: 20}
+    again, _ = probe_manifest(real_manifest, label="normal", sources=["ieee8023"], balance=False, max_per_group=20,
+                              seed=1)
+    pd.testing.assert_frame_equal(table, again)  # one seed, one probe set
+    with pytest.raises(ProbeError, match="source\\(s\\) \\['rsna'\\] hold no 'normal' images"):
+        probe_manifest(real_manifest, label="normal", sources=["rsna"])
+    only_nih = real_manifest[real_manifest["source"] == "nih"]
+    with pytest.raises(ProbeError, match="needs at least two"):
+        probe_manifest(only_nih, label="normal")
+    with pytest.raises(ProbeError, match="use more images"):
+        probe_manifest(real_manifest, label="normal", max_per_group=2)
+
+
+def test_source_probe_trains_and_reports_balanced_accuracy(real_manifest, data_dir, tmp_path):
+    result = source_probe(real_manifest, data_dir, tmp_path, label="normal", model=TINY, preset="smoke",
+                          image_size=32, epochs=1, max_per_group=16, n_boot=200, progress=False)
+    written = json.loads((tmp_path / "probe.json").read_text())
+    assert written == result
+    test = result["test"]
+    assert test["chance"] == CHANCE
+    assert test["n"] == sum(result["counts"]["test"].values()) > 0
+    assert 0.0 <= test["low"] <= test["balanced_accuracy"] <= test["high"] <= 1.0
+    preds = pd.read_csv(tmp_path / "probe_predictions.csv")
+    assert len(preds) == test["n"]
+    assert ((preds["group"] == 0) == (preds["source"] == "nih")).all()
+    assert balanced_accuracy(preds["group"], preds["pred"]) == pytest.approx(test["balanced_accuracy"])
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_probe_command_names_a_setup_mistake(real_manifest, data_dir, tmp_path, capsys):
+    real_manifest[real_manifest["source"] == "nih"].to_csv(tmp_path / "manifest.csv", index=False)
+    status = main(["probe", "--manifest", str(tmp_path / "manifest.csv"), "--data-dir", str(data_dir),
+                   "--out", str(tmp_path / "probe"), "--model", TINY])
+    assert status == 2
+    assert "needs at least two" in capsys.readouterr().err
+    assert not (tmp_path / "probe" / "run").exists()  # nothing was trained

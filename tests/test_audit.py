@@ -62,6 +62,7 @@ def test_wilson_interval_matches_published_values():
     assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 3)[0] == 0.0 and wilson_interval(3, 3)[1] == 1.0  # exact at the edges
     assert np.isnan(wilson_interval(0, 0)).all()
     with pytest.raises(ValueError, match="between 0 and n=3"):
         wilson_interval(4, 3)
@@ -115,6 +116,7 @@ def test_within_source_table_keeps_mixed_sources_only():
     for row in (a, c):
         assert row["low"] <= row["accuracy"] <= row["high"]
         assert row["ba_low"] <= row["balanced_accuracy"] <= row["ba_high"]
+    assert list(within_source_table(manifest, preds, sources=["c", "b"], n_boot=10)["source"]) == ["c"]
 
 
 def test_tables_command_writes_both_tables(tmp_path, capsys):

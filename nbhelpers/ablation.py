@@ -213,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="folder of the upstream sources (default: $CXR_DATA_DIR)")
     parser.add_argument("--out", type=Path, default=Path("results/runs/ablation"), help="where the runs go")
     parser.add_argument("--tables", type=Path, help="also write the summary tables to this folder")
+    parser.add_argument("--figures", type=Path, help="also draw the summary as ablation_summary.png in this folder")
     parser.add_argument("--preset", default="seed001", help="training protocol from nbhelpers/presets.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--groups", nargs="+", help="only these groups of ablations.toml")
@@ -240,6 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"device {first['device']}, data {first['data']['counts']} (manifest {first['data']['manifest_hash']}).")
         for path in write_tables(args.tables, header, runs=runs, summary=summary, tests=tests):
             print(f"wrote {path}")
+    if args.figures:
+        from nbhelpers.plots import ablation_bars
+
+        args.figures.mkdir(parents=True, exist_ok=True)
+        ablation_bars(summary).savefig(args.figures / "ablation_summary.png", dpi=120, bbox_inches="tight")
+        print(f"wrote {args.figures / 'ablation_summary.png'}")
     return 0
 
 

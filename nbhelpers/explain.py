@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from nbhelpers import lungs
-from nbhelpers.cam import cams_for_images, randomisation_check
+from data_prep.schema import CLASSES
+from nbhelpers.cam import cams_for_images, examples_per_class, randomisation_check
 from nbhelpers.data import to_model_input
 from nbhelpers.preprocess import ImageCache, PreprocessConfig
 
@@ -91,9 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="which seed's runs to explain")
     parser.add_argument("--randomisation-images", type=int, default=24, help="held-out images for the sanity check")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables")
+    parser.add_argument("--figures", type=Path, help="also draw each group's CAMs on the same test images here")
+    parser.add_argument("--figure-images", type=int, default=6, help="test images per figure")
     args = parser.parse_args(argv)
     data, manifest = resolve_data_dir(args.data_dir), pd.read_csv(args.manifest)
     energy, randomised, masks, n_sample = [], [], None, 0
+    figure_cams: dict[str, dict[str, np.ndarray]] = {}  # group -> row name -> CAMs
+    figure_images: dict[str, tuple[np.ndarray, list[str]]] = {}  # group -> (images, titles)
     for row in ablation.load_grid(groups=args.groups):
         net, run = load_trained(ablation.run_dir(args.ablation_root, row, args.seed))
         cache = run_cache(run, manifest, data, args.ablation_root / "cache")
@@ -104,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sample = np.stack(list(held_out_images(cache).values())[: args.randomisation_images])
         randomised.append(randomisation_report({label: net}, sample))
         n_sample = len(sample)
+        if args.figures:
+            test = cache.split("test")
+            picked = examples_per_class(test.labels, args.figure_images)
+            shown = np.asarray(test.images[picked])
+            figure_cams.setdefault(row.group, {})[row.name] = cams_for_images(net, shown, progress=False)[0]
+            figure_images[row.group] = (shown, [f"true {CLASSES[t]}" for t in test.labels[picked]])
     summary, randomised = lungs.summarise_lung_energy(pd.concat(energy)).reset_index(), pd.concat(randomised)
     header = (f"Made by `python -m nbhelpers.explain {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
               f"{datetime.now(timezone.utc):%Y-%m-%d}, CPU; Grad-CAM of each row's seed-{args.seed} run; lung energy on "
@@ -114,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         table.to_csv(args.out / f"{name}.csv", index=False)
         (args.out / f"{name}.md").write_text(f"{header}\n\n{markdown_table(table, digits=3)}\n")
         print(table.round(3).to_string(index=False))
+    for group, cams in figure_cams.items():
+        from nbhelpers.plots import cam_comparison
+
+        images, titles = figure_images[group]
+        args.figures.mkdir(parents=True, exist_ok=True)
+        cam_comparison(list(images), cams, titles).savefig(args.figures / f"cam_{group}.png", dpi=110, bbox_inches="tight")
+        print(f"wrote {args.figures / f'cam_{group}.png'}")
     return 0
 
 

@@ -120,12 +120,14 @@ def collect(rows: Sequence[Row], out_root: Path, seeds: Sequence[int]) -> pd.Dat
     return pd.DataFrame(lines)
 
 
-def _t_interval(values: np.ndarray) -> tuple[float, float]:
-    """95 % t-interval of the mean of ``values`` (NaNs for fewer than two values)."""
+def _t_interval(values: np.ndarray, bounds: tuple[float, float]) -> tuple[float, float]:
+    """95 % t-interval of the mean of ``values``, cut to the metric's possible ``bounds`` (with
+    two seeds the t quantile is 12.7, so the raw interval easily leaves them); NaNs for fewer
+    than two values."""
     if len(values) < 2:
         return float("nan"), float("nan")
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean() - half), float(values.mean() + half)
+    return float(max(values.mean() - half, bounds[0])), float(min(values.mean() + half, bounds[1]))
 
 
 def summarise(runs: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
@@ -137,7 +139,7 @@ def summarise(runs: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
         line = {"group": group, "name": name, "seeds": len(part)}
         for m in METRICS:
             line[f"{m}_mean"], line[f"{m}_std"] = part[m].mean(), part[m].std(ddof=1)
-        line["accuracy_ci_low"], line["accuracy_ci_high"] = _t_interval(part["accuracy"].to_numpy())
+        line["accuracy_ci_low"], line["accuracy_ci_high"] = _t_interval(part["accuracy"].to_numpy(), (0.0, 1.0))
         line["paper_accuracy"] = paper.get(name)
         out.append(line)
     return pd.DataFrame(out)
@@ -176,7 +178,7 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
         better = int((diff == 1).sum())
         worse = int((diff == -1).sum())
         p_mcnemar = stats.binomtest(min(better, worse), better + worse, 0.5).pvalue if better + worse else 1.0
-        seed_low, seed_high = _t_interval(per_seed)
+        seed_low, seed_high = _t_interval(per_seed, (-1.0, 1.0))
         boot_low, boot_high = np.quantile(boot, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
         excludes_zero = [not (lo <= 0 <= hi) for lo, hi in ((seed_low, seed_high), (boot_low, boot_high))
                          if not np.isnan(lo)]

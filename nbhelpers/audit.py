@@ -322,12 +322,12 @@ def source_probe(
     from nbhelpers.device import describe, pick_device
     from nbhelpers.preprocess import PreprocessConfig, build_cache
     from nbhelpers.train import (BEST_NAME, _jsonable, config_from_preset, fit, load_checkpoint, predict,
-                                 read_manifest, seed_everything)
+                                 seed_everything)
 
     cfg, extras = config_from_preset(preset, seed=seed, epochs=epochs, **overrides)
     if cfg.loss not in PROBE_LOSSES:
         raise ValueError(f"the source probe trains two outputs; loss {cfg.loss!r} is not supported, use one of {PROBE_LOSSES}")
-    table, groups = probe_manifest(read_manifest(manifest), label, sources, balance, max_per_group, seed=seed)
+    table, groups = probe_manifest(_read_table(manifest, "manifest"), label, sources, balance, max_per_group, seed=seed)
     source_dir = resolve_data_dir(data_dir)
     out_dir = Path(out_dir)
     size = int(image_size if image_size is not None else extras["image_size"])
@@ -427,3 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def probe_pool(table: pd.DataFrame, result) -> pd.DataFrame:
+    """Every image that passed curation's filters and de-duplication, balanced or not: the rows of
+    ``table`` (from :func:`data_prep.sources.load_table`) kept in ``result.manifest`` (a
+    :class:`data_prep.CurationResult`) or dropped only by balancing.  The probe needs them all:
+    the non-NIH normals are few."""
+    dropped = result.dropped
+    keep = set(result.manifest["image_id"]) | set(dropped.loc[dropped["reason"] == "balance", "image_id"])
+    return table[table["image_id"].isin(keep)].reset_index(drop=True)

@@ -139,3 +139,12 @@ def test_07_gradcam(workbook):
     assert "densenet121_cbam" in set(check["model"]) and check["ssim_mean"].between(-1, 1).all()
     stats = json.loads((workbook.run_dir / "cam_summary.json").read_text())
     assert stats["images"] >= 1 and 0.0 <= stats["mean_cam"] <= 1.0
+
+
+def test_08_shortcut_audit(workbook):
+    workbook.ran("08")
+    per_source = _table(workbook, "08_per_source")
+    assert {"nih", "ieee8023"} <= set(per_source["source"]) and per_source["accuracy"].between(0, 1).all()
+    probe = _table(workbook, "08_source_probe").iloc[0]
+    assert probe["label"] == "normal" and 0 <= probe["balanced_accuracy"] <= 1 and probe["chance"] == 0.5
+    assert probe["low"] <= probe["balanced_accuracy"] <= probe["high"]

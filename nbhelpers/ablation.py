@@ -193,6 +193,24 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     return pd.DataFrame(out)
 
 
+def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manifest: pd.DataFrame | Path | str) -> pd.DataFrame:
+    """Test accuracy per (row, source, true class), pooled over seeds, with Wilson intervals: a
+    variant that gains only on one archive's images is learning the archive (see
+    :mod:`nbhelpers.audit`)."""
+    from nbhelpers.audit import per_source_table
+
+    table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
+    out = []
+    for row in rows:
+        # each image is scored once per seed: suffix the ids with the seed so the join stays one-to-one
+        preds = pd.concat([pd.read_csv(run_dir(out_root, row, s) / "test_predictions.csv")
+                           .assign(image_id=lambda d, s=s: d["image_id"] + f"#{s}") for s in seeds])
+        expanded = pd.concat([table.assign(image_id=table["image_id"] + f"#{s}") for s in seeds])
+        out.append(per_source_table(expanded, preds).assign(group=row.group, name=row.name, seeds=len(seeds)))
+    return pd.concat(out, ignore_index=True)[["group", "name", "seeds", "source", "class", "n", "correct", "accuracy",
+                                              "low", "high"]]
+
+
 def write_tables(folder: Path, header: str, **tables: pd.DataFrame) -> list[Path]:
     """Write each table as ``ablation_<name>.csv`` and ``.md`` (with ``header`` on top) in ``folder``."""
     from nbhelpers.complexity import markdown_table
@@ -231,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ablation: {error}", file=sys.stderr)
         return 1
     summary, tests = summarise(runs, rows), paired_tests(rows, args.out, args.seeds)
+    sources = per_source(rows, args.out, args.seeds, args.manifest)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(summary.round(4).to_string(index=False))
         print(tests.round(4).to_string(index=False))
@@ -241,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         header = (f"Made by `python -m nbhelpers.ablation {shlex.join(argv if argv is not None else sys.argv[1:])}` "
                   f"on {datetime.now(timezone.utc):%Y-%m-%d}; preset {args.preset}, seeds {args.seeds}, "
                   f"device {first['device']}, data {first['data']['counts']} (manifest {first['data']['manifest_hash']}).")
-        for path in write_tables(args.tables, header, runs=runs, summary=summary, tests=tests):
+        for path in write_tables(args.tables, header, runs=runs, summary=summary, tests=tests, per_source=sources):
             print(f"wrote {path}")
     if args.figures:
         from nbhelpers.plots import ablation_bars

@@ -65,3 +65,15 @@ def test_summary_gives_mean_std_and_interval():
     table = ablation.summarise(runs, [Row("g", "a", "m", baseline=True, paper_accuracy=86.1)]).iloc[0]
     assert table["accuracy_mean"] == pytest.approx(0.82) and table["accuracy_std"] == pytest.approx(0.02)
     assert table["accuracy_ci_low"] < 0.82 < table["accuracy_ci_high"] and table["paper_accuracy"] == 86.1
+
+
+def test_per_source_pools_seeds_and_splits_by_archive(tmp_path):
+    base = Row("g", "base", "m", baseline=True)
+    manifest = pd.DataFrame({"image_id": [f"img{i}" for i in range(4)], "source": ["nih", "nih", "ieee8023", "ieee8023"],
+                             "label": ["covid"] * 4, "split": "test", "path": "x", "patient_id": ["a", "b", "c", "d"]})
+    _fake_run(tmp_path, base, 0, np.array([True, True, False, False]))
+    _fake_run(tmp_path, base, 1, np.array([True, False, False, False]))
+    table = ablation.per_source(manifest=manifest, rows=[base], out_root=tmp_path, seeds=[0, 1])
+    cells = table[table["class"] == "covid"].set_index("source")
+    assert cells.loc["nih", "n"] == 4 and cells.loc["nih", "correct"] == 3
+    assert cells.loc["ieee8023", "accuracy"] == 0.0

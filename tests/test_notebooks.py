@@ -106,6 +106,8 @@ def test_04_training(workbook):
 
 def test_05_evaluation(workbook):
     workbook.ran("05")
+    per_source = _table(workbook, "05_per_source")
+    assert {"nih", "ieee8023"} <= set(per_source["source"]) and (per_source["n"] > 0).all()
     comparison = _table(workbook, "05_model_comparison")
     assert {"densenet121_cbam", "mobilenetv2", "resnet50", "efficientnet_b0"} <= set(comparison["model"])
     assert comparison["accuracy"].between(0, 1).all() and (comparison["preset"] == "smoke").all()
@@ -127,6 +129,7 @@ def test_06_ablations(workbook):
     tests = _table(workbook, "06_paired_tests")
     assert set(tests["baseline"]) == {"densenet121"} and tests["mcnemar_p"].between(0, 1).all()
     _figure(workbook, "06_ablation")
+    assert set(_table(workbook, "06_per_source")["name"]) == set(table["name"])
 
 
 def test_07_gradcam(workbook):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from nbhelpers.config import DATA_ENV, REPO_ROOT
 
@@ -29,3 +30,14 @@ def data_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Train with one torch thread: on a shared 2-core machine two threads that wait on each other
+    run up to 100x slower when another process holds a core.  Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

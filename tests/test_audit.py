@@ -28,13 +28,7 @@ from nbhelpers.audit import (
 TINY = "mobilenetv2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The machine is shared: one torch thread keeps the training test fast and predictable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- synthetic run

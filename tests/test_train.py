@@ -31,14 +31,7 @@ from nbhelpers.train import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine, two torch threads that wait on each other run up to 100x
-    # slower when another process holds a core; one thread keeps these tests fast anywhere.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 #: The smallest registered model with dropout (so resuming must restore torch's RNG too); fast on 2 cores.
 TINY = "mobilenetv2"
 

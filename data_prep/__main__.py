@@ -18,10 +18,12 @@ from data_prep.curate import (
     BALANCE_MODES,
     DEFAULT_PHASH_DISTANCE,
     PAPER_PER_CLASS,
+    PAPER_SOURCE_CLASSES,
     ClassShortageError,
     CurationParams,
     build,
 )
+from data_prep.schema import CLASSES
 from data_prep.sources import SOURCES, SourceFormatError
 
 EXIT_DATA_ERROR = 2
@@ -42,6 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-age", type=float, default=18, help="drop patients younger than this (negative: keep all)")
     p.add_argument("--keep-ct", action="store_true", help="do not drop non-X-ray rows")
     p.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
+    p.add_argument("--all-classes-from", nargs="+", choices=list(SOURCES), default=[], metavar="SOURCE",
+                   help="take every class these sources hold (the paper takes only COVID-19 from ieee8023); "
+                   "gives the within-source test of the shortcut audit more images")
     p.add_argument("--phash-distance", type=int, default=DEFAULT_PHASH_DISTANCE, help="near-duplicate threshold (bits of 256)")
     return p.parse_args(argv)
 
@@ -50,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the curation from the command line; return the exit status."""
     args = parse_args(argv)
     kwargs = {"views": args.views} if args.views else {}
+    if args.all_classes_from:
+        kwargs["source_classes"] = {**PAPER_SOURCE_CLASSES, **{s: CLASSES for s in args.all_classes_from}}
     try:
         params = CurationParams(
             per_class=args.per_class, balance=args.balance, seed=args.seed, split=tuple(args.split),

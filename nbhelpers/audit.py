@@ -230,7 +230,7 @@ def within_source_table(
 
 def probe_manifest(
     manifest: pd.DataFrame,
-    label: str = "normal",
+    label: str | Sequence[str] = "normal",
     sources: Sequence[str] | None = None,
     balance: bool = True,
     max_per_group: int | None = None,
@@ -239,6 +239,9 @@ def probe_manifest(
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """The probe's own manifest: images of class ``label`` relabelled by source group, newly split.
 
+    ``label`` may name several classes (e.g. ``["normal", "pneumonia"]``): the groups are then
+    formed, balanced and capped within each class separately, so both groups hold the classes in
+    the same proportions and the diagnosis cannot stand in for the source.
     Group 0 is ``sources`` (default: the source with most ``label`` images), group 1 every other
     source of that class.  With ``balance`` the larger group is cut (seeded sample) to the size of
     the smaller, so accuracy and balanced accuracy agree; ``max_per_group`` caps both groups.
@@ -252,6 +255,23 @@ def probe_manifest(
     need = [c for c in ("image_id", "source", "path", "patient_id", "label") if c not in manifest.columns]
     if need:
         raise KeyError(f"manifest lacks column(s) {need} needed by the source probe")
+    labels = [label] if isinstance(label, str) else list(label)
+    unknown = sorted(set(labels) - set(CLASSES))
+    if unknown or not labels:
+        raise ProbeError(f"unknown class(es) {unknown or labels} for the source probe; use some of {CLASSES}")
+    if len(labels) > 1:
+        rng = np.random.default_rng(seed)
+        parts, named = [], None
+        for one in labels:
+            part, named_one = probe_manifest(manifest, one, sources, balance, max_per_group, ratios,
+                                             int(rng.integers(2**31)))
+            parts.append(part)
+            named = named or named_one
+            if list(named_one.values())[0] != list(named.values())[0]:
+                raise ProbeError(f"group 0 differs between classes ({list(named)} vs {list(named_one)}); "
+                                 "name its sources explicitly with sources=[...]")
+        table = pd.concat(parts, ignore_index=True).drop(columns="split")
+        return _split_probe(table, ratios, seed), named
     rows = manifest[manifest["label"] == label]
     counts = rows["source"].value_counts()
     if len(counts) < 2:
@@ -275,21 +295,26 @@ def probe_manifest(
         if size is not None and len(part) > size:
             part = part.iloc[np.sort(rng.choice(len(part), size, replace=False))]
         parts.append(part.assign(group=g, label=PROBE_CARRIERS[g]))
-    table = pd.concat(parts, ignore_index=True)
+    return _split_probe(pd.concat(parts, ignore_index=True), ratios, seed), {"+".join(first): first, "+".join(rest): rest}
+
+
+def _split_probe(table: pd.DataFrame, ratios: Sequence[float], seed: int) -> pd.DataFrame:
+    """A new patient-grouped split of a probe table; ProbeError when a split lacks a group."""
+    table = table.copy()
     table["split"] = split_by_patient(table, ratios=ratios, seed=seed).to_numpy()
     for split in ("train", "val", "test"):
         present = set(table.loc[table["split"] == split, "group"])
         if present != {0, 1}:
             raise ProbeError(f"the probe's {split} split holds group(s) {sorted(present)} only ({len(table)} images "
                              f"of {table['patient_id'].nunique()} patients); use more images (max_per_group)")
-    return table, {"+".join(first): first, "+".join(rest): rest}
+    return table
 
 
 def source_probe(
     manifest: pd.DataFrame | Path | str,
     data_dir: Path | str | None,
     out_dir: Path | str,
-    label: str = "normal",
+    label: str | Sequence[str] = "normal",
     sources: Sequence[str] | None = None,
     model: str = "densenet121",
     preset: str = "smoke",
@@ -302,12 +327,15 @@ def source_probe(
     n_boot: int = M.N_BOOTSTRAP,
     level: float = CI_LEVEL,
     progress: bool = True,
+    preprocess: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train ``model`` to tell the source groups of class ``label`` apart; report balanced accuracy.
 
     Builds :func:`probe_manifest` (``sources``, ``balance``, ``max_per_group``, ``seed``), caches
-    its images at ``image_size`` (default: the preset's) under ``out_dir/cache``, trains a
+    its images at ``image_size`` (default: the preset's; ``preprocess`` sets other
+    :class:`~nbhelpers.preprocess.PreprocessConfig` fields, e.g. ``{"lung_crop": True}`` to probe
+    a mitigation) under ``out_dir/cache``, trains a
     two-output ``model`` from preset ``preset`` (``epochs`` and ``overrides`` change single
     settings, as in :func:`nbhelpers.train.train_run`) with :func:`nbhelpers.train.fit` into
     ``out_dir/run``, and scores the best-validation checkpoint once on the probe's test split.
@@ -334,7 +362,8 @@ def source_probe(
     torch_device = pick_device(str(device), verbose=progress)
     seed_everything(cfg.seed)
     net = models.create(model, num_classes=2, in_chans=cfg.in_chans, pretrained=bool(extras.get("pretrained", False)))
-    cache = build_cache(table, source_dir, out_dir / PROBE_CACHE_DIR, PreprocessConfig(size=size), progress=progress)
+    pcfg = PreprocessConfig(**{"size": size, **(preprocess or {})})
+    cache = build_cache(table, source_dir, out_dir / PROBE_CACHE_DIR, pcfg, progress=progress)
     meta = {"model": model, "task": "source probe", "label": label, "groups": groups}
     fit(net, cache.split("train"), cache.split("val"), cfg, out_dir / PROBE_RUN_DIR, torch_device, meta=meta,
         progress=progress)
@@ -352,6 +381,7 @@ def source_probe(
         "counts": {s: {names[g]: int(((table["split"] == s) & (table["group"] == g)).sum()) for g in (0, 1)}
                    for s in ("train", "val", "test")},
         "model": model, "preset": preset, "seed": cfg.seed, "image_size": size, "config": asdict(cfg),
+        "preprocess": asdict(pcfg),
         "balance": balance, "max_per_group": max_per_group, "device": describe(torch_device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
@@ -377,7 +407,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     probe.add_argument("--manifest", type=Path, required=True, help="curated manifest.csv (python -m data_prep)")
     probe.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
     probe.add_argument("--out", type=Path, required=True, help="folder for probe.json, predictions, run and cache")
-    probe.add_argument("--label", default="normal", choices=CLASSES, help="the diagnosis class probed")
+    probe.add_argument("--label", nargs="+", default=["normal"], choices=CLASSES,
+                       help="the diagnosis class(es) probed; with several, groups are balanced within each")
     probe.add_argument("--sources", nargs="*", default=None, help="sources of group 0 (default: the largest)")
     probe.add_argument("--model", default="densenet121")
     probe.add_argument("--preset", default="smoke")
@@ -388,6 +419,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     probe.add_argument("--max-per-group", type=int, default=None)
     probe.add_argument("--n-boot", type=int, default=M.N_BOOTSTRAP)
     probe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides, e.g. epochs=3")
+    probe.add_argument("--preprocess", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="PreprocessConfig fields, e.g. lung_crop=true mask_markers=true hist_match=true")
     tables = sub.add_parser("tables", help="per-source and within-source tables of a finished run")
     tables.add_argument("--manifest", type=Path, required=True)
     tables.add_argument("--run", type=Path, required=True, help="a train_run folder holding test_predictions.csv")
@@ -406,10 +439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "probe":
-            result = source_probe(args.manifest, args.data_dir, args.out, label=args.label, sources=args.sources,
+            label = args.label[0] if len(args.label) == 1 else args.label
+            result = source_probe(args.manifest, args.data_dir, args.out, label=label, sources=args.sources,
                                   model=args.model, preset=args.preset, seed=args.seed, image_size=args.image_size,
                                   device=args.device, balance=not args.no_balance, max_per_group=args.max_per_group,
-                                  n_boot=args.n_boot, **_pairs(args.set, "--set"))
+                                  n_boot=args.n_boot, preprocess=_pairs(args.preprocess, "--preprocess"),
+                                  **_pairs(args.set, "--set"))
             print(json.dumps({"label": result["label"], "groups": result["groups"], **result["test"]}, indent=2))
             print(f"probe written to {args.out}")
             return 0

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from data_prep.sources import SOURCES
 from nbhelpers.images import load_gray
-from nbhelpers.preprocess import PreprocessConfig, fit_content, pad_square
+from nbhelpers.mitigate import Box, crop
+from nbhelpers.preprocess import PreprocessConfig, fit_content, pad_square, source_content
 
 #: The source whose annotations hold the masks, and where they lie inside its folder.
 MASK_SOURCE = "ieee8023"
@@ -178,16 +179,17 @@ def load_mask(path: Path | str, shape: tuple[int, int] | None = None) -> np.ndar
     return grey >= MASK_THRESHOLD
 
 
-def prepare_mask(mask: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def prepare_mask(mask: np.ndarray, cfg: PreprocessConfig, box: Box | None = None) -> np.ndarray:
     """Bring a source-resolution bool mask into ``cfg``'s training geometry, as a bool (size, size) array.
 
-    Uses :func:`nbhelpers.preprocess.fit_content` and :func:`~nbhelpers.preprocess.pad_square`
+    ``box`` is the lung crop the image got (:func:`nbhelpers.preprocess.source_content`), cut
+    from the mask first.  Uses :func:`nbhelpers.preprocess.fit_content` and :func:`~nbhelpers.preprocess.pad_square`
     (the functions :func:`~nbhelpers.preprocess.prepare` applies to the image) on the 0/255 mask,
     then thresholds again; letterbox padding is never lung.  Raises ValueError for a non-2-D mask.
     """
     if mask.ndim != 2:
         raise ValueError(f"prepare_mask() expects a 2-D mask, got shape {mask.shape}")
-    grey = np.where(mask, 255, 0).astype(np.uint8)
+    grey = crop(np.where(mask, 255, 0).astype(np.uint8), box)
     content = np.ascontiguousarray(fit_content(grey, cfg.size, cfg.resize))
     return pad_square(content, cfg.size, value=0) >= MASK_THRESHOLD
 
@@ -229,8 +231,8 @@ def lung_masks(
     """Load the lung mask of each asked-for image in ``cfg``'s training geometry.
 
     ``image_ids`` (default: every manifest row) are looked up in ``manifest``; each mask is read
-    at the size of its source image (decoded with :func:`~nbhelpers.images.load_gray` to learn it)
-    and passed through :func:`prepare_mask`.  With ``boxes`` an ieee8023 image without a mask uses
+    at the size of its source image (decoded with :func:`~nbhelpers.images.load_gray` to learn it,
+    and to find the lung crop when ``cfg.lung_crop`` is on) and passed through :func:`prepare_mask`.  With ``boxes`` an ieee8023 image without a mask uses
     its lung bounding boxes (:func:`box_mask`).  Returns :class:`LungMasks`; ids with neither are
     listed in ``missing``.  Raises KeyError for an id not in the manifest and
     :class:`LungMaskError` for a missing mask folder or unreadable mask.
@@ -252,12 +254,13 @@ def lung_masks(
         if path is None and drawn is None:
             out.missing.append(image_id)
             continue
-        shape = load_gray(data_dir / rel[image_id]).shape
-        mask = load_mask(path, shape) if path is not None else box_mask(drawn[1], drawn[0], shape)
+        img = load_gray(data_dir / rel[image_id])
+        mask = load_mask(path, img.shape) if path is not None else box_mask(drawn[1], drawn[0], img.shape)
         if mask is None:  # boxes drawn on another version of the image
             out.missing.append(image_id)
             continue
-        masks.append(prepare_mask(mask, cfg))
+        crop_box = source_content(img, cfg)[1] if cfg.lung_crop else None
+        masks.append(prepare_mask(mask, cfg, crop_box))
         out.image_ids.append(image_id)
         out.kinds.append("mask" if path is not None else "boxes")
     out.masks = np.stack(masks) if masks else np.zeros((0, cfg.size, cfg.size), dtype=bool)

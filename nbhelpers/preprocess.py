@@ -17,6 +17,12 @@ then resizes it, and only then pads a letterbox.  Measured on 100 real mirror im
 
 ``clahe_stage="after_resize"`` remains for the comparison.
 
+**Shortcut mitigations** (off by default; :mod:`nbhelpers.mitigate`): ``mask_markers`` fills
+burnt-in text and arrows, ``lung_crop`` cuts the image to a box around the lungs, and
+``hist_match`` maps grey levels onto the source-balanced mean histogram of the training split.
+They run at source resolution, in that order, before CLAHE.  The cache records the images for
+which no lung box was found (kept uncropped) and the reference histogram in ``meta.json``.
+
 The cache (:func:`build_cache`) stores each split as one uint8 ``.npy`` array (N, size, size),
 memory-mapped on reading, in a folder named by :func:`cache_key` — a hash of the manifest rows
 and of every :class:`PreprocessConfig` field — so a changed parameter or manifest builds a new
@@ -43,6 +49,7 @@ from tqdm.auto import tqdm
 
 from data_prep.schema import CLASSES, SPLITS, label_index
 from nbhelpers.images import ImageReadError, load_gray
+from nbhelpers.mitigate import Box, crop, histogram, lung_box, mask_markers, match_histogram, reference_histogram
 
 #: Bump when the pixels produced for the same parameters change, so old caches are not reused.
 PIPELINE_VERSION = 1
@@ -59,6 +66,9 @@ MANIFEST_KEY_COLUMNS = ("image_id", "path", "label", "split")
 #: Length of the hex keys used as cache folder names.
 KEY_LENGTH = 16
 META_FILE = "meta.json"
+
+#: The shortcut-mitigation switches of PreprocessConfig, in the order they are applied.
+MITIGATIONS = ("mask_markers", "lung_crop", "hist_match")
 
 ResizeMode = Literal["letterbox", "stretch", "crop"]
 ClaheStage = Literal["before_resize", "after_resize"]
@@ -77,7 +87,9 @@ class PreprocessConfig:
     per side.  ``resize``: ``letterbox`` (keep aspect, pad black), ``stretch`` (squash to a
     square) or ``crop`` (fill the square, cut the long side centrally).  ``clahe_stage``:
     enhance at source resolution (``before_resize``, the default; see the module docstring)
-    or after resizing.  Raises ValueError naming the field on an invalid value.
+    or after resizing.  ``mask_markers`` / ``lung_crop`` / ``hist_match``: the shortcut
+    mitigations of :mod:`nbhelpers.mitigate` (see the module docstring).  Raises ValueError
+    naming the field on an invalid value.
     """
 
     size: int = DEFAULT_SIZE
@@ -86,6 +98,9 @@ class PreprocessConfig:
     tile_grid: int = DEFAULT_TILE_GRID
     resize: ResizeMode = "letterbox"
     clahe_stage: ClaheStage = "before_resize"
+    mask_markers: bool = False
+    lung_crop: bool = False
+    hist_match: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 8:
@@ -98,17 +113,20 @@ class PreprocessConfig:
             raise ValueError(f"PreprocessConfig.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.clahe_stage not in CLAHE_STAGES:
             raise ValueError(f"PreprocessConfig.clahe_stage must be one of {CLAHE_STAGES}, got {self.clahe_stage!r}")
+        for name in MITIGATIONS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PreprocessConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | Any, **overrides: Any) -> "PreprocessConfig":
         """Build a config from profile settings (a dict or :class:`nbhelpers.config.Settings`).
 
         Reads ``image_size``, ``clahe``, ``clip_limit``, ``tile_grid`` and, when present,
-        ``resize`` and ``clahe_stage``; ``overrides`` (config field names) win.
+        ``resize``, ``clahe_stage`` and the mitigation switches; ``overrides`` (config field names) win.
         """
         values = settings.as_dict() if hasattr(settings, "as_dict") else dict(settings)
         names = {"image_size": "size", "clahe": "clahe", "clip_limit": "clip_limit", "tile_grid": "tile_grid",
-                 "resize": "resize", "clahe_stage": "clahe_stage"}
+                 "resize": "resize", "clahe_stage": "clahe_stage", **{m: m for m in MITIGATIONS}}
         kwargs = {field: values[key] for key, field in names.items() if values.get(key) is not None}
         kwargs.update(overrides)
         if "clip_limit" in kwargs:
@@ -118,6 +136,9 @@ class PreprocessConfig:
     def key(self) -> str:
         """A stable hex hash of every field (and :data:`PIPELINE_VERSION`), independent of field order."""
         payload = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in MITIGATIONS:  # added later: left out while off, so earlier caches keep their keys
+            if not payload[name]:
+                del payload[name]
         payload["clip_limit"] = float(self.clip_limit)  # 2 and 2.0 are the same setting
         payload["pipeline_version"] = PIPELINE_VERSION
         return _hash_text(json.dumps(payload, sort_keys=True))
@@ -196,13 +217,36 @@ def resize(img: np.ndarray, size: int, mode: ResizeMode = "letterbox") -> np.nda
     return pad_square(fit_content(img, size, mode), size)
 
 
-def prepare(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def source_content(img: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, Box | None]:
+    """The part of a loaded grey image that ``cfg`` keeps, at source resolution: markers filled
+    (``mask_markers``) and cut to the lung box (``lung_crop``).  Returns it with the box (None
+    when ``lung_crop`` is off or no box was found), so masks can be cut the same way."""
+    if cfg.mask_markers:
+        img = mask_markers(img)
+    box = lung_box(img) if cfg.lung_crop else None
+    return crop(img, box), box
+
+
+def prepare(img: np.ndarray, cfg: PreprocessConfig, reference: np.ndarray | None = None) -> np.ndarray:
     """Turn a loaded grey image into the uint8 (size, size) training image described by ``cfg``.
 
-    Order: CLAHE (if on, at source resolution unless ``cfg.clahe_stage == "after_resize"``),
-    then resize, then letterbox padding — so padding never enters a CLAHE histogram.
+    Order: the mitigations that are on (:func:`source_content`, then histogram matching to
+    ``reference``), CLAHE (if on, at source resolution unless ``cfg.clahe_stage ==
+    "after_resize"``), resize, and letterbox padding — so padding never enters a CLAHE
+    histogram.  Raises ValueError when ``cfg.hist_match`` is on and no ``reference`` is given.
     """
     _check_gray(img, "prepare()")
+    return finish(source_content(img, cfg)[0], cfg, reference)
+
+
+def finish(img: np.ndarray, cfg: PreprocessConfig, reference: np.ndarray | None = None) -> np.ndarray:
+    """The steps of :func:`prepare` after :func:`source_content`: histogram matching, CLAHE,
+    resize and padding."""
+    if cfg.hist_match:
+        if reference is None:
+            raise ValueError("PreprocessConfig.hist_match needs the reference histogram: build_cache() computes it "
+                             "from the training split (or pass reference=training_reference(...))")
+        img = match_histogram(img, reference)
     if cfg.clahe_stage == "before_resize":
         img = enhance(img, cfg)
     content = fit_content(img, cfg.size, cfg.resize)
@@ -211,9 +255,23 @@ def prepare(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return pad_square(content, cfg.size)
 
 
-def load_prepared(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
+def load_prepared(path: Path | str, cfg: PreprocessConfig, reference: np.ndarray | None = None) -> np.ndarray:
     """:func:`load_gray` then :func:`prepare`: one source file to one training image."""
-    return prepare(load_gray(path), cfg)
+    return prepare(load_gray(path), cfg, reference)
+
+
+def training_reference(manifest: pd.DataFrame, data_dir: Path | str, cfg: PreprocessConfig,
+                       progress: bool = True) -> np.ndarray:
+    """The histogram-matching reference: the mean grey-level histogram of the training split's
+    images (after ``cfg``'s marker filling and lung crop), each source weighted equally (all rows
+    alike when the manifest has no ``source`` column).  Raises ValueError when the manifest
+    has no training rows."""
+    rows = manifest[manifest["split"] == "train"]
+    if rows.empty:
+        raise ValueError("histogram matching needs training images to build its reference; the manifest has none")
+    hists = [histogram(source_content(load_gray(Path(data_dir) / rel), cfg)[0])
+             for rel in tqdm(rows["path"], desc="reference histogram", unit="img", disable=not progress)]
+    return reference_histogram(hists, rows["source"].tolist() if "source" in rows.columns else None)
 
 
 def clahe_order_difference(img: np.ndarray, cfg: PreprocessConfig) -> dict[str, float]:
@@ -343,11 +401,13 @@ def build_cache(
         shutil.rmtree(tmp)
     tmp.mkdir()
     splits = [s for s in SPLITS if (manifest["split"] == s).any()]
+    reference = training_reference(manifest, data_dir, cfg, progress) if cfg.hist_match else None
     bar = tqdm(total=len(manifest), desc=f"preprocessing {cfg.size}px", unit="img", disable=not progress)
+    no_box: list[str] = []
     try:
         for split in splits:
             rows = manifest[manifest["split"] == split]
-            _write_split(rows, split, data_dir, tmp, cfg, bar, workers)
+            no_box += _write_split(rows, split, data_dir, tmp, cfg, bar, workers, reference)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # an incomplete cache must not be left to be mistaken
         raise
@@ -363,6 +423,12 @@ def build_cache(
         "data_dir": str(data_dir),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if cfg.lung_crop:
+        meta["lung_box_missing"] = no_box
+        print(f"lung crop: no lung box found for {len(no_box)} of {len(manifest)} images; they are kept uncropped "
+              f"(listed under lung_box_missing in {final / META_FILE})")
+    if reference is not None:
+        meta["reference_histogram"] = [round(float(v), 8) for v in reference]
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     try:
         tmp.rename(final)
@@ -375,18 +441,27 @@ def build_cache(
 
 
 def _write_split(
-    rows: pd.DataFrame, split: str, data_dir: Path, out: Path, cfg: PreprocessConfig, bar: tqdm, workers: int
-) -> None:
+    rows: pd.DataFrame, split: str, data_dir: Path, out: Path, cfg: PreprocessConfig, bar: tqdm, workers: int,
+    reference: np.ndarray | None = None,
+) -> list[str]:
+    """Write one split's arrays; return the ids of images for which ``lung_crop`` found no box."""
     labels = np.array([label_index(label) for label in rows["label"]], dtype=np.int64)
     images = np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
                                        shape=(len(rows), cfg.size, cfg.size))
 
+    no_box: list[str] = []
+
     def one(job: tuple[str, str]) -> np.ndarray:
         image_id, rel = job
         try:
-            return load_prepared(data_dir / rel, cfg)
+            img = load_gray(data_dir / rel)
         except ImageReadError as err:
             raise ImageReadError(f"{err} (manifest image_id {image_id!r}, split {split!r})") from err
+        _check_gray(img, "build_cache()")
+        content, box = source_content(img, cfg)
+        if cfg.lung_crop and box is None:
+            no_box.append(str(image_id))
+        return finish(content, cfg, reference)
 
     jobs = list(zip(rows["image_id"], rows["path"]))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -398,3 +473,5 @@ def _write_split(
     del images
     np.save(out / f"{split}_labels.npy", labels)
     (out / f"{split}_ids.json").write_text(json.dumps([str(i) for i in rows["image_id"]]), encoding="utf-8")
+    order = {str(i): k for k, i in enumerate(rows["image_id"])}
+    return sorted(no_box, key=order.get)

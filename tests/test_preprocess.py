@@ -112,15 +112,22 @@ def test_config_key_is_stable_and_covers_every_field() -> None:
     assert base.key() == PreprocessConfig().key() == PreprocessConfig(clip_limit=2).key()
     changed = {
         "size": 64, "clahe": False, "clip_limit": 3.0, "tile_grid": 4, "resize": "stretch",
-        "clahe_stage": "after_resize",
+        "clahe_stage": "after_resize", "mask_markers": True, "lung_crop": True, "hist_match": True,
     }
     assert set(changed) == {f.name for f in dataclasses.fields(PreprocessConfig)}
     keys = {dataclasses.replace(base, **{name: value}).key() for name, value in changed.items()}
     assert len(keys) == len(changed) and base.key() not in keys
 
 
+def test_key_without_mitigations_is_the_key_from_before_they_existed() -> None:
+    cfg = PreprocessConfig(size=64)
+    payload = {"size": 64, "clahe": True, "clip_limit": 2.0, "tile_grid": 8, "resize": "letterbox",
+               "clahe_stage": "before_resize", "pipeline_version": pp.PIPELINE_VERSION}
+    assert cfg.key() == pp._hash_text(json.dumps(payload, sort_keys=True))
+
+
 @pytest.mark.parametrize("bad", [{"size": 0}, {"clip_limit": 0}, {"tile_grid": 0}, {"resize": "pad"},
-                                 {"clahe_stage": "never"}])
+                                 {"clahe_stage": "never"}, {"lung_crop": "yes"}])
 def test_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         PreprocessConfig(**bad)
@@ -200,7 +207,7 @@ def test_cache_reused_when_unchanged(real_manifest, data_dir, tmp_path, count_lo
 
 
 PARAMETER_CHANGES = {"size": 24, "clahe": False, "clip_limit": 4.0, "tile_grid": 4, "resize": "stretch",
-                     "clahe_stage": "after_resize"}
+                     "clahe_stage": "after_resize", "mask_markers": True, "lung_crop": True, "hist_match": True}
 
 
 def test_parameter_changes_cover_every_field() -> None:
@@ -214,7 +221,9 @@ def test_cache_rebuilt_when_a_parameter_changes(real_manifest, data_dir, tmp_pat
                          dataclasses.replace(SMALL, **{change: PARAMETER_CHANGES[change]}),
                          progress=False)
     assert not second.reused and second.path != first.path
-    assert len(count_loads) == 2 * len(real_manifest)
+    # histogram matching reads the training images once more, for its reference
+    extra = int((real_manifest["split"] == "train").sum()) if change == "hist_match" else 0
+    assert len(count_loads) == 2 * len(real_manifest) + extra
     assert second.cfg == dataclasses.replace(SMALL, **{change: PARAMETER_CHANGES[change]})
     assert not np.array_equal(np.asarray(first.split("train").images), np.asarray(second.split("train").images))
 

@@ -211,14 +211,14 @@ def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manife
                                               "low", "high"]]
 
 
-def write_tables(folder: Path, header: str, **tables: pd.DataFrame) -> list[Path]:
-    """Write each table as ``ablation_<name>.csv`` and ``.md`` (with ``header`` on top) in ``folder``."""
+def write_tables(folder: Path, header: str, prefix: str = "ablation", **tables: pd.DataFrame) -> list[Path]:
+    """Write each table as ``<prefix>_<name>.csv`` and ``.md`` (with ``header`` on top) in ``folder``."""
     from nbhelpers.complexity import markdown_table
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, table in tables.items():
-        csv, md = folder / f"ablation_{name}.csv", folder / f"ablation_{name}.md"
+        csv, md = folder / f"{prefix}_{name}.csv", folder / f"{prefix}_{name}.md"
         table.to_csv(csv, index=False)
         md.write_text(f"{header}\n\n{markdown_table(table, digits=4)}\n")
         written += [csv, md]
@@ -233,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="folder of the upstream sources (default: $CXR_DATA_DIR)")
     parser.add_argument("--out", type=Path, default=Path("results/runs/ablation"), help="where the runs go")
     parser.add_argument("--tables", type=Path, help="also write the summary tables to this folder")
-    parser.add_argument("--figures", type=Path, help="also draw the summary as ablation_summary.png in this folder")
+    parser.add_argument("--figures", type=Path, help="also draw the summary as PREFIX_summary.png in this folder")
+    parser.add_argument("--prefix", default="ablation", help="file name prefix of the tables and the figure")
     parser.add_argument("--preset", default="seed001", help="training protocol from nbhelpers/presets.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--groups", nargs="+", help="only these groups of ablations.toml")
@@ -260,14 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         header = (f"Made by `python -m nbhelpers.ablation {shlex.join(argv if argv is not None else sys.argv[1:])}` "
                   f"on {datetime.now(timezone.utc):%Y-%m-%d}; preset {args.preset}, seeds {args.seeds}, "
                   f"device {first['device']}, data {first['data']['counts']} (manifest {first['data']['manifest_hash']}).")
-        for path in write_tables(args.tables, header, runs=runs, summary=summary, tests=tests, per_source=sources):
+        for path in write_tables(args.tables, header, args.prefix, runs=runs, summary=summary, tests=tests, per_source=sources):
             print(f"wrote {path}")
     if args.figures:
         from nbhelpers.plots import ablation_bars
 
         args.figures.mkdir(parents=True, exist_ok=True)
-        ablation_bars(summary).savefig(args.figures / "ablation_summary.png", dpi=120, bbox_inches="tight")
-        print(f"wrote {args.figures / 'ablation_summary.png'}")
+        figure = args.figures / f"{args.prefix}_summary.png"
+        ablation_bars(summary).savefig(figure, dpi=120, bbox_inches="tight")
+        print(f"wrote {figure}")
     return 0
 
 

@@ -377,7 +377,8 @@ def source_probe(
                   "group": y, "pred": pred, "p_group1": probs[:, 1]}).to_csv(out_dir / PROBE_PREDICTIONS, index=False)
     names = list(groups)
     result = {
-        "label": label, "groups": {str(i): {"name": n, "sources": groups[n]} for i, n in enumerate(names)},
+        "label": label if isinstance(label, str) else "+".join(label),
+        "groups": {str(i): {"name": n, "sources": groups[n]} for i, n in enumerate(names)},
         "counts": {s: {names[g]: int(((table["split"] == s) & (table["group"] == g)).sum()) for g in (0, 1)}
                    for s in ("train", "val", "test")},
         "model": model, "preset": preset, "seed": cfg.seed, "image_size": size, "config": asdict(cfg),
@@ -393,6 +394,36 @@ def source_probe(
     result = _jsonable(result)
     (out_dir / PROBE_JSON).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def probe_pool(table: pd.DataFrame, result) -> pd.DataFrame:
+    """Every image that passed curation's filters and de-duplication, balanced or not: the rows of
+    ``table`` (from :func:`data_prep.sources.load_table`) kept in ``result.manifest`` (a
+    :class:`data_prep.CurationResult`) or dropped only by balancing.  The probe needs them all:
+    the non-NIH normals are few."""
+    dropped = result.dropped
+    keep = set(result.manifest["image_id"]) | set(dropped.loc[dropped["reason"] == "balance", "image_id"])
+    return table[table["image_id"].isin(keep)].reset_index(drop=True)
+
+
+def probe_pool_from_sources(data_dir: Path | str, per_class: int, views: Sequence[str] | None = None,
+                            allow_ap: bool = False, min_age: float | None = 18, seed: int = 0,
+                            split: Sequence[float] = DEFAULT_RATIOS) -> pd.DataFrame:
+    """The probe's pool straight from the sources: every image that passes curation's filters and
+    de-duplication (:func:`probe_pool`), taking *every* class from the sources that mix classes
+    (:data:`COVID_MIXED_SOURCES`; the paper takes only COVID-19 from ieee8023), so that each
+    non-COVID class has images from more than one archive.  The other arguments are curation's
+    (:class:`data_prep.CurationParams`)."""
+    from data_prep.curate import PAPER_SOURCE_CLASSES, CurationParams, curate
+    from data_prep.sources import load_table
+
+    table, report = load_table(Path(data_dir))
+    classes = {**PAPER_SOURCE_CLASSES, **{source: CLASSES for source in COVID_MIXED_SOURCES}}
+    kwargs = {"views": list(views)} if views else {}
+    params = CurationParams(per_class=per_class, balance="down", allow_ap=allow_ap, min_age=min_age, seed=seed,
+                            split=tuple(split), source_classes=classes, **kwargs)
+    return probe_pool(table, curate(table, params, data_dir=Path(data_dir), report=report))
+
 
 
 # --------------------------------------------------------------------------- command line
@@ -463,12 +494,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def probe_pool(table: pd.DataFrame, result) -> pd.DataFrame:
-    """Every image that passed curation's filters and de-duplication, balanced or not: the rows of
-    ``table`` (from :func:`data_prep.sources.load_table`) kept in ``result.manifest`` (a
-    :class:`data_prep.CurationResult`) or dropped only by balancing.  The probe needs them all:
-    the non-NIH normals are few."""
-    dropped = result.dropped
-    keep = set(result.manifest["image_id"]) | set(dropped.loc[dropped["reason"] == "balance", "image_id"])
-    return table[table["image_id"].isin(keep)].reset_index(drop=True)

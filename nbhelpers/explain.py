@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables")
     parser.add_argument("--figures", type=Path, help="also draw each group's CAMs on the same test images here")
     parser.add_argument("--figure-images", type=int, default=6, help="test images per figure")
+    parser.add_argument("--prefix", default="cam", help="file names: PREFIX_lung_energy, PREFIX_randomisation, PREFIX_<group>.png")
     args = parser.parse_args(argv)
     data, manifest = resolve_data_dir(args.data_dir), pd.read_csv(args.manifest)
     energy, randomised, masks, n_sample = [], [], None, 0
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(masks.image_ids)} held-out ieee8023 COVID-19 images with lung masks ({masks.kinds.count('boxes')} "
               f"with lung boxes only); randomisation check on {n_sample} held-out images.")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("cam_lung_energy", summary), ("cam_randomisation", randomised)):
+    for name, table in ((f"{args.prefix}_lung_energy", summary), (f"{args.prefix}_randomisation", randomised)):
         table.to_csv(args.out / f"{name}.csv", index=False)
         (args.out / f"{name}.md").write_text(f"{header}\n\n{markdown_table(table, digits=3)}\n")
         print(table.round(3).to_string(index=False))
@@ -130,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         images, titles = figure_images[group]
         args.figures.mkdir(parents=True, exist_ok=True)
-        cam_comparison(list(images), cams, titles).savefig(args.figures / f"cam_{group}.png", dpi=110, bbox_inches="tight")
-        print(f"wrote {args.figures / f'cam_{group}.png'}")
+        figure = args.figures / f"{args.prefix}_{group}.png"
+        cam_comparison(list(images), cams, titles).savefig(figure, dpi=110, bbox_inches="tight")
+        print(f"wrote {figure}")
     return 0
 
 

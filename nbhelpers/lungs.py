@@ -190,7 +190,7 @@ def prepare_mask(mask: np.ndarray, cfg: PreprocessConfig, box: Box | None = None
     if mask.ndim != 2:
         raise ValueError(f"prepare_mask() expects a 2-D mask, got shape {mask.shape}")
     grey = crop(np.where(mask, 255, 0).astype(np.uint8), box)
-    content = np.ascontiguousarray(fit_content(grey, cfg.size, cfg.resize))
+    content = np.ascontiguousarray(fit_content(grey, cfg.size, cfg.fit))
     return pad_square(content, cfg.size, value=0) >= MASK_THRESHOLD
 
 

@@ -20,6 +20,7 @@ then resizes it, and only then pads a letterbox.  Measured on 100 real mirror im
 **Shortcut mitigations** (off by default; :mod:`nbhelpers.mitigate`): ``mask_markers`` fills
 burnt-in text and arrows, ``lung_crop`` cuts the image to a box around the lungs, and
 ``hist_match`` maps grey levels onto the source-balanced mean histogram of the training split.
+A lung crop is stretched to fill the square: black letterbox bars would tell its shape.
 They run at source resolution, in that order, before CLAHE.  The cache records the images for
 which no lung box was found (kept uncropped) and the reference histogram in ``meta.json``.
 
@@ -88,7 +89,8 @@ class PreprocessConfig:
     square) or ``crop`` (fill the square, cut the long side centrally).  ``clahe_stage``:
     enhance at source resolution (``before_resize``, the default; see the module docstring)
     or after resizing.  ``mask_markers`` / ``lung_crop`` / ``hist_match``: the shortcut
-    mitigations of :mod:`nbhelpers.mitigate` (see the module docstring).  Raises ValueError
+    mitigations of :mod:`nbhelpers.mitigate` (see the module docstring); with ``lung_crop`` the
+    crop is stretched to the square whatever ``resize`` says (:attr:`fit`).  Raises ValueError
     naming the field on an invalid value.
     """
 
@@ -132,6 +134,12 @@ class PreprocessConfig:
         if "clip_limit" in kwargs:
             kwargs["clip_limit"] = float(kwargs["clip_limit"])
         return cls(**kwargs)
+
+    @property
+    def fit(self) -> ResizeMode:
+        """How the content fills the square: ``resize``, except that a lung crop is stretched to
+        fill it, since letterbox bars would carry the crop box's shape (the archive's framing)."""
+        return "stretch" if self.lung_crop else self.resize
 
     def key(self) -> str:
         """A stable hex hash of every field (and :data:`PIPELINE_VERSION`), independent of field order."""
@@ -249,7 +257,7 @@ def finish(img: np.ndarray, cfg: PreprocessConfig, reference: np.ndarray | None 
         img = match_histogram(img, reference)
     if cfg.clahe_stage == "before_resize":
         img = enhance(img, cfg)
-    content = fit_content(img, cfg.size, cfg.resize)
+    content = fit_content(img, cfg.size, cfg.fit)
     if cfg.clahe_stage == "after_resize":
         content = enhance(np.ascontiguousarray(content), cfg)
     return pad_square(content, cfg.size)

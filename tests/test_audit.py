@@ -169,6 +169,19 @@ def test_probe_manifest_named_sources_cap_and_errors(real_manifest):
         probe_manifest(real_manifest, label="normal", max_per_group=2)
 
 
+def test_probe_over_several_classes_balances_the_groups_within_each(real_manifest):
+    table, groups = probe_manifest(real_manifest, label=["normal", "pneumonia"], seed=0)
+    assert list(groups) == ["nih", "actualmed+figure1+ieee8023"]
+    counts = pd.crosstab(table["image_id"].map(real_manifest.set_index("image_id")["label"]), table["group"])
+    assert set(counts.index) == {"normal", "pneumonia"}
+    assert (counts[0] == counts[1]).all()  # the diagnosis cannot stand in for the source
+    check_no_leak(table)
+    again, _ = probe_manifest(real_manifest, label=["normal", "pneumonia"], seed=0)
+    pd.testing.assert_frame_equal(table, again)
+    with pytest.raises(ProbeError, match="unknown class"):
+        probe_manifest(real_manifest, label=["normal", "flu"])
+
+
 def test_source_probe_trains_and_reports_balanced_accuracy(real_manifest, data_dir, tmp_path):
     result = source_probe(real_manifest, data_dir, tmp_path, label="normal", model=TINY, preset="smoke",
                           image_size=32, epochs=1, max_per_group=16, n_boot=200, progress=False)

@@ -179,3 +179,13 @@ def test_lung_box_cli_writes_a_report(data_dir: Path, tmp_path: Path, capsys) ->
     assert "found:" in text and "iou_median" in text and "nih" in text
     assert mitigate.main(["lung-box", "--data-dir", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_lung_crop_fills_the_square_without_letterbox_bars(data_dir: Path) -> None:
+    wide = load_gray(sorted((data_dir / "Actualmed-COVID-chestxray-dataset/images").glob("*.png"))[0])
+    assert wide.shape[1] > 1.2 * wide.shape[0]  # a landscape film: letterboxed, it gets bars
+    boxed = prepare(wide, PreprocessConfig(size=64, clahe=False))
+    cropped = prepare(wide, PreprocessConfig(size=64, clahe=False, lung_crop=True))
+    assert (boxed[:4] == 0).all()  # black bars above ...
+    assert (cropped[:4] > 0).any() and (cropped[-4:] > 0).any()  # ... not after the crop
+    assert PreprocessConfig(lung_crop=True).fit == "stretch" and PreprocessConfig().fit == "letterbox"

@@ -149,5 +149,13 @@ def test_08_shortcut_audit(workbook):
     per_source = _table(workbook, "08_per_source")
     assert {"nih", "ieee8023"} <= set(per_source["source"]) and per_source["accuracy"].between(0, 1).all()
     probe = _table(workbook, "08_source_probe").iloc[0]
-    assert probe["label"] == "normal" and 0 <= probe["balanced_accuracy"] <= 1 and probe["chance"] == 0.5
+    assert probe["label"] == "normal+pneumonia" and 0 <= probe["balanced_accuracy"] <= 1 and probe["chance"] == 0.5
     assert probe["low"] <= probe["balanced_accuracy"] <= probe["high"]
+    by_variant = _table(workbook, "08_probe_by_mitigation").set_index("variant")
+    assert list(by_variant.index) == ["none", "all"]
+    assert by_variant.loc["none", "balanced_accuracy"] == probe["balanced_accuracy"]
+    assert by_variant["balanced_accuracy"].between(0, 1).all()
+    markers = _table(workbook, "08_marker_attention")
+    assert len(markers) >= 1 and (markers["marker_area"] > 0).all() and markers["marker_energy"].between(0, 1).all()
+    for figure in ("08_marker_cams", "08_mitigations"):
+        assert (workbook.run_dir / "figures" / f"{figure}.png").stat().st_size > 10_000

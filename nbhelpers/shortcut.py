@@ -1,0 +1,272 @@
+"""Do the shortcut mitigations work?  The ``shortcut`` ablation group, measured three ways.
+
+For each row of a group of ``ablations.toml`` (by default ``shortcut``: no mitigation, marker
+filling, lung crop, histogram matching, all three), trained for several seeds by
+:mod:`nbhelpers.ablation`, this module puts side by side:
+
+* the diagnosis accuracy over all test images (mean over seeds, t-interval);
+* the **within-source** accuracy: test images of sources that mix classes
+  (:data:`nbhelpers.audit.COVID_MIXED_SOURCES`), pooled over seeds, with a Wilson interval —
+  where the archive gives no hint, so a mitigation should not lower it;
+* the **source probe** (:func:`nbhelpers.audit.source_probe`) trained *with the row's
+  preprocessing*, one per seed, on a pool of images (curated, not balanced) — a mitigation that
+  removes the archive's cues brings its balanced accuracy towards chance (0.5);
+* CAM lung energy, when a table from ``python -m nbhelpers.explain --groups shortcut`` is given.
+
+``python -m nbhelpers.shortcut --grid-root R --manifest M --pool-manifest P --out T`` trains the
+missing probes (finished ones, with their ``probe.json``, are reused) and writes
+``shortcut_probe``, ``shortcut_within_source`` and ``shortcut_mitigations`` tables (csv + md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from nbhelpers import ablation, audit
+from nbhelpers import metrics as M
+
+GROUP = "shortcut"
+#: The probe's classes by default: every non-COVID image, NIH against the other archives.
+PROBE_LABELS = ("normal", "pneumonia")
+PROBE_ROOT = "probes"
+
+
+def probe_dir(grid_root: Path, row: ablation.Row, seed: int) -> Path:
+    """Where the source probe of ``row`` with ``seed`` lives (beside the grid's runs)."""
+    return Path(grid_root) / PROBE_ROOT / row.group / row.name / f"seed{seed}"
+
+
+def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame | Path | str,
+               data_dir: Path | str | None, seeds: Sequence[int], labels: Sequence[str] = PROBE_LABELS,
+               model: str = "densenet121", preset: str = "smoke", device: str = "cpu",
+               **overrides: Any) -> pd.DataFrame:
+    """Train the source probe of every row and seed with the row's preprocessing (skipping those
+    already written) and return one line per probe: group, name, seed, n, balanced_accuracy
+    with its interval (low, high), accuracy, auc."""
+    todo = [(row, s) for row in rows for s in seeds if not (probe_dir(grid_root, row, s) / audit.PROBE_JSON).is_file()]
+    print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} probes already finished; {len(todo)} to train")
+    for row, seed in tqdm(todo, desc="source probes"):
+        audit.source_probe(pool, data_dir, probe_dir(grid_root, row, seed), label=list(labels), model=model,
+                           preset=preset, seed=seed, device=device, progress=False, preprocess=dict(row.preprocess),
+                           **overrides)
+    return collect_probes(rows, grid_root, seeds)
+
+
+def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int]) -> pd.DataFrame:
+    """The finished probes' test results, one line per (row, seed); FileNotFoundError names a missing one."""
+    lines = []
+    for row in rows:
+        for seed in seeds:
+            path = probe_dir(grid_root, row, seed) / audit.PROBE_JSON
+            if not path.is_file():
+                raise FileNotFoundError(f"no source probe at {path}; run python -m nbhelpers.shortcut to train it")
+            test = json.loads(path.read_text())["test"]
+            lines.append({"group": row.group, "name": row.name, "seed": seed,
+                          **{k: test[k] for k in ("n", "balanced_accuracy", "low", "high", "accuracy", "auc")}})
+    return pd.DataFrame(lines)
+
+
+def pooled_probe(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int], n_boot: int = M.N_BOOTSTRAP,
+                 level: float = audit.CI_LEVEL) -> pd.DataFrame:
+    """Per row: the probes' test predictions of all seeds pooled (each seed splits anew), their
+    balanced accuracy with a bootstrap interval, and the mean over seeds."""
+    out = []
+    for row in rows:
+        parts = [pd.read_csv(probe_dir(grid_root, row, s) / audit.PROBE_PREDICTIONS) for s in seeds]
+        per_seed = [audit.balanced_accuracy(p["group"].to_numpy(), p["pred"].to_numpy()) for p in parts]
+        preds = pd.concat(parts)
+        ci = audit._scores_with_ci(preds["group"].to_numpy(), preds["pred"].to_numpy(), n_boot, 0, level)
+        out.append({"name": row.name, "probe_images": len(preds), "probe_ba_mean": float(np.mean(per_seed)),
+                    "probe_ba_pooled": ci.loc["balanced_accuracy", "value"],
+                    "probe_ba_low": ci.loc["balanced_accuracy", "low"], "probe_ba_high": ci.loc["balanced_accuracy", "high"]})
+    return pd.DataFrame(out)
+
+
+def within_source(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
+                  manifest: pd.DataFrame | Path | str, sources: Sequence[str] = audit.COVID_MIXED_SOURCES) -> pd.DataFrame:
+    """Per row and mixed source: the diagnosis accuracy on that source's test images, pooled over
+    seeds (the same images once per seed), with a Wilson interval, plus an ``all`` line per row
+    pooling the sources."""
+    table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
+    out = []
+    for row in rows:
+        joined = pd.concat([audit.join_predictions(table, ablation.run_dir(grid_root, row, s) / "test_predictions.csv")
+                            for s in seeds])
+        joined = joined[joined["source"].isin(list(sources))]
+        mixed = [s for s, part in joined.groupby("source", sort=True) if part["y"].nunique() > 1]
+        joined = joined[joined["source"].isin(mixed)]
+        for source, part in [*joined.groupby("source", sort=True), (audit.ALL_CLASSES, joined)]:
+            hits = part["y"].to_numpy() == part["pred"].to_numpy()
+            low, high = audit.wilson_interval(int(hits.sum()), len(hits))
+            out.append({"name": row.name, "source": source, "seeds": len(seeds), "n": len(hits),
+                        "accuracy": hits.mean() if len(hits) else np.nan, "low": low, "high": high,
+                        "balanced_accuracy": audit.balanced_accuracy(part["y"].to_numpy(), part["pred"].to_numpy())
+                        if len(hits) else np.nan})
+    return pd.DataFrame(out)
+
+
+def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
+                     manifest: pd.DataFrame | Path | str, cam_table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One line per row: overall accuracy (mean, t-interval over seeds), within-source accuracy
+    (pooled, Wilson), pooled probe balanced accuracy (bootstrap interval) and, with ``cam_table``
+    (the ``cam_lung_energy`` table of :mod:`nbhelpers.explain`), the CAM lung-energy excess."""
+    summary = ablation.summarise(ablation.collect(rows, grid_root, seeds), rows).set_index("name")
+    within = within_source(rows, grid_root, seeds, manifest)
+    within = within[within["source"] == audit.ALL_CLASSES].set_index("name")
+    probe = pooled_probe(rows, grid_root, seeds).set_index("name")
+    out = pd.DataFrame({
+        "accuracy": summary["accuracy_mean"], "accuracy_low": summary["accuracy_ci_low"],
+        "accuracy_high": summary["accuracy_ci_high"],
+        "within_source_n": within["n"], "within_source_accuracy": within["accuracy"],
+        "within_low": within["low"], "within_high": within["high"],
+        "within_source_balanced": within["balanced_accuracy"],
+        **{c: probe[c] for c in probe.columns},
+    }, index=[r.name for r in rows])
+    if cam_table is not None:
+        cams = cam_table.assign(name=cam_table["model"].astype(str).str.split("/").str[-1]).set_index("name")
+        for column in ("energy_mean", "area_mean", "excess_mean", "looks_outside"):
+            out[f"cam_{column}"] = cams[column].reindex(out.index)
+    return out.rename_axis("name").reset_index()
+
+
+#: The preprocessing variants compared in pictures and probes: each mitigation alone, then all.
+VARIANTS: dict[str, dict[str, bool]] = {
+    "none": {}, "mask_markers": {"mask_markers": True}, "lung_crop": {"lung_crop": True},
+    "hist_match": {"hist_match": True}, "all": {"mask_markers": True, "lung_crop": True, "hist_match": True},
+}
+
+
+def mitigation_preview(manifest: pd.DataFrame, data_dir: Path | str, cfg, split: str = "test", seed: int = 0,
+                       progress: bool = True) -> tuple[list[np.ndarray], list[str]]:
+    """One image of ``split`` per source, prepared with every :data:`VARIANTS` entry on top of
+    ``cfg``: a list of images (row by row: source, then variant) and their titles, for
+    :func:`nbhelpers.plots.image_grid` with ``ncols=len(VARIANTS)``.  Histogram matching uses
+    the reference of the manifest's training split (prepared like the variant)."""
+    from dataclasses import replace
+
+    from nbhelpers.images import load_gray
+    from nbhelpers.preprocess import prepare, training_reference
+
+    rows = manifest[manifest["split"] == split]
+    picked = rows.groupby("source", sort=True).sample(1, random_state=seed)
+    references = {name: training_reference(manifest, data_dir, replace(cfg, **switches), progress=progress)
+                  for name, switches in VARIANTS.items() if switches.get("hist_match")}
+    images, titles = [], []
+    for source, rel in zip(picked["source"], picked["path"]):
+        img = load_gray(Path(data_dir) / rel)
+        for name, switches in VARIANTS.items():
+            images.append(prepare(img, replace(cfg, **switches), references.get(name)))
+            titles.append(f"{source}: {name}")
+    return images, titles
+
+
+def marker_masks(manifest: pd.DataFrame, data_dir: Path | str, cfg, image_ids: Sequence[str]) -> np.ndarray:
+    """Where :func:`nbhelpers.mitigate.marker_mask` finds burnt-in markers on each image, brought
+    into ``cfg``'s training geometry (lung crop included), as bool (N, size, size).  The masks
+    say where markers *were* also when ``cfg.mask_markers`` filled them."""
+    from nbhelpers.images import load_gray
+    from nbhelpers.lungs import prepare_mask
+    from nbhelpers.mitigate import marker_mask
+    from nbhelpers.preprocess import source_content
+
+    paths = manifest.set_index(manifest["image_id"].astype(str))["path"]
+    out = []
+    for image_id in image_ids:
+        img = load_gray(Path(data_dir) / paths[str(image_id)])
+        out.append(prepare_mask(marker_mask(img), cfg, source_content(img, cfg)[1]))
+    return np.stack(out) if out else np.zeros((0, cfg.size, cfg.size), bool)
+
+
+def marker_attention(net, cache, manifest: pd.DataFrame, data_dir: Path | str, n: int = 6, split: str = "test",
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Grad-CAM on the ``n`` images of ``split`` with the most marker area, and the share of
+    each CAM that falls on the markers.
+
+    Returns (images uint8 (n, H, W), CAMs (n, H, W), table) where the table has one row per
+    image: image_id, source, label, predicted, marker_area (share of the square) and
+    marker_energy (share of the CAM on marker pixels).  Energy well above area means the
+    model looks at the letters and arrows.  Images without any marker are not chosen.
+    """
+    from data_prep.schema import CLASSES
+    from nbhelpers.cam import cams_for_images
+    from nbhelpers.lungs import lung_energy
+
+    part = cache.split(split)
+    masks = marker_masks(manifest, data_dir, cache.cfg, part.image_ids)
+    area = masks.reshape(len(masks), -1).mean(axis=1)
+    chosen = [int(i) for i in np.argsort(-area, kind="stable")[:n] if area[i] > 0]
+    images = np.asarray(part.images[chosen])
+    cams, predicted = cams_for_images(net, images, progress=progress)
+    info = manifest.set_index(manifest["image_id"].astype(str))
+    ids = [part.image_ids[i] for i in chosen]
+    table = pd.DataFrame({
+        "image_id": ids, "source": info.loc[ids, "source"].to_numpy(), "label": info.loc[ids, "label"].to_numpy(),
+        "predicted": [CLASSES[p] for p in predicted], "marker_area": area[chosen],
+        "marker_energy": [lung_energy(c, m) for c, m in zip(cams, masks[chosen])],
+    })
+    return images, cams, table
+
+
+def committed_table(folder: Path | None = None) -> pd.DataFrame | None:
+    """The committed ``shortcut_mitigations.csv`` (default: ``results/tables``), or None when absent."""
+    from nbhelpers.config import RESULTS_DIR
+
+    path = (folder or RESULTS_DIR / "tables") / "shortcut_mitigations.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train the missing probes and write the three tables; 0, or 2 with a message for a setup error."""
+    from nbhelpers.complexity import markdown_table
+    from nbhelpers.run import parse_overrides
+
+    p = argparse.ArgumentParser(prog="python -m nbhelpers.shortcut", description=__doc__.splitlines()[0])
+    p.add_argument("--grid-root", type=Path, required=True, help="the --out folder of python -m nbhelpers.ablation")
+    p.add_argument("--manifest", type=Path, required=True, help="the manifest the grid was trained on")
+    p.add_argument("--pool-manifest", type=Path, required=True,
+                   help="curated images for the probes (e.g. python -m data_prep --per-class 1000 --balance down)")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
+    p.add_argument("--group", default=GROUP, help="the ablation group to report")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--probe-labels", nargs="+", default=list(PROBE_LABELS))
+    p.add_argument("--probe-model", default="densenet121")
+    p.add_argument("--preset", default="smoke")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="preset overrides for the probes")
+    p.add_argument("--cam-table", type=Path, help="cam_lung_energy.csv of python -m nbhelpers.explain for this group")
+    p.add_argument("--out", type=Path, required=True, help="folder for the tables")
+    args = p.parse_args(argv)
+    try:
+        rows = ablation.load_grid(groups=[args.group])
+        probes = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
+                            args.probe_model, args.preset, args.device, **parse_overrides(args.set))
+        within = within_source(rows, args.grid_root, args.seeds, args.manifest)
+        cams = pd.read_csv(args.cam_table) if args.cam_table else None
+        table = mitigation_table(rows, args.grid_root, args.seeds, args.manifest, cams)
+    except (ablation.GridError, audit.ProbeError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    header = (f"Made by `python -m nbhelpers.shortcut {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
+              f"{datetime.now(timezone.utc):%Y-%m-%d}; group {args.group}, seeds {args.seeds}; probes: "
+              f"{args.probe_model}, classes {args.probe_labels}, preset {args.preset} {args.set}, device {args.device}.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("shortcut_probe", probes), ("shortcut_within_source", within), ("shortcut_mitigations", table)):
+        frame.to_csv(args.out / f"{name}.csv", index=False)
+        (args.out / f"{name}.md").write_text(f"{header}\n\n{markdown_table(frame, digits=3)}\n")
+        with pd.option_context("display.width", 220, "display.max_columns", 30):
+            print(f"{name}:\n{frame.round(3).to_string(index=False)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

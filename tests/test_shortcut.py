@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nbhelpers import ablation, audit, shortcut
+from nbhelpers.ablation import Row
+from nbhelpers.preprocess import MITIGATIONS, PreprocessConfig
+
+
+def test_the_shortcut_group_switches_one_mitigation_per_row_and_all_at_once():
+    rows = {r.name: r for r in ablation.load_grid(groups=["shortcut"])}
+    assert rows["no_mitigation"].baseline and not rows["no_mitigation"].preprocess
+    for name in MITIGATIONS:
+        assert rows[name].preprocess == {name: True}
+        PreprocessConfig(**rows[name].preprocess)  # valid fields
+    assert rows["all_mitigations"].preprocess == {name: True for name in MITIGATIONS}
+    assert len({(r.model, tuple(sorted(r.options.items()))) for r in rows.values()}) == 1  # one architecture
+
+
+ROWS = [Row("shortcut", "base", "m", baseline=True), Row("shortcut", "cut", "m", preprocess={"lung_crop": True})]
+# test images: ieee8023 mixes covid (0) and pneumonia (1); nih holds normal (2) and pneumonia
+MANIFEST = pd.DataFrame({
+    "image_id": [f"img{i}" for i in range(6)], "label": ["covid", "covid", "pneumonia", "normal", "pneumonia", "normal"],
+    "source": ["ieee8023", "ieee8023", "ieee8023", "nih", "nih", "nih"], "split": "test", "path": "x",
+    "patient_id": [f"p{i}" for i in range(6)]})
+
+
+def _fake_grid(root, row, seed, pred):
+    folder = ablation.run_dir(root, row, seed)
+    folder.mkdir(parents=True)
+    labels = [0, 0, 1, 2, 1, 2]
+    pd.DataFrame({"image_id": MANIFEST["image_id"], "label": labels, "pred": pred}).to_csv(
+        folder / "test_predictions.csv", index=False)
+    accuracy = float(np.mean(np.equal(labels, pred)))
+    (folder / "metrics.json").write_text(json.dumps({"config": {}, "test": {
+        "accuracy": accuracy, "macro_sensitivity": accuracy, "macro_specificity": accuracy, "macro_f1": accuracy}}))
+
+
+def _fake_probe(root, row, seed, correct):
+    folder = shortcut.probe_dir(root, row, seed)
+    folder.mkdir(parents=True)
+    group = np.arange(len(correct)) % 2
+    pd.DataFrame({"image_id": range(len(correct)), "source": "x", "group": group,
+                  "pred": np.where(correct, group, 1 - group), "p_group1": 0.5}).to_csv(
+        folder / audit.PROBE_PREDICTIONS, index=False)
+    (folder / audit.PROBE_JSON).write_text(json.dumps({"test": {
+        "n": len(correct), "balanced_accuracy": float(np.mean(correct)), "low": 0.0, "high": 1.0,
+        "accuracy": float(np.mean(correct)), "auc": 0.5}}))
+
+
+def test_mitigation_table_puts_accuracy_within_source_and_probe_side_by_side(tmp_path):
+    for seed in (0, 1):
+        _fake_grid(tmp_path, ROWS[0], seed, [0, 0, 1, 2, 1, 2])  # all right
+        _fake_grid(tmp_path, ROWS[1], seed, [0, 1, 0, 2, 1, 2])  # wrong on two ieee8023 images
+        _fake_probe(tmp_path, ROWS[0], seed, np.ones(40, bool))  # tells the archives apart
+        _fake_probe(tmp_path, ROWS[1], seed, np.arange(40) % 4 < 2)  # chance
+    within = shortcut.within_source(ROWS, tmp_path, [0, 1], MANIFEST)
+    assert set(within["source"]) == {"ieee8023", "all"}  # nih holds no COVID: not a mixed COVID source
+    cut = within.set_index(["name", "source"]).loc[("cut", "ieee8023")]
+    assert cut["n"] == 6 and cut["accuracy"] == pytest.approx(1 / 3)
+    table = shortcut.mitigation_table(ROWS, tmp_path, [0, 1], MANIFEST).set_index("name")
+    assert table.loc["base", "within_source_accuracy"] == 1.0
+    assert table.loc["base", "probe_ba_pooled"] == 1.0 and table.loc["cut", "probe_ba_pooled"] == 0.5
+    assert table.loc["cut", "probe_ba_low"] < 0.5 < table.loc["cut", "probe_ba_high"]
+    assert table.loc["cut", "accuracy"] == pytest.approx(4 / 6)
+    cams = pd.DataFrame({"model": ["shortcut/base", "shortcut/cut"], "energy_mean": [0.3, 0.6], "area_mean": 0.4,
+                         "excess_mean": [-0.1, 0.2], "looks_outside": [True, False]})
+    with_cams = shortcut.mitigation_table(ROWS, tmp_path, [0, 1], MANIFEST, cams).set_index("name")
+    assert with_cams.loc["cut", "cam_excess_mean"] == 0.2 and with_cams.loc["base", "cam_looks_outside"]
+
+
+def test_missing_probe_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no source probe"):
+        shortcut.collect_probes(ROWS, tmp_path, [0])

@@ -145,15 +145,19 @@ def summarise(runs: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _correct(out_root: Path, row: Row, seed: int) -> pd.Series:
-    """Per test image (indexed by image id): 1 if the run classified it correctly."""
+def _correct(out_root: Path, row: Row, seed: int, image_ids: Sequence[str] | None = None) -> pd.Series:
+    """Per test image (indexed by image id): 1 if the run classified it correctly; only
+    ``image_ids`` when given."""
     table = pd.read_csv(run_dir(out_root, row, seed) / "test_predictions.csv", index_col="image_id")
+    if image_ids is not None:
+        table = table[table.index.isin(set(map(str, image_ids)))]
     return (table["pred"] == table["label"]).astype(int)
 
 
 def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_boot: int = N_BOOT,
-                 boot_seed: int = 0) -> pd.DataFrame:
-    """Compare each non-baseline row with its group's baseline on the same test images.
+                 boot_seed: int = 0, image_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Compare each non-baseline row with its group's baseline on the same test images (only
+    ``image_ids`` when given, e.g. one source's).
 
     Per row: mean accuracy difference (variant − baseline), its 95 % t-interval over seeds, a
     95 % paired-bootstrap interval over test images (images resampled jointly for both models,
@@ -168,7 +172,7 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
         if row.baseline:
             continue
         base = baselines[row.group]
-        pairs = [(_correct(out_root, row, s), _correct(out_root, base, s)) for s in seeds]
+        pairs = [(_correct(out_root, row, s, image_ids), _correct(out_root, base, s, image_ids)) for s in seeds]
         for variant, reference in pairs:
             if not variant.index.equals(reference.index):
                 raise ValueError(f"{row.name} and {base.name} were not scored on the same test images")

@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, manifest = resolve_data_dir(args.data_dir), pd.read_csv(args.manifest)
     energy, randomised, masks, n_sample = [], [], None, 0
     figure_cams: dict[str, dict[str, np.ndarray]] = {}  # group -> row name -> CAMs
-    figure_images: dict[str, tuple[np.ndarray, list[str]]] = {}  # group -> (images, titles)
+    figure_images: dict[str, dict[str, np.ndarray]] = {}  # group -> row name -> images (rows may crop differently)
+    figure_titles: dict[str, list[str]] = {}
     for row in ablation.load_grid(groups=args.groups):
         net, run = load_trained(ablation.run_dir(args.ablation_root, row, args.seed))
         cache = run_cache(run, manifest, data, args.ablation_root / "cache")
@@ -115,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             picked = examples_per_class(test.labels, args.figure_images)
             shown = np.asarray(test.images[picked])
             figure_cams.setdefault(row.group, {})[row.name] = cams_for_images(net, shown, progress=False)[0]
-            figure_images[row.group] = (shown, [f"true {CLASSES[t]}" for t in test.labels[picked]])
+            figure_images.setdefault(row.group, {})[row.name] = shown
+            figure_titles[row.group] = [f"true {CLASSES[t]}" for t in test.labels[picked]]
     summary, randomised = lungs.summarise_lung_energy(pd.concat(energy)).reset_index(), pd.concat(randomised)
     header = (f"Made by `python -m nbhelpers.explain {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
               f"{datetime.now(timezone.utc):%Y-%m-%d}, CPU; Grad-CAM of each row's seed-{args.seed} run; lung energy on "
@@ -129,10 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for group, cams in figure_cams.items():
         from nbhelpers.plots import cam_comparison
 
-        images, titles = figure_images[group]
+        images, titles = figure_images[group], figure_titles[group]
         args.figures.mkdir(parents=True, exist_ok=True)
         figure = args.figures / f"{args.prefix}_{group}.png"
-        cam_comparison(list(images), cams, titles).savefig(figure, dpi=110, bbox_inches="tight")
+        cam_comparison(images, cams, titles).savefig(figure, dpi=110, bbox_inches="tight")
         print(f"wrote {figure}")
     return 0
 

@@ -6,7 +6,7 @@ it does not return.  Images are uint8 or float grayscale arrays (H, W).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -114,18 +114,28 @@ def ablation_bars(summary: pd.DataFrame, metric: str = "accuracy") -> plt.Figure
     return fig
 
 
-def cam_comparison(images: Sequence[np.ndarray], cams: dict[str, np.ndarray], titles: Sequence[str] = (),
-                   alpha: float = 0.45) -> plt.Figure:
+def cam_comparison(images: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]], cams: dict[str, np.ndarray],
+                   titles: Sequence[str] = (), alpha: float = 0.45) -> plt.Figure:
     """The same images (columns) explained by several models or methods (rows, keyed by label),
-    each CAM overlaid in the jet colour map, with one shared colour bar."""
-    n, labels = len(images), list(cams)
+    each CAM overlaid in the jet colour map, with one shared colour bar.
+
+    ``images`` may map each label to its own version of the images (models trained on other
+    preprocessing, e.g. a lung crop): each row then overlays its CAMs on its own images and the
+    top row shows the first label's."""
+    labels = list(cams)
+    rows = dict(images) if isinstance(images, Mapping) else {label: images for label in labels}
+    missing = [label for label in labels if label not in rows]
+    if missing:
+        raise ValueError(f"no images for CAM row(s) {missing}; give one image list per label")
+    images = rows[labels[0]] if labels else list(images)
+    n = len(images)
     fig, axes = plt.subplots(len(labels) + 1, n, figsize=(2.3 * n + 0.8, 2.3 * (len(labels) + 1)), squeeze=False)
     mappable = None
     for j in range(n):
         axes[0, j].imshow(images[j], cmap="gray")
         axes[0, j].set_title(titles[j] if j < len(titles) else "", fontsize=7)
         for i, label in enumerate(labels, 1):
-            axes[i, j].imshow(images[j], cmap="gray")
+            axes[i, j].imshow(rows[label][j], cmap="gray")
             mappable = axes[i, j].imshow(cams[label][j], cmap="jet", alpha=alpha, vmin=0, vmax=1)
         for i in range(len(labels) + 1):
             axes[i, j].set_xticks([]), axes[i, j].set_yticks([])

@@ -115,14 +115,25 @@ def within_source(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence
     return pd.DataFrame(out)
 
 
+def mixed_source_ids(manifest: pd.DataFrame | Path | str, sources: Sequence[str] = audit.COVID_MIXED_SOURCES) -> list[str]:
+    """Ids of the test images of those ``sources`` whose test images hold more than one class."""
+    table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
+    test = table[(table["split"] == "test") & table["source"].isin(list(sources))]
+    mixed = test.groupby("source")["label"].transform("nunique") > 1
+    return test.loc[mixed, "image_id"].astype(str).tolist()
+
+
 def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
                      manifest: pd.DataFrame | Path | str, cam_table: pd.DataFrame | None = None) -> pd.DataFrame:
     """One line per row: overall accuracy (mean, t-interval over seeds), within-source accuracy
-    (pooled, Wilson), pooled probe balanced accuracy (bootstrap interval) and, with ``cam_table``
+    (pooled, Wilson) and its difference from the baseline row on the same images (paired
+    bootstrap interval, :func:`nbhelpers.ablation.paired_tests`), pooled probe balanced accuracy
+    (bootstrap interval) and, with ``cam_table``
     (the ``cam_lung_energy`` table of :mod:`nbhelpers.explain`), the CAM lung-energy excess."""
     summary = ablation.summarise(ablation.collect(rows, grid_root, seeds), rows).set_index("name")
     within = within_source(rows, grid_root, seeds, manifest)
     within = within[within["source"] == audit.ALL_CLASSES].set_index("name")
+    paired = ablation.paired_tests(rows, grid_root, seeds, image_ids=mixed_source_ids(manifest)).set_index("variant")
     probe = pooled_probe(rows, grid_root, seeds).set_index("name")
     out = pd.DataFrame({
         "accuracy": summary["accuracy_mean"], "accuracy_low": summary["accuracy_ci_low"],
@@ -130,6 +141,8 @@ def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Seque
         "within_source_n": within["n"], "within_source_accuracy": within["accuracy"],
         "within_low": within["low"], "within_high": within["high"],
         "within_source_balanced": within["balanced_accuracy"],
+        "within_diff": paired["accuracy_diff"], "within_diff_low": paired["bootstrap_ci_low"],
+        "within_diff_high": paired["bootstrap_ci_high"],
         **{c: probe[c] for c in probe.columns},
     }, index=[r.name for r in rows])
     if cam_table is not None:

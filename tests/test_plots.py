@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 from nbhelpers import plots  # noqa: E402
 
@@ -45,3 +46,13 @@ def test_cam_comparison_has_a_row_per_model():
     cams = {"a": np.zeros((2, 8, 8)), "b": np.ones((2, 8, 8))}
     fig = plots.cam_comparison([np.zeros((8, 8))] * 2, cams, titles=["x", "y"])
     assert len(fig.axes) == 3 * 2 + 1 and fig.axes[2].get_ylabel() == "a"
+
+
+def test_cam_comparison_overlays_each_row_on_its_own_images():
+    cams = {"a": np.zeros((2, 8, 8)), "b": np.ones((2, 8, 8))}
+    own = {"a": [np.zeros((8, 8))] * 2, "b": [np.full((8, 8), 7.0)] * 2}
+    fig = plots.cam_comparison(own, cams)
+    first_b = [ax for ax in fig.axes if ax.get_ylabel() == "b"][0]
+    assert first_b.images[0].get_array().max() == 7.0  # row b shows b's images under its CAMs
+    with pytest.raises(ValueError, match="no images"):
+        plots.cam_comparison({"a": own["a"]}, cams)

@@ -67,6 +67,9 @@ def test_mitigation_table_puts_accuracy_within_source_and_probe_side_by_side(tmp
     assert table.loc["base", "probe_ba_pooled"] == 1.0 and table.loc["cut", "probe_ba_pooled"] == 0.5
     assert table.loc["cut", "probe_ba_low"] < 0.5 < table.loc["cut", "probe_ba_high"]
     assert table.loc["cut", "accuracy"] == pytest.approx(4 / 6)
+    assert table.loc["cut", "within_diff"] == pytest.approx(-2 / 3)  # paired on the three ieee8023 images
+    assert np.isnan(table.loc["base", "within_diff"])
+    assert shortcut.mixed_source_ids(MANIFEST) == ["img0", "img1", "img2"]
     cams = pd.DataFrame({"model": ["shortcut/base", "shortcut/cut"], "energy_mean": [0.3, 0.6], "area_mean": 0.4,
                          "excess_mean": [-0.1, 0.2], "looks_outside": [True, False]})
     with_cams = shortcut.mitigation_table(ROWS, tmp_path, [0, 1], MANIFEST, cams).set_index("name")
@@ -76,3 +79,9 @@ def test_mitigation_table_puts_accuracy_within_source_and_probe_side_by_side(tmp
 def test_missing_probe_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no source probe"):
         shortcut.collect_probes(ROWS, tmp_path, [0])
+
+
+def test_cli_names_a_missing_pool_manifest(tmp_path, capsys):
+    code = shortcut.main(["--grid-root", str(tmp_path), "--manifest", str(tmp_path / "m.csv"),
+                          "--pool-manifest", str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path)])
+    assert code == 2 and "pool.csv" in capsys.readouterr().err

@@ -78,7 +78,8 @@ def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequenc
 
 def pooled_probe(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int], n_boot: int = M.N_BOOTSTRAP,
                  level: float = audit.CI_LEVEL) -> pd.DataFrame:
-    """Per row: the probes' test predictions of all seeds pooled (each seed splits anew), their
+    """Per row: the probes' test predictions of all seeds pooled (each seed splits anew, so an
+    image may be tested under more than one seed and the interval is somewhat too narrow), their
     balanced accuracy with a bootstrap interval, and the mean over seeds."""
     out = []
     for row in rows:
@@ -183,21 +184,27 @@ def mitigation_preview(manifest: pd.DataFrame, data_dir: Path | str, cfg, split:
     return images, titles
 
 
-def marker_masks(manifest: pd.DataFrame, data_dir: Path | str, cfg, image_ids: Sequence[str]) -> np.ndarray:
-    """Where :func:`nbhelpers.mitigate.marker_mask` finds burnt-in markers on each image, brought
-    into ``cfg``'s training geometry (lung crop included), as bool (N, size, size).  The masks
-    say where markers *were* also when ``cfg.mask_markers`` filled them."""
+def marker_masks(manifest: pd.DataFrame, data_dir: Path | str, cfg,
+                 image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Where :func:`nbhelpers.mitigate.marker_mask` finds burnt-in markers on each image, and
+    where the letterbox padding lies, both in ``cfg``'s training geometry (lung crop included),
+    as two bool (N, size, size) stacks.  The marker masks say where markers *were* also when
+    ``cfg.mask_markers`` filled them."""
     from nbhelpers.images import load_gray
     from nbhelpers.lungs import prepare_mask
     from nbhelpers.mitigate import marker_mask
     from nbhelpers.preprocess import source_content
 
     paths = manifest.set_index(manifest["image_id"].astype(str))["path"]
-    out = []
+    markers, padding = [], []
     for image_id in image_ids:
         img = load_gray(Path(data_dir) / paths[str(image_id)])
-        out.append(prepare_mask(marker_mask(img), cfg, source_content(img, cfg)[1]))
-    return np.stack(out) if out else np.zeros((0, cfg.size, cfg.size), bool)
+        box = source_content(img, cfg)[1]
+        markers.append(prepare_mask(marker_mask(img), cfg, box))
+        padding.append(~prepare_mask(np.ones(img.shape, bool), cfg, box))
+    if not markers:
+        return np.zeros((0, cfg.size, cfg.size), bool), np.zeros((0, cfg.size, cfg.size), bool)
+    return np.stack(markers), np.stack(padding)
 
 
 def marker_attention(net, cache, manifest: pd.DataFrame, data_dir: Path | str, n: int = 6, split: str = "test",
@@ -207,15 +214,16 @@ def marker_attention(net, cache, manifest: pd.DataFrame, data_dir: Path | str, n
 
     Returns (images uint8 (n, H, W), CAMs (n, H, W), table) where the table has one row per
     image: image_id, source, label, predicted, marker_area (share of the square) and
-    marker_energy (share of the CAM on marker pixels).  Energy well above area means the
-    model looks at the letters and arrows.  Images without any marker are not chosen.
+    marker_energy (share of the CAM on marker pixels), and the same for the black letterbox
+    padding (padding_area, padding_energy).  Energy well above area means the model looks at
+    the letters and arrows, or at the image's format.  Images without any marker are not chosen.
     """
     from data_prep.schema import CLASSES
     from nbhelpers.cam import cams_for_images
     from nbhelpers.lungs import lung_energy
 
     part = cache.split(split)
-    masks = marker_masks(manifest, data_dir, cache.cfg, part.image_ids)
+    masks, padding = marker_masks(manifest, data_dir, cache.cfg, part.image_ids)
     area = masks.reshape(len(masks), -1).mean(axis=1)
     chosen = [int(i) for i in np.argsort(-area, kind="stable")[:n] if area[i] > 0]
     images = np.asarray(part.images[chosen])
@@ -226,6 +234,8 @@ def marker_attention(net, cache, manifest: pd.DataFrame, data_dir: Path | str, n
         "image_id": ids, "source": info.loc[ids, "source"].to_numpy(), "label": info.loc[ids, "label"].to_numpy(),
         "predicted": [CLASSES[p] for p in predicted], "marker_area": area[chosen],
         "marker_energy": [lung_energy(c, m) for c, m in zip(cams, masks[chosen])],
+        "padding_area": padding[chosen].reshape(len(chosen), -1).mean(axis=1) if chosen else [],
+        "padding_energy": [lung_energy(c, m) for c, m in zip(cams, padding[chosen])],
     })
     return images, cams, table
 

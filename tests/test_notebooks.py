@@ -157,5 +157,6 @@ def test_08_shortcut_audit(workbook):
     assert by_variant["balanced_accuracy"].between(0, 1).all()
     markers = _table(workbook, "08_marker_attention")
     assert len(markers) >= 1 and (markers["marker_area"] > 0).all() and markers["marker_energy"].between(0, 1).all()
+    assert markers["padding_area"].between(0, 1).all() and markers["padding_energy"].between(0, 1).all()
     for figure in ("08_marker_cams", "08_mitigations"):
         assert (workbook.run_dir / "figures" / f"{figure}.png").stat().st_size > 10_000

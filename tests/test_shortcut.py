@@ -85,3 +85,15 @@ def test_cli_names_a_missing_pool_manifest(tmp_path, capsys):
     code = shortcut.main(["--grid-root", str(tmp_path), "--manifest", str(tmp_path / "m.csv"),
                           "--pool-manifest", str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path)])
     assert code == 2 and "pool.csv" in capsys.readouterr().err
+
+
+def test_marker_and_padding_masks_follow_the_training_geometry(data_dir):
+    from nbhelpers.preprocess import PreprocessConfig
+
+    wide = sorted((data_dir / "Actualmed-COVID-chestxray-dataset/images").glob("*.png"))[0]
+    manifest = pd.DataFrame({"image_id": ["w"], "path": [wide.relative_to(data_dir).as_posix()]})
+    markers, padding = shortcut.marker_masks(manifest, data_dir, PreprocessConfig(size=64), ["w"])
+    assert markers.shape == padding.shape == (1, 64, 64)
+    assert padding[0, :3].all() and not padding[0, 32].any()  # letterbox bars above and below, none mid-image
+    _, cropped = shortcut.marker_masks(manifest, data_dir, PreprocessConfig(size=64, lung_crop=True), ["w"])
+    assert not cropped.any()  # a lung crop fills the square

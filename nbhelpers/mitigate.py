@@ -236,10 +236,10 @@ def lung_box_check(data_dir: Path | str, progress: bool = True) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
     from nbhelpers.images import load_gray
-    from nbhelpers.lungs import load_mask, mask_index
+    from nbhelpers.lungs import load_mask, mask_folder, mask_index
 
     masks = mask_index(data_dir)
-    images = {p.stem: p for p in (next(iter(masks.values())).parent.parent.parent / "images").iterdir()}
+    images = {p.stem: p for p in (mask_folder(data_dir).parent.parent / "images").iterdir()}
     rows = []
     for stem, mask_path in tqdm(sorted(masks.items()), desc="lung boxes", unit="img", disable=not progress):
         if stem not in images:

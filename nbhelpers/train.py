@@ -18,8 +18,9 @@ Running loss and accuracy stay on the device and are read back only every
 
 **Determinism.**  Everything random flows from ``TrainConfig.seed``: the batch order (a
 permutation per ``(seed, epoch)``), the augmentation (its own generator), dropout (torch's
-global generator, seeded by :func:`seed_everything`).  On the CPU a run is bit-exact: the same
-seed gives the same weights, and a run interrupted and resumed from ``last.pt`` ends with the
+global generator, seeded by :func:`seed_everything`).  On the CPU a run is bit-exact on one
+machine: the same seed gives the same weights (another CPU model may choose other vector kernels,
+and the last-bit differences grow over training), and a run interrupted and resumed from ``last.pt`` ends with the
 same weights as an uninterrupted one (the checkpoint carries model, optimizer, scheduler,
 gradient scaler, best score, log and every RNG state).  On CUDA, cuDNN algorithm choice and
 atomic adds in some backward kernels (e.g. ``grid_sample``, scatter/index_add, some

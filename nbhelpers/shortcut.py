@@ -80,16 +80,39 @@ def pooled_probe(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[
                  level: float = audit.CI_LEVEL) -> pd.DataFrame:
     """Per row: the probes' test predictions of all seeds pooled (each seed splits anew, so an
     image may be tested under more than one seed and the interval is somewhat too narrow), their
-    balanced accuracy with a bootstrap interval, and the mean over seeds."""
+    balanced accuracy with a bootstrap interval, the mean over seeds, and the paired difference
+    from the group's baseline row (``probe_diff``).
+
+    For one seed every row's probe is split alike (the split depends on the pool and the seed
+    only), so the rows are compared on the same test images: the bootstrap resamples
+    (seed, image) pairs jointly for both rows.  Raises ValueError when two probes of a seed were
+    tested on different images.
+    """
+    rng = np.random.default_rng(0)
+    parts = {row.name: [pd.read_csv(probe_dir(grid_root, row, s) / audit.PROBE_PREDICTIONS) for s in seeds]
+             for row in rows}
+    base = next((r.name for r in rows if r.baseline), None)
     out = []
     for row in rows:
-        parts = [pd.read_csv(probe_dir(grid_root, row, s) / audit.PROBE_PREDICTIONS) for s in seeds]
-        per_seed = [audit.balanced_accuracy(p["group"].to_numpy(), p["pred"].to_numpy()) for p in parts]
-        preds = pd.concat(parts)
-        ci = audit._scores_with_ci(preds["group"].to_numpy(), preds["pred"].to_numpy(), n_boot, 0, level)
-        out.append({"name": row.name, "probe_images": len(preds), "probe_ba_mean": float(np.mean(per_seed)),
-                    "probe_ba_pooled": ci.loc["balanced_accuracy", "value"],
-                    "probe_ba_low": ci.loc["balanced_accuracy", "low"], "probe_ba_high": ci.loc["balanced_accuracy", "high"]})
+        per_seed = [audit.balanced_accuracy(p["group"].to_numpy(), p["pred"].to_numpy()) for p in parts[row.name]]
+        preds = pd.concat(parts[row.name], ignore_index=True)
+        y, pred = preds["group"].to_numpy(), preds["pred"].to_numpy()
+        ci = audit._scores_with_ci(y, pred, n_boot, 0, level)
+        line = {"name": row.name, "probe_images": len(preds), "probe_ba_mean": float(np.mean(per_seed)),
+                "probe_ba_pooled": ci.loc["balanced_accuracy", "value"],
+                "probe_ba_low": ci.loc["balanced_accuracy", "low"], "probe_ba_high": ci.loc["balanced_accuracy", "high"],
+                "probe_diff": np.nan, "probe_diff_low": np.nan, "probe_diff_high": np.nan}
+        if base is not None and row.name != base:
+            for mine, theirs, seed in zip(parts[row.name], parts[base], seeds):
+                if list(mine["image_id"].astype(str)) != list(theirs["image_id"].astype(str)):
+                    raise ValueError(f"the probes of {row.name} and {base} (seed {seed}) were tested on different images")
+            ref = pd.concat(parts[base], ignore_index=True)["pred"].to_numpy()
+            draws = rng.integers(0, len(y), (n_boot, len(y)))
+            diffs = [audit.balanced_accuracy(y[d], pred[d]) - audit.balanced_accuracy(y[d], ref[d]) for d in draws]
+            low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+            line.update(probe_diff=audit.balanced_accuracy(y, pred) - audit.balanced_accuracy(y, ref),
+                        probe_diff_low=float(low), probe_diff_high=float(high))
+        out.append(line)
     return pd.DataFrame(out)
 
 

@@ -66,6 +66,8 @@ def test_mitigation_table_puts_accuracy_within_source_and_probe_side_by_side(tmp
     assert table.loc["base", "within_source_accuracy"] == 1.0
     assert table.loc["base", "probe_ba_pooled"] == 1.0 and table.loc["cut", "probe_ba_pooled"] == 0.5
     assert table.loc["cut", "probe_ba_low"] < 0.5 < table.loc["cut", "probe_ba_high"]
+    assert table.loc["cut", "probe_diff"] == pytest.approx(-0.5) and table.loc["cut", "probe_diff_high"] < 0
+    assert np.isnan(table.loc["base", "probe_diff"])
     assert table.loc["cut", "accuracy"] == pytest.approx(4 / 6)
     assert table.loc["cut", "within_diff"] == pytest.approx(-2 / 3)  # paired on the three ieee8023 images
     assert np.isnan(table.loc["base", "within_diff"])
@@ -97,3 +99,10 @@ def test_marker_and_padding_masks_follow_the_training_geometry(data_dir):
     assert padding[0, :3].all() and not padding[0, 32].any()  # letterbox bars above and below, none mid-image
     _, cropped = shortcut.marker_masks(manifest, data_dir, PreprocessConfig(size=64, lung_crop=True), ["w"])
     assert not cropped.any()  # a lung crop fills the square
+
+
+def test_probes_tested_on_other_images_are_not_compared(tmp_path):
+    _fake_probe(tmp_path, ROWS[0], 0, np.ones(8, bool))
+    _fake_probe(tmp_path, ROWS[1], 0, np.ones(10, bool))
+    with pytest.raises(ValueError, match="different images"):
+        shortcut.pooled_probe(ROWS, tmp_path, [0])

@@ -18,12 +18,11 @@ from data_prep.curate import (
     BALANCE_MODES,
     DEFAULT_PHASH_DISTANCE,
     PAPER_PER_CLASS,
-    PAPER_SOURCE_CLASSES,
     ClassShortageError,
     CurationParams,
     build,
+    every_class_from,
 )
-from data_prep.schema import CLASSES
 from data_prep.sources import SOURCES, SourceFormatError
 
 EXIT_DATA_ERROR = 2
@@ -56,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     kwargs = {"views": args.views} if args.views else {}
     if args.all_classes_from:
-        kwargs["source_classes"] = {**PAPER_SOURCE_CLASSES, **{s: CLASSES for s in args.all_classes_from}}
+        kwargs["source_classes"] = every_class_from(args.all_classes_from)
     try:
         params = CurationParams(
             per_class=args.per_class, balance=args.balance, seed=args.seed, split=tuple(args.split),

@@ -40,6 +40,14 @@ PAPER_SOURCE_CLASSES: dict[str, tuple[str, ...]] = {
     "rsna": ("pneumonia", "normal"),
     "nih": ("pneumonia", "normal"),
 }
+
+
+def every_class_from(sources: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The paper's ``source_classes``, except that ``sources`` supply every class they hold (e.g.
+    ieee8023's pneumonias and 'No Finding' films, for tests within one source)."""
+    return {**PAPER_SOURCE_CLASSES, **{source: CLASSES for source in sources}}
+
+
 PAPER_PER_CLASS = 475
 PAPER_SPLIT_SIZES = {"train": 993, "val": 144, "test": 288}
 #: Near-duplicate threshold in bits of the 256-bit perceptual hash.  On the mirror, re-saved and

@@ -414,14 +414,13 @@ def probe_pool_from_sources(data_dir: Path | str, per_class: int, views: Sequenc
     (:data:`COVID_MIXED_SOURCES`; the paper takes only COVID-19 from ieee8023), so that each
     non-COVID class has images from more than one archive.  The other arguments are curation's
     (:class:`data_prep.CurationParams`)."""
-    from data_prep.curate import PAPER_SOURCE_CLASSES, CurationParams, curate
+    from data_prep.curate import CurationParams, curate, every_class_from
     from data_prep.sources import load_table
 
     table, report = load_table(Path(data_dir))
-    classes = {**PAPER_SOURCE_CLASSES, **{source: CLASSES for source in COVID_MIXED_SOURCES}}
     kwargs = {"views": list(views)} if views else {}
     params = CurationParams(per_class=per_class, balance="down", allow_ap=allow_ap, min_age=min_age, seed=seed,
-                            split=tuple(split), source_classes=classes, **kwargs)
+                            split=tuple(split), source_classes=every_class_from(COVID_MIXED_SOURCES), **kwargs)
     return probe_pool(table, curate(table, params, data_dir=Path(data_dir), report=report))
 
 

@@ -188,3 +188,13 @@ def test_params_validate_and_accept_profile_views() -> None:
         CurationParams(balance="up")
     with pytest.raises(ValueError, match="source_classes"):
         CurationParams(source_classes={"nih": ("flu",)})
+
+
+def test_every_class_from_opens_only_the_named_sources():
+    from data_prep.curate import PAPER_SOURCE_CLASSES, every_class_from
+    from data_prep.schema import CLASSES
+
+    classes = every_class_from(["ieee8023"])
+    assert classes["ieee8023"] == CLASSES and PAPER_SOURCE_CLASSES["ieee8023"] == ("covid",)
+    assert {k: v for k, v in classes.items() if k != "ieee8023"} == {
+        k: v for k, v in PAPER_SOURCE_CLASSES.items() if k != "ieee8023"}

@@ -6,11 +6,14 @@ The profiles themselves are data, in ``profiles.toml`` next to this module.  A n
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from nbhelpers import keyvalue
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
@@ -21,6 +24,26 @@ REPORTED_FILE = Path(__file__).with_name("reported.toml")
 DATA_ENV = "CXR_DATA_DIR"
 #: The Jupyter kernel the notebooks declare and the runner executes them with.
 KERNEL_NAME = "cxr-workbook"
+#: The file in a run folder holding the settings the runner resolved once for every notebook.
+SETTINGS_FILE = "settings.json"
+#: Parameters every notebook declares; they are the runner's own options, not overrides.
+RUN_PARAMETERS = ("profile", "data_dir", "run_dir", "settings_file")
+#: What the notebook parameters that are not profile settings hold (a contract test keeps every
+#: declared parameter either here or in the profiles), so a runner override can be type-checked.
+NOTEBOOK_PARAMETERS: dict[str, Any] = {
+    "augment": str,            # 02: augmentation policy shown
+    "epochs": int,             # 04, 06: preset's epochs overridden
+    "pretrained": bool,        # 04: preset's ImageNet weights overridden
+    "resume": bool,            # 04: continue from last.pt
+    "train_baselines": bool,   # 04: also train the profile's baselines
+    "errors": int,             # 05: confident mistakes shown
+    "groups": (list, str),     # 06: ablation groups run
+    "methods": (list, str),    # 07: CAM methods compared
+    "probe_label": (list, str),     # 08: classes the source probe works within
+    "probe_epochs": int,            # 08: the probe's epochs
+    "probe_variants": (list, str),  # 08: mitigation sets probed again
+    "marker_images": int,           # 08: marker images shown
+}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -28,7 +51,7 @@ class DataNotFoundError(FileNotFoundError):
 
 
 class ProfileError(KeyError):
-    """An unknown profile or profile setting was asked for."""
+    """An unknown profile or profile setting was asked for, or a setting of the wrong type."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0])
@@ -50,8 +73,14 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
             "`python -m data_prep.download` fetches them."
         )
     path = Path(raw).expanduser().resolve()
+    origin = "data_dir parameter" if explicit is not None else f"${DATA_ENV}"
+    if path.is_file():
+        raise DataNotFoundError(
+            f"Source-data folder {path} (from the {origin}) is a file, not a folder. "
+            f"Point {DATA_ENV} at the folder that holds covid-chestxray-dataset/, "
+            "Figure1-COVID-chestxray-dataset/, ... (the parent of each source folder)."
+        )
     if not path.is_dir():
-        origin = "data_dir parameter" if explicit is not None else f"${DATA_ENV}"
         raise DataNotFoundError(
             f"Source-data folder {path} (from the {origin}) does not exist. "
             f"Point {DATA_ENV} at the folder holding the upstream sources, "
@@ -72,6 +101,59 @@ def load_profile(name: str, path: Path = PROFILES_FILE) -> dict[str, Any]:
     if name not in profiles:
         raise ProfileError(f"unknown profile {name!r}; known profiles: {', '.join(profiles)} (in {path})")
     return dict(profiles[name])
+
+
+def profile_schema(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What each setting of a profile holds, read off its values (see :mod:`nbhelpers.keyvalue`);
+    ``min_age`` may also be None (keep every age) and a number where the profile has an integer."""
+    schema = {key: keyvalue.expected_type(value) for key, value in values.items()}
+    for key, kind in list(schema.items()):
+        if kind is int and key in ("min_age", "clip_limit"):
+            schema[key] = float
+    return schema
+
+
+def check_overrides(profile: str, values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``overrides`` against the settings of ``profile`` (``values``): every key must be a
+    setting and every non-None value of its type.  Returns the checked values (an integer where
+    a number is expected becomes a float).  Raises :class:`ProfileError` naming the key, close
+    matches or the expected type and the value given."""
+    schema = profile_schema(values)
+    out = {}
+    for key, value in overrides.items():
+        if key not in values:
+            raise ProfileError(keyvalue.unknown_key_message(key, values, f"a setting of profile {profile!r}"))
+        try:
+            out[key] = keyvalue.check_value(key, value, schema[key])
+        except keyvalue.AssignmentError as err:
+            raise ProfileError(f"setting {err} (profile {profile!r})") from None
+    return out
+
+
+def write_settings(run_dir: Path, profile: str, values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Path:
+    """Write the settings resolved once for a whole run (profile values with the overrides
+    applied) to ``run_dir/settings.json``, which every notebook of the run then reads."""
+    from data_prep.atomic import write_text
+
+    payload = {"profile": profile, "overrides": dict(overrides), "values": dict(values)}
+    return write_text(Path(run_dir) / SETTINGS_FILE, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def read_settings(path: str | os.PathLike, profile: str) -> dict[str, Any]:
+    """The values of a settings file written by :func:`write_settings`, checked to belong to
+    ``profile``.  Raises :class:`ProfileError` naming the file when it is missing, unreadable or
+    written for another profile."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        values = payload["values"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ProfileError(f"settings file {path} is missing or unreadable ({err}); rerun the workbook "
+                           "(python -m nbhelpers.run) or pass settings_file=None") from None
+    if payload.get("profile") != profile:
+        raise ProfileError(f"settings file {path} was written for profile {payload.get('profile')!r}, not {profile!r}; "
+                           "pass settings_file=None or the matching profile")
+    return dict(values)
 
 
 @dataclass
@@ -101,18 +183,23 @@ def resolve(
     data_dir_: str | os.PathLike | None = None,
     run_dir: str | os.PathLike | None = None,
     need_data: bool = True,
+    settings_file: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> Settings:
     """Merge profile ``profile`` with non-``None`` ``overrides`` into a :class:`Settings`.
 
-    ``run_dir`` defaults to ``results/runs/<profile>``.  With ``need_data`` the data folder is
-    resolved and checked (see :func:`data_dir`).  An override that names no setting of the
-    profile raises :class:`ProfileError`, so a typo in a notebook parameter cannot pass unnoticed.
+    ``settings_file`` (written by the runner, :func:`write_settings`) replaces the profile's
+    values with those resolved once for the whole run, so an override reaches every notebook,
+    also those that do not declare it.  ``run_dir`` defaults to ``results/runs/<profile>``.
+    With ``need_data`` the data folder is resolved and checked (see :func:`data_dir`).  An
+    override that names no setting of the profile, or has the wrong type, raises
+    :class:`ProfileError`, so a typo in a notebook parameter cannot pass unnoticed.
     """
-    values = load_profile(profile)
-    for key, value in overrides.items():
-        if key not in values:
-            raise ProfileError(f"{key!r} is not a setting of profile {profile!r}; known: {', '.join(values)}")
+    declared = load_profile(profile)
+    values = dict(declared)
+    if settings_file is not None:
+        values.update(check_overrides(profile, declared, read_settings(settings_file, profile)))
+    for key, value in check_overrides(profile, declared, overrides).items():
         if value is not None:
             values[key] = value
     out = Path(run_dir) if run_dir is not None else RESULTS_DIR / "runs" / profile

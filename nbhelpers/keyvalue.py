@@ -75,10 +75,10 @@ def check_value(key: str, value: Any, expected: Any, raw: str | None = None) -> 
     ``key``, the expected type and the value given.  ``None`` always passes (it means: the default)."""
     if value is None or expected is None:
         return value
-    given = raw if raw is not None else repr(value)
+    given = repr(raw) if raw is not None else repr(value)
 
     def fail() -> AssignmentError:
-        return AssignmentError(f"{key} must be {type_name(expected)}, got {given!r}")
+        return AssignmentError(f"{key} must be {type_name(expected)}, got {given}")
 
     if isinstance(expected, tuple):
         inner = expected[1]

@@ -49,6 +49,23 @@ class Session:
         """Preprocessed image arrays (notebook 02 builds, later notebooks reuse)."""
         return self.run_dir / "cache"
 
+    @property
+    def preprocess_options(self) -> dict[str, Any]:
+        """The profile's preprocessing (CLAHE and its parameters) as ``PreprocessConfig`` fields,
+        for every training, grid and probe of the run; the image size goes separately
+        (``image_size=``), since presets carry one too."""
+        return {"clahe": self.clahe, "clip_limit": float(self.clip_limit), "tile_grid": self.tile_grid}
+
+    def grid_rows(self, groups: list[str] | None = None) -> list:
+        """The ablation grid's rows of ``groups`` (default: the profile's), each with the profile's
+        preprocessing under its own (a row that toggles CLAHE still wins)."""
+        from dataclasses import replace
+
+        from nbhelpers.ablation import load_grid
+
+        return [replace(row, preprocess={**self.preprocess_options, **row.preprocess})
+                for row in load_grid(groups=groups if groups is not None else self.ablation_groups)]
+
     def train_dir(self, model: str, tag: str = "") -> Path:
         """Checkpoints and logs of one training run of ``model`` (with an optional variant tag)."""
         return self.run_dir / "train" / (f"{model}-{tag}" if tag else model)
@@ -87,14 +104,16 @@ def _display(obj: Any) -> None:
 
 
 def start(profile: str, data_dir: str | None = None, run_dir: str | None = None, need_data: bool = True,
-          **overrides: Any) -> Session:
-    """Begin a notebook: resolve ``profile`` with the notebook's non-``None`` parameters, check the
-    data folder (unless ``need_data`` is false), seed everything, pick the device, print it all.
+          settings_file: str | None = None, **overrides: Any) -> Session:
+    """Begin a notebook: resolve ``profile`` (or the run's ``settings_file``, written by the
+    runner) with the notebook's non-``None`` parameters, check the data folder (unless
+    ``need_data`` is false), seed everything, pick the device, print it all.
 
     Raises :class:`nbhelpers.config.DataNotFoundError` or :class:`nbhelpers.config.ProfileError`
     with a message saying which setting to fix.
     """
-    settings = config.resolve(profile, data_dir_=data_dir, run_dir=run_dir, need_data=need_data, **overrides)
+    settings = config.resolve(profile, data_dir_=data_dir, run_dir=run_dir, need_data=need_data,
+                              settings_file=settings_file, **overrides)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(settings.seed)
     device = pick_device(settings.device)

@@ -1,15 +1,22 @@
 """Run the workbook: execute the ordered notebooks headlessly with papermill under one profile.
 
 ``python -m nbhelpers.run --profile smoke --data-dir /path/to/cxr-sources`` (or the ``workbook``
-console script) executes ``notebooks/NN_*.ipynb`` in order, passes each the parameters it
-declares, writes executed copies to ``results/runs/<profile>/`` and stops at the first
-failing notebook, naming it and the failing cell's error.
+console script) executes ``notebooks/NN_*.ipynb`` in order, writes executed copies to
+``results/runs/<profile>/`` and stops at the first failing notebook, naming it and the failing
+cell's error.
+
+**Overrides** (``-p clahe=false -p image_size=32``) are resolved once, before anything runs: each
+key must be a setting of the profile or a parameter that a selected notebook declares (else the
+run stops, naming the closest matches), and each value must have that setting's type.  The
+profile with its overrides is written to ``<run>/settings.json`` and every notebook reads it
+(parameter ``settings_file``), so a setting reaches every notebook that uses it, also those that
+do not declare it as a parameter; notebook-only parameters (``epochs``, ``errors``, ...) go to
+the notebooks that declare them.  ``workbook_run.json`` records which notebooks got which.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
@@ -17,11 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from nbhelpers import config
+from data_prep.atomic import write_text
+from nbhelpers import config, keyvalue
 
 NOTEBOOK_DIR = config.REPO_ROOT / "notebooks"
 #: Per-cell limit in seconds: generous for a GPU epoch loop, yet a hung kernel ends the run.
 DEFAULT_CELL_TIMEOUT = 4 * 3600
+#: Exit status for a setting that stops the run before anything runs (1: a notebook failed).
+EXIT_SETUP_ERROR = 2
 
 
 class NotebookFailed(RuntimeError):
@@ -60,18 +70,62 @@ def ensure_kernel(name: str = config.KERNEL_NAME) -> None:
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """Turn ``["epochs=3", "model='resnet50'"]`` into a dict; values are Python literals where
-    they parse as one, else plain strings (so ``model=resnet50`` works too)."""
-    out: dict[str, Any] = {}
+    """Turn ``["epochs=3", "model=resnet50"]`` into a dict without checking the keys (see
+    :func:`nbhelpers.keyvalue.parse_value` for how values read); :func:`resolve_overrides`
+    is the checked form the runner uses."""
+    return keyvalue.parse_assignments(pairs, flag="-p")
+
+
+def declared_parameters(notebooks: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """Per notebook name, the parameters its ``parameters`` cell declares with their defaults."""
+    import papermill as pm
+
+    return {nb.name: {k: v.get("default") for k, v in pm.inspect_notebook(str(nb)).items()} for nb in notebooks}
+
+
+@dataclass
+class ResolvedRun:
+    """The settings of one workbook run, resolved once: the profile's values with the overrides
+    applied (``values``), the overrides as given (``overrides``), and per notebook the
+    notebook-only parameters it receives (``notebook_parameters``)."""
+
+    values: dict[str, Any]
+    overrides: dict[str, Any]
+    notebook_parameters: dict[str, dict[str, Any]]
+
+    def applied_to(self, declared: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+        """Per override, the notebooks it reaches: all of them for a profile setting (through
+        ``settings.json``), those declaring it for a notebook-only parameter."""
+        return {key: sorted(declared) if key in self.values else
+                sorted(nb for nb, params in declared.items() if key in params) for key in self.overrides}
+
+
+def resolve_overrides(profile: str, pairs: Sequence[str], declared: dict[str, dict[str, Any]]) -> ResolvedRun:
+    """Resolve ``-p KEY=VALUE`` items for ``profile`` and the selected notebooks (``declared``,
+    from :func:`declared_parameters`), before anything runs.
+
+    Raises :class:`nbhelpers.keyvalue.AssignmentError` for a key that neither the profile nor any
+    selected notebook knows (naming close matches), for a runner option given as a parameter
+    (``profile``, ``data_dir``, ...) and for a value of the wrong type.
+    """
+    values = config.load_profile(profile)
+    schema: dict[str, Any] = dict(config.profile_schema(values))
+    for params in declared.values():
+        for key, default in params.items():
+            if key not in schema and key not in config.RUN_PARAMETERS:
+                schema[key] = config.NOTEBOOK_PARAMETERS.get(key, keyvalue.expected_type(default))
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"parameter {pair!r} is not of the form name=value")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
+        key = pair.partition("=")[0].strip()
+        if key in config.RUN_PARAMETERS:
+            flag = {"profile": "--profile", "data_dir": "--data-dir", "run_dir": "--out"}.get(key, "no flag: the runner writes it")
+            raise keyvalue.AssignmentError(f"-p {key}=... is the runner's own setting; use {flag}")
+    overrides = keyvalue.parse_assignments(
+        pairs, schema, what=f"a setting of profile {profile!r} nor a parameter of the selected notebooks", flag="-p")
+    resolved = dict(values)
+    resolved.update({k: v for k, v in overrides.items() if k in values and v is not None})
+    per_notebook = {nb: {k: v for k, v in overrides.items() if k in params and k not in values}
+                    for nb, params in declared.items()}
+    return ResolvedRun(values=resolved, overrides=overrides, notebook_parameters=per_notebook)
 
 
 def _failure_message(notebook: Path, output: Path, error: Exception) -> str:
@@ -82,12 +136,15 @@ def _failure_message(notebook: Path, output: Path, error: Exception) -> str:
     return f"notebook {notebook.name} failed{where}: {ename}: {evalue}\n  executed copy: {output}"
 
 
-def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], cell_timeout: int) -> float:
-    """Execute one notebook with papermill, passing only the parameters it declares; return
-    its wall time in seconds or raise :class:`NotebookFailed`."""
+def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], cell_timeout: int,
+                 declared: dict[str, Any] | None = None) -> float:
+    """Execute one notebook with papermill, passing only the parameters it declares (``declared``,
+    read from the notebook when not given); return its wall time in seconds or raise
+    :class:`NotebookFailed`."""
     import papermill as pm
 
-    declared = pm.inspect_notebook(str(notebook))
+    if declared is None:
+        declared = pm.inspect_notebook(str(notebook))
     passed = {k: v for k, v in parameters.items() if k in declared}
     start = time.perf_counter()
     try:
@@ -110,37 +167,51 @@ def run_workbook(
     data_dir: str | None = None,
     out_dir: Path | None = None,
     only: Sequence[str] = (),
-    overrides: dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
     cell_timeout: int = DEFAULT_CELL_TIMEOUT,
+    notebook_dir: Path = NOTEBOOK_DIR,
 ) -> list[NotebookResult]:
-    """Run the ordered notebooks under ``profile``; return one :class:`NotebookResult` each.
+    """Run the ordered notebooks of ``notebook_dir`` under ``profile`` with ``overrides``
+    (``KEY=VALUE`` items); return one :class:`NotebookResult` each.
 
-    Checks the profile and the data folder before anything runs, so a wrong setting fails in
-    a second rather than after an hour.  Raises :class:`NotebookFailed` at the first failure.
+    Checks the profile, the overrides (:func:`resolve_overrides`) and the data folder before
+    anything runs, so a wrong setting fails in a second rather than after an hour.  Writes the
+    resolved settings to ``<run>/settings.json`` for every notebook.  Raises
+    :class:`NotebookFailed` at the first failure.
     """
     config.load_profile(profile)
+    notebooks = ordered_notebooks(notebook_dir, only=only)
+    declared = declared_parameters(notebooks)
+    resolved = resolve_overrides(profile, overrides, declared)
     data = config.data_dir(data_dir)
     run_dir = (out_dir or config.RESULTS_DIR / "runs" / profile).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = config.write_settings(run_dir, profile, resolved.values, resolved.overrides)
     ensure_kernel()
-    notebooks = ordered_notebooks(only=only)
-    parameters = {"profile": profile, "data_dir": str(data), "run_dir": str(run_dir), **(overrides or {})}
+    base = {"profile": profile, "data_dir": str(data), "run_dir": str(run_dir), "settings_file": str(settings_file)}
+    for notebook in notebooks:
+        if "settings_file" not in declared[notebook.name]:
+            raise NotebookFailed(f"notebook {notebook.name} declares no settings_file parameter, so the run's "
+                                 "settings cannot reach it; add `settings_file = None` to its parameters cell")
     results: list[NotebookResult] = []
     for i, notebook in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {notebook.name} (profile {profile})", flush=True)
         output = run_dir / notebook.name
-        seconds = run_notebook(notebook, output, parameters, cell_timeout)
+        parameters = {**base, **resolved.notebook_parameters[notebook.name]}
+        seconds = run_notebook(notebook, output, parameters, cell_timeout, declared[notebook.name])
         print(f"[{i}/{len(notebooks)}] {notebook.name} done in {seconds:.0f} s -> {output}", flush=True)
         results.append(NotebookResult(notebook.name, output, seconds))
     summary = {
         "profile": profile,
         "data_dir": str(data),
-        "parameters": parameters,
+        "overrides": resolved.overrides,
+        "overrides_reach": resolved.applied_to(declared),
+        "settings": resolved.values,
         "notebooks": {r.name: round(r.seconds, 1) for r in results},
         "total_seconds": round(sum(r.seconds for r in results), 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    (run_dir / "workbook_run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(run_dir / "workbook_run.json", json.dumps(summary, indent=2, default=str) + "\n")
     return results
 
 
@@ -162,11 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"profile {name}: {values.get('description', '')}")
         return 0
     try:
-        results = run_workbook(args.profile, args.data_dir, args.out, args.only,
-                               parse_overrides(args.param), args.cell_timeout)
-    except (NotebookFailed, config.DataNotFoundError, config.ProfileError, FileNotFoundError, ValueError) as error:
+        results = run_workbook(args.profile, args.data_dir, args.out, args.only, args.param, args.cell_timeout)
+    except NotebookFailed as error:
         print(f"workbook: {error}", file=sys.stderr)
         return 1
+    except (config.DataNotFoundError, config.ProfileError, FileNotFoundError, ValueError) as error:
+        print(f"workbook: {error}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
     print(f"workbook: {len(results)} notebooks ran in {sum(r.seconds for r in results):.0f} s")
     return 0
 

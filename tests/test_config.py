@@ -76,3 +76,32 @@ def test_absent_gpu_is_a_clear_error(monkeypatch):
         pick_device("cuda")
     with pytest.raises(DeviceError, match="unknown device"):
         pick_device("tpu")
+
+
+def test_a_file_given_as_the_data_folder_is_named(tmp_path):
+    csv = tmp_path / "metadata.csv"
+    csv.write_text("x\n")
+    with pytest.raises(config.DataNotFoundError, match=r"is a file, not a folder"):
+        config.data_dir(csv)
+
+
+def test_resolve_checks_the_type_of_every_override(tmp_path):
+    # Before: image_size="abc" or clahe="no" passed into the settings and failed cells later.
+    with pytest.raises(config.ProfileError, match=r"image_size must be an integer, got 'abc'"):
+        config.resolve("smoke", need_data=False, image_size="abc")
+    with pytest.raises(config.ProfileError, match=r"clahe must be true or false"):
+        config.resolve("smoke", need_data=False, clahe="no")
+    assert config.resolve("smoke", need_data=False, min_age=None, clip_limit=3).clip_limit == 3.0
+    assert config.resolve("smoke", need_data=False, seeds=[0, 1]).seeds == [0, 1]
+
+
+def test_a_settings_file_replaces_the_profile_and_is_checked(tmp_path):
+    values = {**config.load_profile("smoke"), "clahe": False}
+    path = config.write_settings(tmp_path, "smoke", values, {"clahe": False})
+    assert config.resolve("smoke", need_data=False, settings_file=path).clahe is False
+    assert config.resolve("smoke", need_data=False, settings_file=path, clahe=True).clahe is True
+    with pytest.raises(config.ProfileError, match="missing or unreadable"):
+        config.resolve("smoke", need_data=False, settings_file=tmp_path / "absent.json")
+    path.write_text(path.read_text().replace('"clahe": false', '"clahe": "off"'))
+    with pytest.raises(config.ProfileError, match="clahe must be true or false"):
+        config.resolve("smoke", need_data=False, settings_file=path)

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
+
 import nbformat
 import pytest
 
-from nbhelpers import run
+from nbhelpers import config, keyvalue, run
 
 
 def _notebook(path, *sources, params="x = 1"):
@@ -16,10 +18,15 @@ def _notebook(path, *sources, params="x = 1"):
     return path
 
 
+@pytest.fixture(scope="module")
+def declared():
+    return run.declared_parameters(run.ordered_notebooks())
+
+
 def test_parse_overrides_reads_literals_and_plain_strings():
-    assert run.parse_overrides(["epochs=3", "model=resnet50", "lr=1e-3", "views=['PA']"]) == {
-        "epochs": 3, "model": "resnet50", "lr": 1e-3, "views": ["PA"]}
-    with pytest.raises(ValueError, match="name=value"):
+    assert run.parse_overrides(["epochs=3", "model=resnet50", "lr=1e-3", "views=['PA']", "clahe=False"]) == {
+        "epochs": 3, "model": "resnet50", "lr": 1e-3, "views": ["PA"], "clahe": False}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
         run.parse_overrides(["epochs"])
 
 
@@ -29,6 +36,63 @@ def test_notebooks_are_found_in_order():
     assert [p.name[:2] for p in run.ordered_notebooks(only=["04"])] == ["04"]
     with pytest.raises(FileNotFoundError):
         run.ordered_notebooks(only=["99"])
+
+
+def test_every_notebook_parameter_has_a_known_type_and_takes_the_run_settings(declared):
+    # A parameter the runner cannot type-check would let `-p name=garbage` through.
+    profile_keys = set(config.load_profile("full"))
+    for name, params in declared.items():
+        assert "settings_file" in params, name
+        unknown = set(params) - profile_keys - set(config.RUN_PARAMETERS) - set(config.NOTEBOOK_PARAMETERS)
+        assert not unknown, (name, unknown)
+        source = (config.REPO_ROOT / "notebooks" / name).read_text()
+        assert "settings_file=settings_file" in source, name
+
+
+def test_a_typo_stops_before_anything_runs_naming_the_close_match(declared):
+    with pytest.raises(keyvalue.AssignmentError, match=r"'epochz'.*did you mean epochs"):
+        run.resolve_overrides("smoke", ["epochz=3"], declared)
+    # epochs is a parameter of notebooks 04 and 06 only: with notebook 01 alone nothing knows it
+    only_01 = {k: v for k, v in declared.items() if k.startswith("01")}
+    with pytest.raises(keyvalue.AssignmentError, match="'epochs'"):
+        run.resolve_overrides("smoke", ["epochs=3"], only_01)
+    with pytest.raises(keyvalue.AssignmentError, match="--data-dir"):
+        run.resolve_overrides("smoke", ["data_dir=/x"], declared)
+
+
+def test_wrong_types_name_the_key_the_type_and_the_value(declared):
+    with pytest.raises(keyvalue.AssignmentError, match=r"image_size must be an integer, got 'abc'"):
+        run.resolve_overrides("smoke", ["image_size=abc"], declared)
+    with pytest.raises(keyvalue.AssignmentError, match=r"clahe must be true or false, got 'maybe'"):
+        run.resolve_overrides("smoke", ["clahe=maybe"], declared)
+    with pytest.raises(keyvalue.AssignmentError, match=r"epochs must be an integer, got '1.5'"):
+        run.resolve_overrides("smoke", ["epochs=1.5"], declared)
+
+
+def test_profile_overrides_reach_every_notebook_and_notebook_parameters_those_declaring_them(declared):
+    resolved = run.resolve_overrides("smoke", ["clahe=False", "image_size=32", "epochs=2", "pretrained=false",
+                                               "seeds=0,1"], declared)
+    assert resolved.values["clahe"] is False and resolved.values["image_size"] == 32
+    assert resolved.values["seeds"] == [0, 1]
+    reach = resolved.applied_to(declared)
+    assert reach["clahe"] == sorted(declared)  # through settings.json, also 04 which does not declare it
+    assert reach["epochs"] == ["04_training.ipynb", "06_ablations.ipynb"]
+    assert resolved.notebook_parameters["04_training.ipynb"] == {"epochs": 2, "pretrained": False}
+    assert resolved.notebook_parameters["01_data_curation.ipynb"] == {}
+
+
+def test_a_session_started_from_the_run_settings_sees_every_override(tmp_path, declared):
+    resolved = run.resolve_overrides("smoke", ["clahe=False", "image_size=32"], declared)
+    path = config.write_settings(tmp_path, "smoke", resolved.values, resolved.overrides)
+    from nbhelpers.notebook import start
+
+    s = start("smoke", run_dir=str(tmp_path), need_data=False, settings_file=str(path), model=None)
+    assert (s.clahe, s.image_size) == (False, 32)
+    assert s.preprocess_options["clahe"] is False
+    assert all(row.preprocess["clahe"] is False for row in s.grid_rows(["cbam"]))
+    assert {r.name: r.preprocess["clahe"] for r in s.grid_rows(["clahe"])} == {"cbam_clahe": True, "cbam_no_clahe": False}
+    with pytest.raises(config.ProfileError, match="written for profile 'smoke'"):
+        start("full", run_dir=str(tmp_path), need_data=False, settings_file=str(path))
 
 
 @pytest.mark.slow
@@ -42,9 +106,37 @@ def test_runner_passes_declared_parameters_and_names_the_failing_cell(tmp_path):
         run.run_notebook(bad, tmp_path / "out_bad.ipynb", {}, cell_timeout=120)
 
 
-def test_main_reports_a_missing_data_folder(monkeypatch, capsys, tmp_path):
+@pytest.mark.slow
+def test_an_override_reaches_a_notebook_that_does_not_declare_it(tmp_path):
+    # Before: `-p clahe=False -p image_size=32` reached only the notebook declaring them.
+    run.ensure_kernel()
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    params = ('profile = "smoke"\ndata_dir = None\nrun_dir = None\nsettings_file = None\n')
+    body = ("import json, pathlib\nfrom nbhelpers.notebook import start\n"
+            "s = start(profile, data_dir, run_dir, settings_file=settings_file{extra})\n"
+            "pathlib.Path(run_dir, '{name}.json').write_text(json.dumps([s.clahe, s.image_size]))")
+    _notebook(folder / "01_declares.ipynb", body.format(extra=", clahe=clahe, image_size=image_size", name="01"),
+              params=params + "clahe = None\nimage_size = None\n")
+    _notebook(folder / "02_does_not.ipynb", body.format(extra="", name="02"), params=params)
+    out = tmp_path / "run"
+    run.run_workbook("smoke", str(tmp_path), out, overrides=["clahe=False", "image_size=32"], cell_timeout=120,
+                     notebook_dir=folder)
+    for name in ("01", "02"):
+        assert json.loads((out / f"{name}.json").read_text()) == [False, 32], name
+    record = json.loads((out / "workbook_run.json").read_text())
+    assert record["overrides"] == {"clahe": False, "image_size": 32}
+    assert record["overrides_reach"]["clahe"] == ["01_declares.ipynb", "02_does_not.ipynb"]
+
+
+def test_main_reports_setup_mistakes_in_one_line_with_status_2(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("CXR_DATA_DIR", raising=False)
-    assert run.main(["--profile", "smoke", "--out", str(tmp_path)]) == 1
+    assert run.main(["--profile", "smoke", "--out", str(tmp_path)]) == 2
     assert "CXR_DATA_DIR" in capsys.readouterr().err
-    assert run.main(["--profile", "nope", "--data-dir", str(tmp_path)]) == 1
+    assert run.main(["--profile", "nope", "--data-dir", str(tmp_path)]) == 2
     assert "unknown profile" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert run.main(["--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(out), "-p", "epochz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "epochz" in err and "epochs" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing ran, nothing written

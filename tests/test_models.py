@@ -296,3 +296,17 @@ def test_grad_cam_runs_from_the_recorded_layers_alone(name):
     with GradCAM(model, cam_target_layers(model), reshape_transform=cam_reshape_transform(model)) as cam:
         maps = cam(x, targets=[ClassifierOutputTarget(i) for i in range(BATCH)])
     assert maps.shape == (BATCH, SIZE, SIZE) and np.isfinite(maps).all() and maps.max() > 0
+
+
+@pytest.mark.parametrize("size", [48, 100, 250])
+def test_hifuse_runs_at_sizes_that_are_not_multiples_of_32(size):
+    # Before: 48, 100 and 250 px stopped with "Sizes of tensors must match" in the fusion blocks.
+    net = create("hifuse_tiny", num_classes=3, in_chans=3, pretrained=False).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, size, size)).shape == (1, 3)
+
+
+def test_hifuse_names_the_smallest_size_it_takes():
+    net = create("hifuse_tiny", num_classes=3, in_chans=3, pretrained=False).eval()
+    with pytest.raises(ValueError, match="at least 4x4 px"):
+        net(torch.zeros(1, 3, 2, 2))

@@ -9,8 +9,9 @@ Three branches run side by side over four stages (1/4 ... 1/32 of the input):
   point-wise projections of the three inputs, an inverted-residual MLP and a shortcut.
 
 Classification pools the last HFF output.  The Swin blocks here pad their input to whole
-windows and shrink the window when a feature map is smaller than it, so the model runs at any
-input size (the tests use 64 px); at 224 px they behave as in the paper.
+windows and shrink the window when a feature map is smaller than it, and both branches pad odd
+feature maps before downsampling, so the model runs at any input size from 4 px (a test runs
+32-250 px, odd sizes too); at 224 px they behave as in the paper.
 """
 
 from __future__ import annotations
@@ -224,11 +225,16 @@ class HiFuse(nn.Module):
         self.head = nn.Linear(dims[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < PATCH:
+            raise ValueError(f"HiFuse needs images of at least {PATCH}x{PATCH} px, got {tuple(x.shape[-2:])}")
         local = self.local_stem(x)
         glob = self.global_norm(self.global_stem(x).permute(0, 2, 3, 1))  # (B, H, W, C)
         fused = None
         for i, hff in enumerate(self.fusion):
             if i:
+                # Odd maps are padded to even on both branches (patch merging pads too), so the
+                # two stay the same size at any input size, not only at multiples of 32.
+                local = F.pad(local, (0, local.shape[3] % 2, 0, local.shape[2] % 2))
                 local, glob = self.local_down[i - 1](local), self.global_down[i - 1](glob)
             local = self.local_stages[i](local)
             glob = self.global_stages[i](glob)

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from data_prep.atomic import write_text
 from data_prep.schema import CLASSES
 from nbhelpers.config import data_dir as resolve_data_dir
 from nbhelpers.data import AugmentPolicy, batches, to_model_input
@@ -114,8 +115,7 @@ def emit(lines: Sequence[str], out: Path | None) -> None:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        write_text(out, text)
 
 
 def bench_loader(

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 
+from data_prep.atomic import write_text, write_with
 from nbhelpers.config import RESULTS_DIR
 from nbhelpers.models import create, list_models, model_spec
 
@@ -230,9 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = [complexity_table(default_rows(), with_latency=latency_on),
                  complexity_table(SEED000_COMPARISON, image_size=448, with_latency=False)]
         table = pd.concat(parts, ignore_index=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out.with_suffix(".csv"), index=False, float_format="%.4g")
-    args.out.with_suffix(".md").write_text(_markdown(table, command.strip()))
+    write_with(args.out.with_suffix(".csv"), lambda p: table.to_csv(p, index=False, float_format="%.4g"))
+    write_text(args.out.with_suffix(".md"), _markdown(table, command.strip()))
     print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')} ({len(table)} rows)")
     return 0
 

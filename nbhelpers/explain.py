@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from data_prep.atomic import write_text, write_with
 from nbhelpers import lungs
 from data_prep.schema import CLASSES
 from nbhelpers.cam import cams_for_images, examples_per_class, randomisation_check
@@ -125,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"with lung boxes only); randomisation check on {n_sample} held-out images.")
     args.out.mkdir(parents=True, exist_ok=True)
     for name, table in ((f"{args.prefix}_lung_energy", summary), (f"{args.prefix}_randomisation", randomised)):
-        table.to_csv(args.out / f"{name}.csv", index=False)
-        (args.out / f"{name}.md").write_text(f"{header}\n\n{markdown_table(table, digits=3)}\n")
+        write_with(args.out / f"{name}.csv", lambda p, t=table: t.to_csv(p, index=False))
+        write_text(args.out / f"{name}.md", f"{header}\n\n{markdown_table(table, digits=3)}\n")
         print(table.round(3).to_string(index=False))
     for group, cams in figure_cams.items():
         from nbhelpers.plots import cam_comparison
@@ -134,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images, titles = figure_images[group], figure_titles[group]
         args.figures.mkdir(parents=True, exist_ok=True)
         figure = args.figures / f"{args.prefix}_{group}.png"
-        cam_comparison(images, cams, titles).savefig(figure, dpi=110, bbox_inches="tight")
+        fig = cam_comparison(images, cams, titles)
+        write_with(figure, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
         print(f"wrote {figure}")
     return 0
 

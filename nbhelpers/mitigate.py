@@ -37,6 +37,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from data_prep.atomic import write_text
+
 #: Long side (px) of the copy on which the lung box and the markers are searched.
 WORK_SIZE = 256
 #: Share of the image (per side, centred) whose Otsu level separates lung from body.
@@ -326,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report, encoding="utf-8")
+        write_text(args.out, report)
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from data_prep.atomic import write_text, write_with
 from nbhelpers import config
 from nbhelpers.device import pick_device
 from nbhelpers.train import seed_everything
@@ -72,26 +73,19 @@ class Session:
 
     def save_table(self, table: pd.DataFrame, name: str, show: bool = True) -> Path:
         """Write ``table`` to ``tables/<name>.csv`` and return the path; display it when ``show``."""
-        path = self.run_dir / "tables" / f"{name}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(path, index=False)
+        path = write_with(self.run_dir / "tables" / f"{name}.csv", lambda p: table.to_csv(p, index=False))
         if show:
             _display(table.head(SHOW_ROWS))
         return path
 
     def save_figure(self, fig, name: str) -> Path:
         """Write matplotlib figure ``fig`` to ``figures/<name>.png`` and return the path."""
-        path = self.run_dir / "figures" / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        return path
+        return write_with(self.run_dir / "figures" / f"{name}.png",
+                          lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
 
     def save_json(self, data: dict[str, Any], name: str) -> Path:
         """Write ``data`` as ``<name>.json`` in the run folder and return the path."""
-        path = self.run_dir / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        return path
+        return write_text(self.run_dir / f"{name}.json", json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _display(obj: Any) -> None:

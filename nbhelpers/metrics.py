@@ -12,15 +12,18 @@ scikit-learn: over the classes present in the labels or predictions, undefined s
 precision and F1 counting as 0.  A class absent from ``y_true`` has no AUC and is left out of
 the macro AUC (where scikit-learn refuses to compute one).
 
-Uncertainty: :func:`bootstrap_ci` resamples the test images with replacement (percentile
-interval, 1,000 resamples, one seed); :func:`aggregate` summarises several runs (seeds or folds)
+Uncertainty: :func:`bootstrap_ci` resamples the test set with replacement (percentile interval,
+1,000 resamples, one seed).  Given each image's patient (``groups``) it resamples **patients**
+with all their images (a cluster bootstrap, :func:`resample_indices`): films of one patient are
+not independent, and many ieee8023 patients have several, so an interval that resamples images
+is too narrow.  :func:`aggregate` summarises several runs (seeds or folds)
 as mean ± sample standard deviation, the way seed 002's tables do.  Calibration:
 :func:`calibration_bins` (reliability diagram) and :func:`expected_calibration_error`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -175,6 +178,38 @@ def summary(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...] = CL
     return out
 
 
+def resample_indices(n_items: int, n_boot: int, rng: np.random.Generator,
+                     groups: Sequence | np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Yield ``n_boot`` bootstrap resamples of ``range(n_items)`` as index arrays.
+
+    Without ``groups`` each resample draws ``n_items`` indices with replacement.  With
+    ``groups`` (one label per item, e.g. the patient of each test image) it draws as many groups
+    as there are, with replacement, and takes every item of each drawn group (cluster
+    bootstrap), so a resample's size varies with the patients drawn.  Raises ValueError when
+    ``groups`` does not have one label per item.
+    """
+    if groups is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n_items, n_items)
+        return
+    labels = np.asarray(groups)
+    if len(labels) != n_items:
+        raise ValueError(f"groups has {len(labels)} labels for {n_items} items; give one per item")
+    _, inverse = np.unique(labels.astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
+    members = [order[bounds[k]:bounds[k + 1]] for k in range(len(bounds) - 1)]
+    sizes = np.diff(bounds)
+    for _ in range(n_boot):
+        picks = rng.integers(0, len(members), len(members))
+        out = np.empty(int(sizes[picks].sum()), dtype=np.int64)
+        at = 0
+        for k in picks:
+            out[at:at + sizes[k]] = members[k]
+            at += sizes[k]
+        yield out
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -182,15 +217,19 @@ def bootstrap_ci(
     n: int = N_BOOTSTRAP,
     seed: int = 0,
     level: float = CI_LEVEL,
+    groups: Sequence | np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Percentile bootstrap confidence intervals of every metric ``metric_fn`` returns.
 
     ``metric_fn(y_true, probs) -> {name: value}`` (default :func:`summary`) is applied to the
-    full data (``value``) and to ``n`` resamples of the images drawn with replacement from
-    ``numpy.random.default_rng(seed)``; ``low`` / ``high`` are the (1 - level) / 2 and
-    (1 + level) / 2 quantiles of the resampled values (NaN resamples, e.g. an AUC for a class
-    missing from a resample, are ignored).  Returns one row per metric: metric, value, low,
-    high, level, n_boot.  Raises ValueError for ``n < 1`` or ``level`` outside (0, 1).
+    full data (``value``) and to ``n`` resamples drawn with replacement from
+    ``numpy.random.default_rng(seed)``: of the images, or, given ``groups`` (each image's
+    patient), of the patients with all their images (:func:`resample_indices`).  ``low`` /
+    ``high`` are the (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled values (NaN
+    resamples, e.g. an AUC for a class missing from a resample, are ignored).  Returns one row
+    per metric: metric, value, low, high, level, n_boot, unit (``image`` or ``patient``) and
+    clusters (the number of distinct images or patients resampled).  Raises ValueError for
+    ``n < 1`` or ``level`` outside (0, 1).
     """
     if n < 1:
         raise ValueError(f"bootstrap needs n >= 1 resamples, got {n}")
@@ -200,8 +239,7 @@ def bootstrap_ci(
     point = metric_fn(y_true, probs)
     rng = np.random.default_rng(seed)
     draws = {key: np.empty(n) for key in point}
-    for i in range(n):
-        idx = rng.integers(0, len(y_true), len(y_true))
+    for i, idx in enumerate(resample_indices(len(y_true), n, rng, groups)):
         for key, value in metric_fn(y_true[idx], probs[idx]).items():
             draws[key][i] = value
     tail = (1.0 - level) / 2 * 100
@@ -210,17 +248,19 @@ def bootstrap_ci(
         finite = draws[key][np.isfinite(draws[key])]
         low, high = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan, np.nan)
         rows.append({"metric": key, "value": float(value), "low": float(low), "high": float(high), "level": level,
-                     "n_boot": n})
+                     "n_boot": n, "unit": "image" if groups is None else "patient",
+                     "clusters": len(y_true) if groups is None else len(set(map(str, groups)))})
     return pd.DataFrame(rows)
 
 
 def summary_with_ci(
     y_true: np.ndarray, probs: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0, level: float = CI_LEVEL,
-    classes: tuple[str, ...] = CLASSES,
+    classes: tuple[str, ...] = CLASSES, groups: Sequence | np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """:func:`summary` with bootstrap confidence intervals (see :func:`bootstrap_ci`); the
-    sample size ``n`` row is left out (it does not vary)."""
-    table = bootstrap_ci(y_true, probs, lambda y, p: summary(y, p, classes), n=n, seed=seed, level=level)
+    """:func:`summary` with bootstrap confidence intervals (see :func:`bootstrap_ci`; pass each
+    image's patient as ``groups`` to resample patients); the sample size ``n`` row is left out."""
+    table = bootstrap_ci(y_true, probs, lambda y, p: summary(y, p, classes), n=n, seed=seed, level=level,
+                         groups=groups)
     return table[table["metric"] != "n"].reset_index(drop=True)
 
 

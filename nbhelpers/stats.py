@@ -1,0 +1,109 @@
+"""Paired tests and multiplicity for comparing two models on the same test images.
+
+The statistical unit is named everywhere: a test image is scored once per seed, so pooling its
+calls over seeds would count one image several times (pseudo-replication).  These functions
+take one value per **image** (seed-averaged where there are several seeds) and, where images
+share a patient, flip or resample whole **patients**:
+
+* :func:`mcnemar_exact`: McNemar's exact (binomial) test for one seed's discordant images;
+* :func:`sign_flip_test`: a paired permutation test of the mean difference over images (e.g.
+  seed-averaged correctness of variant minus baseline): under the null the sign of each
+  patient's summed difference is a coin flip.  Exact (all 2^k sign patterns) for up to
+  :data:`EXACT_MAX` patients with a non-zero difference, else Monte Carlo;
+* :func:`holm`: Holm's step-down adjustment of the p-values of one family (an ablation group),
+  which controls the family-wise error rate without assuming independence.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+from typing import Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+#: Largest number of non-zero patients for which every sign pattern is enumerated (2^16 = 65,536).
+EXACT_MAX = 16
+#: Monte Carlo sign patterns above :data:`EXACT_MAX` (p-values then carry about 0.002 of noise).
+N_PERMUTATIONS = 20_000
+
+
+def mcnemar_exact(better: int, worse: int) -> float:
+    """Two-sided exact McNemar p-value for ``better`` images that only the variant got right and
+    ``worse`` that only the baseline did (1.0 when there are none)."""
+    if better + worse == 0:
+        return 1.0
+    return float(sps.binomtest(min(better, worse), better + worse, 0.5).pvalue)
+
+
+def _cluster_sums(diffs: np.ndarray, groups: Sequence | np.ndarray | None) -> np.ndarray:
+    if groups is None:
+        return diffs
+    labels = np.asarray(groups).astype(str)
+    if len(labels) != len(diffs):
+        raise ValueError(f"groups has {len(labels)} labels for {len(diffs)} differences; give one per image")
+    _, inverse = np.unique(labels, return_inverse=True)
+    return np.bincount(inverse, weights=diffs)
+
+
+def sign_flip_test(diffs: Sequence[float] | np.ndarray, groups: Sequence | np.ndarray | None = None,
+                   n_perm: int = N_PERMUTATIONS, seed: int = 0) -> float:
+    """Two-sided p-value of a paired sign-flip permutation test that the mean of ``diffs`` is 0.
+
+    ``diffs`` holds one difference per image (variant minus baseline, e.g. seed-averaged
+    correctness in [-1, 1]); with ``groups`` (each image's patient) the signs flip per patient,
+    since a patient's films are not independent.  The statistic is the absolute total; the
+    p-value counts sign patterns at least as extreme as the observed one (the observed pattern
+    included, so it is never 0).  Exact up to :data:`EXACT_MAX` non-zero patients, else
+    ``n_perm`` random patterns from ``seed``.  Returns 1.0 when every difference is 0.
+    """
+    sums = _cluster_sums(np.asarray(diffs, dtype=float), groups)
+    sums = sums[np.abs(sums) > 1e-12]
+    if len(sums) == 0:
+        return 1.0
+    observed = abs(sums.sum()) - 1e-9  # tolerance: equal totals count as "as extreme"
+    if len(sums) <= EXACT_MAX:
+        signs = np.array(list(product((1.0, -1.0), repeat=len(sums))))
+        totals = np.abs(signs @ sums)
+        return float((totals >= observed).mean())
+    rng = np.random.default_rng(seed)
+    signs = rng.choice((1.0, -1.0), size=(n_perm, len(sums)))
+    totals = np.abs(signs @ sums)
+    return float(((totals >= observed).sum() + 1) / (n_perm + 1))
+
+
+def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm-adjusted p-values (same order as given; NaN stays NaN and is not counted).
+
+    The smallest of m p-values is multiplied by m, the next by m - 1, ..., with the running
+    maximum taken so adjusted values never decrease, and capped at 1.
+    """
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    m = len(valid)
+    if m == 0:
+        return out
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def wilson(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: ``successes`` of ``n`` distinct items (a
+    seed-averaged count may be fractional); exact at 0 % and 100 %, NaN for n = 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = sps.norm.ppf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    if successes <= 0:
+        low = 0.0
+    if successes >= n:
+        high = 1.0
+    return float(low), float(high)

@@ -1,8 +1,10 @@
 """Command line: ``python -m data_prep --data-dir D --out O [--per-class N --balance down --seed S ...]``.
 
 Loads the sources, curates the balanced set and writes ``manifest.csv``, ``dropped.csv`` and
-``summary.json`` to ``--out``, then prints the summary.  Exit status 2 with a one-line message on
-a data problem (missing folder, short class, malformed metadata).
+``summary.json`` together to ``--out``, then prints the summary; warnings (a truncated or unpinned
+metadata file, a split without every class) go to stderr, one line each, and into the summary.
+Exit status 2 with a one-line message on a data problem (missing or misnamed folder, short class,
+empty, non-UTF-8 or malformed metadata); 1 when the outputs cannot be written.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nbhelpers.config import DataNotFoundError, data_dir as resolve_data_dir
+from data_prep.atomic import WriteError
 from data_prep.curate import (
     BALANCE_MODES,
     DEFAULT_PHASH_DISTANCE,
@@ -26,6 +29,7 @@ from data_prep.curate import (
 from data_prep.sources import SOURCES, SourceFormatError
 
 EXIT_DATA_ERROR = 2
+EXIT_WRITE_ERROR = 1
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataNotFoundError, ClassShortageError, SourceFormatError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DATA_ERROR
+    except WriteError as err:  # disk full, read-only folder: the previous outputs are left whole
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_WRITE_ERROR
     print(json.dumps(result.summary, indent=2))
     print(f"wrote {args.out / 'manifest.csv'}, {args.out / 'dropped.csv'}, {args.out / 'summary.json'}", file=sys.stderr)
     return 0

@@ -5,7 +5,10 @@ Actualmed, and random RSNA pneumonia and normal films: 475 per class, split 7:1:
 keep its choices as defaults where they are clear and correct them where they mislabel or leak:
 an explicit finding -> class mapping (Actualmed/Figure1 normals are normal, inconclusive rows are
 dropped), X-ray only, frontal views only, adults only, exact and near-duplicate removal, and a
-split grouped by patient.  Every removed image is listed with its reason.
+split grouped by patient.  Every removed image is listed with its reason (:data:`DROP_REASONS`,
+including the metadata problems :func:`data_prep.sources.load_table` found), and a split left
+without an image of some class is named in the summary's ``warnings``.  The three outputs are
+written together, so an interrupted run leaves the previous set whole.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_prep.atomic import replace_together
 from data_prep.fingerprint import near_pairs, phash_many
 from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS, TABLE_COLUMNS
 from data_prep.sources import DROP_COLUMNS, SOURCES, Report, load_table
@@ -57,7 +61,10 @@ BALANCE_MODES = ("strict", "down")
 
 #: Every reason an image leaves the set, in the order the steps run.
 DROP_REASONS: tuple[str, ...] = (
+    "malformed_row",  # a metadata row with the wrong number of fields or cut off (from load_table)
     "duplicate_row",  # a metadata row repeating another row's image (from load_table)
+    "conflicting_rows",  # rows listing one image with different labels or patients (from load_table)
+    "unsafe_path",  # a metadata path leaving its source folder: '..', absolute, a symlink out (from load_table)
     "missing_image",  # metadata row whose image file is absent (from load_table)
     "not_xray",
     "view",
@@ -71,6 +78,9 @@ DROP_REASONS: tuple[str, ...] = (
     "balance",
 )
 VERSIONED_PACKAGES = ("cxr-workbook", "numpy", "pandas", "pillow", "imagehash", "pydicom")
+#: What each split is for, said when a split lacks a class.
+SPLIT_PURPOSE = {"train": "train on every class", "val": "select a checkpoint", "test": "evaluate every class"}
+OUTPUT_FILES = ("manifest.csv", "dropped.csv", "summary.json")
 
 
 class ClassShortageError(ValueError):
@@ -324,7 +334,9 @@ def curate(
     Images are decoded (to find unreadable files and perceptual hashes) from ``data_dir``, which
     defaults to the folder ``load_table`` recorded in ``table.attrs``.  Rows ``load_table`` skipped
     (``report.skipped``) are carried into ``dropped``.  Returns the manifest (``MANIFEST_COLUMNS``,
-    sorted by split, class, image_id), every dropped image with its reason, and a summary.
+    sorted by split, class, image_id), every dropped image with its reason, and a summary whose
+    ``warnings`` list the report's warnings and every split too small for its job
+    (:func:`split_warnings`; also printed to stderr).
     Raises :class:`ClassShortageError` under ``balance="strict"`` when a class is short, KeyError
     when ``table`` lacks schema columns, ValueError when images must be decoded but no data
     directory is known.
@@ -364,11 +376,38 @@ def curate(
     check_no_leak(manifest)
     manifest = _sort_manifest(manifest)
 
+    warnings = split_warnings(manifest, params, n)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
     dropped = pd.DataFrame(drops, columns=list(DROP_COLUMNS))
     dropped["_order"] = dropped["reason"].map({r: i for i, r in enumerate(DROP_REASONS)})
     dropped = dropped.sort_values(["_order", "image_id"], kind="stable").drop(columns="_order").reset_index(drop=True)
-    summary = _summary(table, available, manifest, dropped, params, n, note, report)
+    warnings = (list(report.warnings) if report is not None else []) + warnings
+    summary = _summary(table, available, manifest, dropped, params, n, note, report, warnings)
     return CurationResult(manifest=manifest, dropped=dropped, summary=summary)
+
+
+def split_warnings(manifest: pd.DataFrame, params: CurationParams, per_class: int) -> list[str]:
+    """One line per split of ``manifest`` that lacks a class (or is empty), naming its size and the fix.
+
+    Such a split cannot do its job: an empty test set evaluates nothing, and a validation set
+    without an image of every class cannot select a checkpoint by per-class scores.  The fix is
+    more images per class or a larger share for that split (``params.split``).
+    """
+    out = []
+    for k, split in enumerate(SPLITS):
+        rows = manifest[manifest["split"] == split]
+        counts = {c: int((rows["label"] == c).sum()) for c in CLASSES}
+        if min(counts.values()) >= 1:
+            continue
+        shown = ", ".join(f"{c}={v}" for c, v in counts.items())
+        out.append(
+            f"split {split!r} has {len(rows)} image(s) ({shown}): too few to {SPLIT_PURPOSE[split]}; "
+            f"raise per_class (now {per_class}) or give {split} a larger share than {params.split[k]:g} "
+            f"(split={tuple(params.split)})"
+        )
+    return out
 
 
 def _sort_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -389,6 +428,7 @@ def _summary(
     n: int,
     note: str,
     report: Report | None,
+    warnings: list[str],
 ) -> dict[str, object]:
     source_of = dropped["image_id"].str.split(":", n=1).str[0]
     paper = paper_labels(table)
@@ -403,6 +443,7 @@ def _summary(
             if report is not None else {}
         ),
         "sources_absent": list(report.absent) if report is not None else [],
+        "warnings": warnings,
         "table_rows": int(len(table)),
         "dropped": {r: int((dropped["reason"] == r).sum()) for r in DROP_REASONS if (dropped["reason"] == r).any()},
         "dropped_by_source": _nested_counts(dropped.assign(source=source_of), ["reason", "source"]),
@@ -426,13 +467,23 @@ def _summary(
 
 
 def write_outputs(result: CurationResult, out_dir: Path) -> dict[str, Path]:
-    """Write ``manifest.csv``, ``dropped.csv`` and ``summary.json`` to ``out_dir``; byte-identical for equal results."""
+    """Write ``manifest.csv``, ``dropped.csv`` and ``summary.json`` to ``out_dir``; return their paths.
+
+    Byte-identical for equal results.  The three files are written together
+    (:func:`data_prep.atomic.replace_together`): a failure or a kill while writing leaves the
+    previous set as it was, never a new manifest beside an old summary.  Raises
+    :class:`data_prep.atomic.WriteError` naming the file when the disk is full or the folder not
+    writable.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / name for name in ("manifest.csv", "dropped.csv", "summary.json")}
-    result.manifest.to_csv(paths["manifest.csv"], index=False, lineterminator="\n", float_format="%g")
-    result.dropped.to_csv(paths["dropped.csv"], index=False, lineterminator="\n")
-    paths["summary.json"].write_text(json.dumps(result.summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    paths = {name: out_dir / name for name in OUTPUT_FILES}
+    summary = json.dumps(result.summary, indent=2, sort_keys=False) + "\n"  # fails before any file is touched
+    writers = {
+        paths["manifest.csv"]: lambda tmp: result.manifest.to_csv(tmp, index=False, lineterminator="\n", float_format="%g"),
+        paths["dropped.csv"]: lambda tmp: result.dropped.to_csv(tmp, index=False, lineterminator="\n"),
+        paths["summary.json"]: lambda tmp: tmp.write_bytes(summary.encode("utf-8")),
+    }
+    replace_together(writers)
     return paths
 
 

@@ -115,8 +115,8 @@ def test_cbam_switches_add_exactly_their_parameters():
 
 
 def test_lgfnet_variants_grow_as_the_ablation_table_adds_parts():
-    counts = {v: n_params(create("lgfnet", variant=v)) for v in ("mobilenetv2", "dual", "dual_mscam", "dual_msa", "full")}
-    assert counts["mobilenetv2"] < counts["dual"] < counts["dual_mscam"] < counts["full"]
+    counts = {v: n_params(create("lgfnet", variant=v)) for v in ("local_only", "dual", "dual_mscam", "dual_msa", "full")}
+    assert counts["local_only"] < counts["dual"] < counts["dual_mscam"] < counts["full"]
     assert counts["dual"] < counts["dual_msa"] < counts["full"]
     # MSCAM and MSA are independent additions: their parameter costs add up.
     assert counts["full"] - counts["dual"] == (counts["dual_mscam"] - counts["dual"]) + (counts["dual_msa"] - counts["dual"])

@@ -6,12 +6,15 @@ global block in the style of MobileViT (local conv, unfold into patches, multi-h
 self-attention, fold).  A fusion block adds the two and re-weights the sum with MSCAM.  Global
 average pooling and a linear layer classify.  The paper trains at 448x448.
 
-The paper's ablation rows (Table 5) are the ``variant`` option:
+The paper's ablation rows (2)-(5) of Table 5 are the ``variant`` option; its row (1) is the real
+MobileNetV2 (the ``mobilenetv2`` model), which the ``local_only`` variant is not: it keeps this
+net's stage widths and depths and drops the global branch.
 
 ========== ============================================================ ====================
 variant    what it builds                                               Table 5 row
 ========== ============================================================ ====================
-mobilenetv2 local branch only, plain MobileNetV2 blocks (3x3, no ECA)   (1) MobileNetV2
+local_only  local branch only, plain MobileNetV2-style blocks (3x3,     (none: the paper's
+            no ECA), on this net's stage widths                          (1) is MobileNetV2)
 dual        both branches, global block without MSA, fusion = sum       (2) basic network
 dual_mscam  ``dual`` with MSCAM in the fusion block                     (3) + MSCAM
 dual_msa    ``dual`` with MSA in the global block                       (4) + MSA
@@ -63,7 +66,7 @@ MLP_RATIO = 2
 INPUT_SIZE = 448
 
 VARIANTS: dict[str, dict[str, bool]] = {
-    "mobilenetv2": {"dual": False, "mscam": False, "msa": False},
+    "local_only": {"dual": False, "mscam": False, "msa": False},
     "dual": {"dual": True, "mscam": False, "msa": False},
     "dual_mscam": {"dual": True, "mscam": True, "msa": False},
     "dual_msa": {"dual": True, "mscam": False, "msa": True},

@@ -256,6 +256,8 @@ def probe_manifest(
     if need:
         raise KeyError(f"manifest lacks column(s) {need} needed by the source probe")
     labels = [label] if isinstance(label, str) else list(label)
+    if len(labels) == 1:
+        label = labels[0]  # ["normal"] (a command line's one choice) is the single-class probe
     unknown = sorted(set(labels) - set(CLASSES))
     if unknown or not labels:
         raise ProbeError(f"unknown class(es) {unknown or labels} for the source probe; use some of {CLASSES}")
@@ -310,6 +312,42 @@ def _split_probe(table: pd.DataFrame, ratios: Sequence[float], seed: int) -> pd.
     return table
 
 
+def _probe_plan(
+    manifest: pd.DataFrame | Path | str, label: str | Sequence[str], sources: Sequence[str] | None, model: str,
+    preset: str, seed: int, image_size: int | None, epochs: int | None, balance: bool, max_per_group: int | None,
+    preprocess: dict[str, Any] | None, overrides: dict[str, Any],
+):
+    """The probe's manifest, groups and :class:`nbhelpers.train.RunPlan` (nothing trained or cached)."""
+    from nbhelpers.train import plan_run
+
+    table, groups = probe_manifest(_read_table(manifest, "manifest"), label, sources, balance, max_per_group, seed=seed)
+    sizes = {"size": image_size} if image_size is not None else {}
+    plan = plan_run(model, table, preset, seed, None, {**sizes, **(preprocess or {})}, epochs=epochs, **overrides)
+    plan.provenance["task"] = "source probe"  # a two-output model: never the same run as a diagnosis one
+    return table, groups, plan
+
+
+def probe_provenance(
+    manifest: pd.DataFrame | Path | str,
+    label: str | Sequence[str] = "normal",
+    sources: Sequence[str] | None = None,
+    model: str = "densenet121",
+    preset: str = "smoke",
+    seed: int = 0,
+    image_size: int | None = None,
+    epochs: int | None = None,
+    balance: bool = True,
+    max_per_group: int | None = None,
+    preprocess: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The :func:`nbhelpers.train.run_provenance` record of the probe :func:`source_probe` with
+    these arguments would train (its manifest hash covers the label, groups, balancing, cap and
+    seed), plus ``task``; nothing is trained.  Raises as :func:`source_probe` before training."""
+    return _probe_plan(manifest, label, sources, model, preset, seed, image_size, epochs, balance, max_per_group,
+                       preprocess, overrides)[2].provenance
+
+
 def source_probe(
     manifest: pd.DataFrame | Path | str,
     data_dir: Path | str | None,
@@ -337,44 +375,49 @@ def source_probe(
     :class:`~nbhelpers.preprocess.PreprocessConfig` fields, e.g. ``{"lung_crop": True}`` to probe
     a mitigation) under ``out_dir/cache``, trains a
     two-output ``model`` from preset ``preset`` (``epochs`` and ``overrides`` change single
-    settings, as in :func:`nbhelpers.train.train_run`) with :func:`nbhelpers.train.fit` into
-    ``out_dir/run``, and scores the best-validation checkpoint once on the probe's test split.
-    Returns (and writes as ``probe.json``) the groups, split counts, settings, and ``test``:
-    n, balanced_accuracy with a bootstrap interval (low, high), accuracy, AUC, chance (0.5);
-    ``probe_predictions.csv`` holds each test image's source, group, prediction and p_group1.
-    Raises ProbeError for an unusable manifest, ValueError for a loss the two-output model
-    cannot use, and the trainer's and model zoo's errors for an unknown preset, setting or model.
+    settings, checked for type, as in :func:`nbhelpers.train.train_run`) with
+    :func:`nbhelpers.train.fit` into ``out_dir/run`` (afresh: an earlier probe's results there
+    are removed first), and scores the best-validation checkpoint once on the probe's test split.
+    Returns (and writes atomically as ``probe.json``) the groups, split counts, settings,
+    ``provenance`` (:func:`probe_provenance`), and ``test``: n, balanced_accuracy with a
+    bootstrap interval (low, high), accuracy, AUC, chance (0.5); ``probe_predictions.csv`` holds
+    each test image's source, group, prediction and p_group1.  Raises ProbeError for an unusable
+    manifest, ValueError for a loss the two-output model cannot use or a setting of the wrong
+    type, and the trainer's and model zoo's errors for an unknown preset, setting or model.
     """
+    from data_prep import atomic
     from nbhelpers import models
     from nbhelpers.config import data_dir as resolve_data_dir
     from nbhelpers.device import describe, pick_device
-    from nbhelpers.preprocess import PreprocessConfig, build_cache
-    from nbhelpers.train import (BEST_NAME, _jsonable, config_from_preset, fit, load_checkpoint, predict,
-                                 seed_everything)
+    from nbhelpers.preprocess import build_cache
+    from nbhelpers.train import BEST_NAME, _jsonable, fit, load_checkpoint, predict, seed_everything
 
-    cfg, extras = config_from_preset(preset, seed=seed, epochs=epochs, **overrides)
+    table, groups, plan = _probe_plan(manifest, label, sources, model, preset, seed, image_size, epochs, balance,
+                                      max_per_group, preprocess, dict(overrides))
+    cfg, extras, pcfg = plan.cfg, plan.extras, plan.preprocess
     if cfg.loss not in PROBE_LOSSES:
         raise ValueError(f"the source probe trains two outputs; loss {cfg.loss!r} is not supported, use one of {PROBE_LOSSES}")
-    table, groups = probe_manifest(_read_table(manifest, "manifest"), label, sources, balance, max_per_group, seed=seed)
     source_dir = resolve_data_dir(data_dir)
     out_dir = Path(out_dir)
-    size = int(image_size if image_size is not None else extras["image_size"])
+    size = pcfg.size
     torch_device = pick_device(str(device), verbose=progress)
     seed_everything(cfg.seed)
-    net = models.create(model, num_classes=2, in_chans=cfg.in_chans, pretrained=bool(extras.get("pretrained", False)))
-    pcfg = PreprocessConfig(**{"size": size, **(preprocess or {})})
+    net = models.create(model, num_classes=2, in_chans=cfg.in_chans, pretrained=extras["pretrained"])
+    for name in (PROBE_JSON, PROBE_PREDICTIONS):  # an earlier probe's results must not outlive this one's start
+        (out_dir / name).unlink(missing_ok=True)
     cache = build_cache(table, source_dir, out_dir / PROBE_CACHE_DIR, pcfg, progress=progress)
     meta = {"model": model, "task": "source probe", "label": label, "groups": groups}
     fit(net, cache.split("train"), cache.split("val"), cfg, out_dir / PROBE_RUN_DIR, torch_device, meta=meta,
-        progress=progress)
+        progress=progress, provenance=plan.provenance)
     best = load_checkpoint(out_dir / PROBE_RUN_DIR / BEST_NAME, net, torch_device)
     test = cache.split("test")
     probs = predict(net, test, torch_device, batch_size=cfg.batch_size, in_chans=cfg.in_chans)
     y, pred = np.asarray(test.labels), probs.argmax(1)
     ci = _scores_with_ci(y, pred, n_boot, cfg.seed, level)
     by_id = table.set_index("image_id")
-    pd.DataFrame({"image_id": test.image_ids, "source": by_id.loc[test.image_ids, "source"].to_numpy(),
-                  "group": y, "pred": pred, "p_group1": probs[:, 1]}).to_csv(out_dir / PROBE_PREDICTIONS, index=False)
+    predictions = pd.DataFrame({"image_id": test.image_ids, "source": by_id.loc[test.image_ids, "source"].to_numpy(),
+                                "group": y, "pred": pred, "p_group1": probs[:, 1]})
+    atomic.write_with(out_dir / PROBE_PREDICTIONS, lambda tmp: predictions.to_csv(tmp, index=False))
     names = list(groups)
     result = {
         "label": label if isinstance(label, str) else "+".join(label),
@@ -382,7 +425,7 @@ def source_probe(
         "counts": {s: {names[g]: int(((table["split"] == s) & (table["group"] == g)).sum()) for g in (0, 1)}
                    for s in ("train", "val", "test")},
         "model": model, "preset": preset, "seed": cfg.seed, "image_size": size, "config": asdict(cfg),
-        "preprocess": asdict(pcfg),
+        "preprocess": asdict(pcfg), "provenance": plan.provenance,
         "balance": balance, "max_per_group": max_per_group, "device": describe(torch_device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
@@ -392,7 +435,7 @@ def source_probe(
                  "auc": M.binary_auc(y == 1, probs[:, 1]), "chance": CHANCE},
     }
     result = _jsonable(result)
-    (out_dir / PROBE_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_text(out_dir / PROBE_JSON, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -460,11 +503,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the probe or write a run's audit tables, print the result; return 0, or
-    :data:`EXIT_SETUP_ERROR` with a one-line message for a setup mistake."""
-    from nbhelpers.device import DeviceError
-    from nbhelpers.models import PretrainedWeightsError, UnknownModelError
-    from nbhelpers.presets import PresetError
-    from nbhelpers.train import PREDICTIONS_NAME, _pairs
+    :data:`EXIT_SETUP_ERROR` with a one-line message for a setup mistake (those of
+    :func:`nbhelpers.train.setup_errors` and ProbeError).  ``--set`` values are typed by the
+    setting they change (``pretrained=false`` is False), ``--preprocess`` values by the
+    PreprocessConfig field."""
+    from nbhelpers.train import PREDICTIONS_NAME, one_line, parse_preprocess, parse_set, setup_errors
 
     args = parse_args(argv)
     try:
@@ -473,8 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = source_probe(args.manifest, args.data_dir, args.out, label=label, sources=args.sources,
                                   model=args.model, preset=args.preset, seed=args.seed, image_size=args.image_size,
                                   device=args.device, balance=not args.no_balance, max_per_group=args.max_per_group,
-                                  n_boot=args.n_boot, preprocess=_pairs(args.preprocess, "--preprocess"),
-                                  **_pairs(args.set, "--set"))
+                                  n_boot=args.n_boot, preprocess=parse_preprocess(args.preprocess),
+                                  **parse_set(args.set))
             print(json.dumps({"label": result["label"], "groups": result["groups"], **result["test"]}, indent=2))
             print(f"probe written to {args.out}")
             return 0
@@ -485,8 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             table.to_csv(args.out / name, index=False)
             print(f"{name}:\n{table.to_string(index=False)}\n")
         return 0
-    except (ProbeError, PresetError, FileNotFoundError, UnknownModelError, DeviceError, PretrainedWeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ProbeError, *setup_errors()) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_SETUP_ERROR
 
 

@@ -205,3 +205,38 @@ def test_probe_command_names_a_setup_mistake(real_manifest, data_dir, tmp_path, 
     assert status == 2
     assert "needs at least two" in capsys.readouterr().err
     assert not (tmp_path / "probe" / "run").exists()  # nothing was trained
+
+
+def test_probe_command_types_set_and_preprocess_values(monkeypatch, tmp_path, capsys):
+    import nbhelpers.audit as audit
+
+    seen = {}
+
+    def fake_probe(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(audit, "source_probe", fake_probe)
+    argv = ["probe", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "probe")]
+    assert main(argv + ["--set", "pretrained=false", "scheduler=none", "--preprocess", "lung_crop=TRUE"]) == 2
+    assert seen["pretrained"] is False and seen["scheduler"] == "none"  # bool("false") would have been True
+    assert seen["preprocess"] == {"lung_crop": True}
+    assert capsys.readouterr().err == "error: stop here\n"
+    assert main(argv + ["--set", "pretrained=maybe"]) == 2
+    assert capsys.readouterr().err == "error: pretrained must be true or false, got 'maybe'\n"
+    assert main(argv + ["--preprocess", "lung_cropp=true"]) == 2
+    assert "did you mean lung_crop" in capsys.readouterr().err
+
+
+def test_probe_record_matches_the_probe_that_trains(real_manifest, data_dir, tmp_path):
+    from nbhelpers.audit import probe_provenance
+
+    result = source_probe(real_manifest, data_dir, tmp_path, label="normal", model=TINY, preset="smoke",
+                          image_size=32, epochs=1, max_per_group=16, n_boot=50, progress=False)
+    expected = probe_provenance(real_manifest, label="normal", model=TINY, preset="smoke", image_size=32, epochs=1,
+                                max_per_group=16)
+    assert result["provenance"] == expected and expected["task"] == "source probe"
+    assert probe_provenance(real_manifest, label="normal", model=TINY, preset="smoke", image_size=32, epochs=1,
+                            max_per_group=12)["manifest_hash"] != expected["manifest_hash"]
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert state["provenance"] == expected

@@ -2,8 +2,10 @@
 
 Rows live in ``ablations.toml`` (model + options + preprocessing + preset overrides, grouped, one
 baseline per group).  :func:`run_grid` trains every row for every seed through
-:func:`nbhelpers.train.train_run`, skipping runs whose ``metrics.json`` already exists, so an
-interrupted grid resumes.  :func:`summarise` gives mean ± std over seeds with a 95 % interval of
+:func:`nbhelpers.train.train_run`, reusing a finished run (its ``metrics.json``) only when the
+record it stored (:func:`nbhelpers.train.run_provenance`: model, options, preprocessing,
+effective TrainConfig, manifest hash, cache key) matches what would be trained now, so an
+interrupted grid resumes and a changed setting or manifest retrains the runs it touches.  :func:`summarise` gives mean ± std over seeds with a 95 % interval of
 the mean; :func:`paired_tests` compares each variant with its group's baseline *on the same test
 images*: the per-seed accuracy difference with a t-interval over seeds (seed noise), a paired
 bootstrap over test images (test-set noise) and McNemar's exact test.  A difference counts as
@@ -15,6 +17,7 @@ distinguishable only when both intervals exclude zero.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tomllib
@@ -88,19 +91,53 @@ def run_dir(out_root: Path, row: Row, seed: int) -> Path:
     return Path(out_root) / row.group / row.name / f"seed{seed}"
 
 
+def stale_reasons(folder: Path, expected: dict[str, Any], record_file: str) -> list[str] | None:
+    """Why the finished run in ``folder`` (its ``record_file``: ``metrics.json`` or ``probe.json``)
+    is not the run ``expected`` (a :func:`nbhelpers.train.run_provenance` record) describes: a
+    list of differences, empty when it can be reused, ``None`` when nothing finished there."""
+    from nbhelpers.train import provenance_differences
+
+    path = Path(folder) / record_file
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return [f"{path} is unreadable ({error})"]
+    if not isinstance(saved, dict) or saved.get("provenance") is None:
+        return [f"{path} records no provenance (written before runs recorded what they trained)"]
+    return [text for _, text in provenance_differences(saved["provenance"], expected)]
+
+
 def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir: Path | str | None,
              out_root: Path, seeds: Sequence[int], preset: str, device: str = "auto", **overrides: Any) -> pd.DataFrame:
-    """Train every row for every seed (skipping finished runs) and return :func:`collect`'s table.
+    """Train every row for every seed (reusing finished runs that match) and return :func:`collect`'s table.
 
     ``overrides`` change preset settings for every row (a row's own ``overrides`` win).  All rows
-    share one preprocessing cache under ``out_root/cache``.
+    share one preprocessing cache under ``out_root/cache``.  A finished run is reused only when
+    the :func:`nbhelpers.train.run_provenance` record in its ``metrics.json`` matches this
+    row's model, options, preprocessing, effective settings, manifest and cache key; otherwise
+    what differs is printed and the run is trained afresh.  Every row's settings are checked
+    (types included) before the first run trains.  Raises what
+    :func:`nbhelpers.train.train_run` raises.
     """
-    from nbhelpers.train import train_run
+    from nbhelpers.train import METRICS_NAME, run_provenance, train_run
 
     out_root = Path(out_root)
-    todo = [(row, seed) for row, seed in product(rows, seeds) if not (run_dir(out_root, row, seed) / "metrics.json").is_file()]
-    print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} runs already finished; {len(todo)} to train")
+    todo = []
+    for row, seed in product(rows, seeds):
+        folder = run_dir(out_root, row, seed)
+        expected = run_provenance(row.model, manifest, preset, seed, row.options, row.preprocess,
+                                  **{**overrides, **row.overrides})
+        reasons = stale_reasons(folder, expected, METRICS_NAME)
+        if reasons:
+            print(f"{folder}: retraining, the finished run differs from what would be trained now: {'; '.join(reasons)}")
+        if reasons is None or reasons:
+            todo.append((row, seed))
+    print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} runs already finished with these "
+          f"settings; {len(todo)} to train")
     for row, seed in tqdm(todo, desc="ablation runs"):
+        # resume=False: a stale run's files are replaced, never continued.
         train_run(row.model, manifest, data_dir, run_dir(out_root, row, seed), preset=preset, seed=seed, device=device,
                   model_options=row.options, cache_root=out_root / "cache", preprocess=row.preprocess,
                   progress=False, **{**overrides, **row.overrides})
@@ -230,7 +267,14 @@ def write_tables(folder: Path, header: str, prefix: str = "ablation", **tables: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from nbhelpers.run import parse_overrides
+    """Train the grid and print (and optionally write) its summary and paired tests.
+
+    ``--set`` values are typed by the setting they change (``pretrained=false`` is False).
+    Returns 0, or 2 with one line on stderr for a setup mistake (a grid error or one of
+    :func:`nbhelpers.train.setup_errors`: unknown group, preset or setting, a value of the wrong
+    type, a missing manifest, a run folder in use, a full disk).
+    """
+    from nbhelpers.train import EXIT_SETUP_ERROR, one_line, parse_set, setup_errors
 
     parser = argparse.ArgumentParser(prog="python -m nbhelpers.ablation", description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, type=Path, help="curated manifest.csv (notebook 01 / python -m data_prep)")
@@ -249,10 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rows = load_grid(groups=args.groups)
         runs = run_grid(rows, args.manifest, args.data_dir, args.out, args.seeds, args.preset, args.device,
-                        **parse_overrides(args.set))
-    except (GridError, FileNotFoundError, ValueError, KeyError) as error:
-        print(f"ablation: {error}", file=sys.stderr)
-        return 1
+                        **parse_set(args.set))
+    except (GridError, KeyError, *setup_errors()) as error:
+        print(f"ablation: {one_line(error)}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
     summary, tests = summarise(runs, rows), paired_tests(rows, args.out, args.seeds)
     sources = per_source(rows, args.out, args.seeds, args.manifest)
     with pd.option_context("display.width", 200, "display.max_columns", 30):

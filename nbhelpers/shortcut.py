@@ -14,7 +14,9 @@ filling, lung crop, histogram matching, all three), trained for several seeds by
 * CAM lung energy, when a table from ``python -m nbhelpers.explain --groups shortcut`` is given.
 
 ``python -m nbhelpers.shortcut --grid-root R --manifest M --pool-manifest P --out T`` trains the
-missing probes (finished ones, with their ``probe.json``, are reused) and writes
+missing probes (a finished one, with its ``probe.json``, is reused only when the record it stored
+matches the probe that would be trained now: model, preprocessing, settings, probe manifest and
+cache key) and writes
 ``shortcut_probe``, ``shortcut_within_source`` and ``shortcut_mitigations`` tables (csv + md).
 """
 
@@ -50,11 +52,31 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
                data_dir: Path | str | None, seeds: Sequence[int], labels: Sequence[str] = PROBE_LABELS,
                model: str = "densenet121", preset: str = "smoke", device: str = "cpu",
                **overrides: Any) -> pd.DataFrame:
-    """Train the source probe of every row and seed with the row's preprocessing (skipping those
-    already written) and return one line per probe: group, name, seed, n, balanced_accuracy
-    with its interval (low, high), accuracy, auc."""
-    todo = [(row, s) for row in rows for s in seeds if not (probe_dir(grid_root, row, s) / audit.PROBE_JSON).is_file()]
-    print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} probes already finished; {len(todo)} to train")
+    """Train the source probe of every row and seed with the row's preprocessing and return one
+    line per probe: group, name, seed, n, balanced_accuracy with its interval (low, high),
+    accuracy, auc.
+
+    A finished probe (its ``probe.json``) is reused only when the record it stored matches
+    :func:`nbhelpers.audit.probe_provenance` for this row and seed (model, preprocessing,
+    effective settings, probe manifest, cache key); otherwise what differs is printed and the
+    probe is trained afresh.  Every probe's settings are checked before the first one trains.
+    Raises what :func:`nbhelpers.audit.source_probe` raises.
+    """
+    pool = audit._read_table(pool, "pool manifest")  # read once, hashed per probe
+    todo = []
+    for row in rows:
+        for seed in seeds:
+            folder = probe_dir(grid_root, row, seed)
+            expected = audit.probe_provenance(pool, label=list(labels), model=model, preset=preset, seed=seed,
+                                              preprocess=dict(row.preprocess), **overrides)
+            reasons = ablation.stale_reasons(folder, expected, audit.PROBE_JSON)
+            if reasons:
+                print(f"{folder}: retraining, the finished probe differs from what would be trained now: "
+                      f"{'; '.join(reasons)}")
+            if reasons is None or reasons:
+                todo.append((row, seed))
+    print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} probes already finished with these "
+          f"settings; {len(todo)} to train")
     for row, seed in tqdm(todo, desc="source probes"):
         audit.source_probe(pool, data_dir, probe_dir(grid_root, row, seed), label=list(labels), model=model,
                            preset=preset, seed=seed, device=device, progress=False, preprocess=dict(row.preprocess),
@@ -272,9 +294,11 @@ def committed_table(folder: Path | None = None) -> pd.DataFrame | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train the missing probes and write the three tables; 0, or 2 with a message for a setup error."""
+    """Train the missing or stale probes and write the three tables; 0, or 2 with one line on
+    stderr for a setup error (a grid or probe error, or one of :func:`nbhelpers.train.setup_errors`).
+    ``--set`` values are typed by the setting they change (``pretrained=false`` is False)."""
     from nbhelpers.complexity import markdown_table
-    from nbhelpers.run import parse_overrides
+    from nbhelpers.train import EXIT_SETUP_ERROR, one_line, parse_set, setup_errors
 
     p = argparse.ArgumentParser(prog="python -m nbhelpers.shortcut", description=__doc__.splitlines()[0])
     p.add_argument("--grid-root", type=Path, required=True, help="the --out folder of python -m nbhelpers.ablation")
@@ -295,13 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rows = ablation.load_grid(groups=[args.group])
         probes = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
-                            args.probe_model, args.preset, args.device, **parse_overrides(args.set))
+                            args.probe_model, args.preset, args.device, **parse_set(args.set))
         within = within_source(rows, args.grid_root, args.seeds, args.manifest)
         cams = pd.read_csv(args.cam_table) if args.cam_table else None
         table = mitigation_table(rows, args.grid_root, args.seeds, args.manifest, cams)
-    except (ablation.GridError, audit.ProbeError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ablation.GridError, audit.ProbeError, KeyError, *setup_errors()) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
     header = (f"Made by `python -m nbhelpers.shortcut {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
               f"{datetime.now(timezone.utc):%Y-%m-%d}; group {args.group}, seeds {args.seeds}; probes: "
               f"{args.probe_model}, classes {args.probe_labels}, preset {args.preset} {args.set}, device {args.device}.")

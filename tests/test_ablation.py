@@ -77,3 +77,63 @@ def test_per_source_pools_seeds_and_splits_by_archive(tmp_path):
     cells = table[table["class"] == "covid"].set_index("source")
     assert cells.loc["nih", "n"] == 4 and cells.loc["nih", "correct"] == 3
     assert cells.loc["ieee8023", "accuracy"] == 0.0
+
+
+# --------------------------------------------------------------------------- command line and reuse of finished runs
+
+
+def _stop_with(seen):
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+    return fake
+
+
+def test_cli_types_set_values_and_exits_2_for_a_setup_error(monkeypatch, tmp_path, capsys):
+    seen = {}
+    monkeypatch.setattr(ablation, "run_grid", _stop_with(seen))
+    argv = ["--manifest", str(tmp_path / "m.csv"), "--groups", "cbam", "--out", str(tmp_path)]
+    assert ablation.main(argv + ["--set", "pretrained=false", "--set", "epochs=2"]) == 2
+    assert seen["pretrained"] is False and seen["epochs"] == 2  # bool("false") would have been True
+    assert capsys.readouterr().err == "ablation: stop here\n"
+    assert ablation.main(argv + ["--set", "epochs=two"]) == 2
+    assert capsys.readouterr().err == "ablation: epochs must be an integer, got 'two'\n"
+    assert ablation.main(["--manifest", "m.csv", "--groups", "cbm"]) == 2
+    assert "known groups" in capsys.readouterr().err
+
+
+def _real_manifest(data_dir, per_class: int = 3) -> pd.DataFrame:
+    """``per_class`` real mirror images per class (ieee8023 COVID, NIH normal and pneumonia):
+    train, val, test, then train."""
+    nih = pd.read_csv(data_dir / "nih-cxr14-subset" / "Data_Entry_2017_v2020.csv")
+    covid = sorted((data_dir / "covid-chestxray-dataset" / "images").glob("*.jp*g"))[:per_class]
+    rows = [("covid", p.relative_to(data_dir).as_posix()) for p in covid]
+    for label, finding in (("normal", "No Finding"), ("pneumonia", "Pneumonia")):
+        names = nih.loc[nih["Finding Labels"] == finding, "Image Index"].head(per_class)
+        rows += [(label, f"nih-cxr14-subset/images/{n}") for n in names]
+    splits = (["train", "val", "test"] + ["train"] * (per_class - 3)) * 3
+    return pd.DataFrame(rows, columns=["label", "path"]).assign(image_id=lambda d: d["path"], split=splits)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_finished_run_is_reused_only_while_it_is_what_would_be_trained(data_dir, tmp_path, capsys):
+    from nbhelpers.train import load_run
+
+    rows = [Row("g", "base", "mobilenetv2", baseline=True)]
+    grid = dict(data_dir=data_dir, out_root=tmp_path, seeds=[0], preset="smoke", device="cpu", image_size=32)
+    metrics = ablation.run_dir(tmp_path, rows[0], 0) / "metrics.json"
+    first = ablation.run_grid(rows, _real_manifest(data_dir), **grid)
+    assert "0 of 1 runs already finished" in capsys.readouterr().out
+    written = metrics.stat().st_mtime_ns
+    again = ablation.run_grid(rows, _real_manifest(data_dir), **grid)
+    assert "1 of 1 runs already finished" in capsys.readouterr().out
+    assert metrics.stat().st_mtime_ns == written  # unchanged inputs: reused, not retrained
+    pd.testing.assert_frame_equal(first, again)
+    ablation.run_grid(rows, _real_manifest(data_dir), epochs=2, **grid)
+    out = capsys.readouterr().out
+    assert "retraining" in out and "epochs 1, not 2" in out and "0 of 1 runs already finished" in out
+    assert len(load_run(metrics.parent).log) == 2
+    ablation.run_grid(rows, _real_manifest(data_dir, per_class=4), epochs=2, **grid)
+    out = capsys.readouterr().out
+    assert "retraining" in out and "manifest_hash" in out
+    assert load_run(metrics.parent).metrics["data"]["counts"]["train"] == 6

@@ -106,3 +106,46 @@ def test_probes_tested_on_other_images_are_not_compared(tmp_path):
     _fake_probe(tmp_path, ROWS[1], 0, np.ones(10, bool))
     with pytest.raises(ValueError, match="different images"):
         shortcut.pooled_probe(ROWS, tmp_path, [0])
+
+
+def test_cli_reads_pretrained_false_as_false(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_run_probes(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(shortcut, "run_probes", fake_run_probes)
+    code = shortcut.main(["--grid-root", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--pool-manifest",
+                          str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path),
+                          "--set", "pretrained=false", "--set", "epochs=2"])
+    assert code == 2 and seen == {"pretrained": False, "epochs": 2}  # bool("false") would have been True
+    assert capsys.readouterr().err == "error: stop here\n"
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_finished_probe_is_reused_only_while_it_is_what_would_be_trained(data_dir, tmp_path, capsys):
+    from data_prep.sources import load_table
+    from data_prep.split import split_by_patient
+
+    table, _ = load_table(data_dir, hash_images=False)
+    pool = table[table["label"] == "normal"].reset_index(drop=True)
+    pool = pool.assign(split=split_by_patient(pool, seed=0).to_numpy())
+    rows = [ROWS[0]]
+    probes = dict(grid_root=tmp_path, pool=pool, data_dir=data_dir, seeds=[0], labels=["normal"],
+                  model="mobilenetv2", preset="smoke", device="cpu", image_size=32, max_per_group=16)
+    probe_json = shortcut.probe_dir(tmp_path, rows[0], 0) / audit.PROBE_JSON
+    first = shortcut.run_probes(rows, **probes)
+    assert "0 of 1 probes already finished" in capsys.readouterr().out
+    written = probe_json.stat().st_mtime_ns
+    again = shortcut.run_probes(rows, **probes)
+    assert "1 of 1 probes already finished" in capsys.readouterr().out and probe_json.stat().st_mtime_ns == written
+    pd.testing.assert_frame_equal(first, again)
+    shortcut.run_probes(rows, **{**probes, "epochs": 2})
+    out = capsys.readouterr().out
+    assert "retraining" in out and "epochs 1, not 2" in out
+    assert json.loads(probe_json.read_text())["config"]["epochs"] == 2
+    shortcut.run_probes([Row("shortcut", "base", "m", baseline=True, preprocess={"lung_crop": True})],
+                        **{**probes, "epochs": 2})
+    out = capsys.readouterr().out
+    assert "retraining" in out and "preprocess.lung_crop false, not true" in out

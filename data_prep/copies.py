@@ -1,0 +1,257 @@
+"""Copies that a global perceptual hash misses: keypoint matching for the grey band.
+
+Re-posted films carry burnt-in captions, arrows, crops or another window.  Their 256-bit
+perceptual hashes can sit 40-50 bits apart, where films of different patients also begin (the
+mirror's closest different-patient pair of different films is 54 bits apart).  For every pair in
+that *grey band* this module asks a second, local question: do the two images share many
+keypoints that one rigid motion explains?  OpenCV ORB keypoints (on copies scaled to
+:data:`MATCH_SIDE` px) are matched with Lowe's ratio test, and RANSAC fits a similarity
+transform (rotation, uniform scale, shift: what cropping, rescaling and re-posting do; a full
+homography overfits a handful of chance matches).  A pair is one film when at least
+:data:`MIN_INLIERS` matches agree.
+
+Measured on the mirror (``python -m data_prep.copies measure``, ``results/benchmarks/copies.txt``):
+synthetic copies of real films (caption, arrow, crop, window, re-encode) against different
+patients' films, so the thresholds below are chosen from data rather than guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from data_prep.fingerprint import load_gray
+
+#: The grey band of perceptual-hash distances (bits of 256) in which keypoints decide.  Below
+#: it a pair is a copy on the hash alone; above it, a different film.
+BAND_LOW = 23
+BAND_HIGH = 80
+#: Matches one similarity transform must explain for a band pair to be one film.
+MIN_INLIERS = 40
+#: Long side (px) of the copies keypoints are found on, and the keypoints kept per image.
+MATCH_SIDE = 512
+N_FEATURES = 1000
+RATIO = 0.75
+RANSAC_PX = 5.0
+#: The similarity transforms a copy can have between the two scaled images.
+SCALE_RANGE = (0.6, 1.7)
+MAX_ROTATION = 10.0
+
+
+@dataclass(frozen=True)
+class Match:
+    """Keypoint evidence for one pair: ratio-test ``matches`` and the RANSAC ``inliers``."""
+
+    matches: int
+    inliers: int
+
+    @property
+    def same_film(self) -> bool:
+        return self.inliers >= MIN_INLIERS
+
+
+def _gray(path_or_image: Path | np.ndarray) -> np.ndarray:
+    img = path_or_image if isinstance(path_or_image, np.ndarray) else np.asarray(load_gray(Path(path_or_image)))
+    scale = MATCH_SIDE / max(img.shape)
+    return cv2.resize(img, (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale))),
+                      interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+class Matcher:
+    """ORB keypoints per image (computed once, kept) and pairwise similarity-transform matching."""
+
+    def __init__(self) -> None:
+        self._orb = cv2.ORB_create(nfeatures=N_FEATURES)
+        self._bf = cv2.BFMatcher(cv2.NORM_HAMMING)
+        self._features: dict[str, tuple] = {}
+
+    def features(self, key: str, image: Path | np.ndarray) -> tuple:
+        if key not in self._features:
+            self._features[key] = self._orb.detectAndCompute(_gray(image), None)
+        return self._features[key]
+
+    def match(self, key_a: str, image_a: Path | np.ndarray, key_b: str, image_b: Path | np.ndarray) -> Match:
+        """Match two images (``key_*`` name them for the feature cache)."""
+        (ka, da), (kb, db) = self.features(key_a, image_a), self.features(key_b, image_b)
+        if da is None or db is None or len(ka) < 2 or len(kb) < 2:
+            return Match(0, 0)
+        pairs = self._bf.knnMatch(da, db, k=2)
+        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
+        if len(good) < 3:
+            return Match(len(good), 0)
+        src = np.float32([ka[g.queryIdx].pt for g in good])
+        dst = np.float32([kb[g.trainIdx].pt for g in good])
+        transform, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX)
+        if transform is None or mask is None:
+            return Match(len(good), 0)
+        # A re-post is the film rescaled, cropped and shifted, barely rotated: a fit that shrinks,
+        # grows or turns the image a lot has matched noise or text, not anatomy.
+        scale = float(np.hypot(transform[0, 0], transform[1, 0]))
+        angle = float(np.degrees(np.arctan2(transform[1, 0], transform[0, 0])))
+        if not (SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]) or abs(angle) > MAX_ROTATION:
+            return Match(len(good), 0)
+        return Match(len(good), int(mask.sum()))
+
+
+def band_decisions(pairs: Sequence[tuple[int, int, int]], image_ids: Sequence[str], paths: Sequence[Path],
+                   low: int = BAND_LOW, high: int = BAND_HIGH, matcher: Matcher | None = None) -> pd.DataFrame:
+    """Decide every pair ``(i, j, distance)`` whose hash distance lies in ``[low, high]`` by keypoints.
+
+    Returns one row per band pair: image_a, image_b, distance, matches, inliers, same_film.
+    """
+    matcher = matcher or Matcher()
+    rows = []
+    for i, j, distance in pairs:
+        if not low <= distance <= high:
+            continue
+        m = matcher.match(image_ids[i], paths[i], image_ids[j], paths[j])
+        rows.append({"image_a": image_ids[i], "image_b": image_ids[j], "distance": int(distance),
+                     "matches": m.matches, "inliers": m.inliers, "same_film": m.same_film})
+    return pd.DataFrame(rows, columns=["image_a", "image_b", "distance", "matches", "inliers", "same_film"])
+
+
+# --------------------------------------------------------------------------- measurement
+
+#: The edits a re-posted film goes through, for the measurement.
+EDITS = ("caption", "arrow", "crop", "window", "reencode")
+
+
+def edited_copy(img: np.ndarray, edit: str, rng: np.random.Generator) -> np.ndarray:
+    """A copy of grey image ``img`` as a re-post might show it: a burnt-in ``caption`` band, an
+    ``arrow``, a ``crop`` (3-8 % off each side), another ``window`` (contrast and gamma) or a
+    ``reencode`` (smaller, JPEG quality 60)."""
+    h, w = img.shape
+    out = img.copy()
+    if edit == "caption":
+        band = int(h * 0.12)
+        out = np.vstack([out, np.full((band, w), 255, np.uint8)]) if rng.random() < 0.5 else out
+        cv2.putText(out, "day 3 portable", (int(w * 0.05), out.shape[0] - int(h * 0.04)), cv2.FONT_HERSHEY_SIMPLEX,
+                    w / 400, 0 if out.shape[0] > h else 255, max(1, w // 200), cv2.LINE_AA)
+        return out
+    if edit == "arrow":
+        a = (int(w * rng.uniform(0.2, 0.4)), int(h * rng.uniform(0.2, 0.4)))
+        b = (int(w * rng.uniform(0.45, 0.6)), int(h * rng.uniform(0.45, 0.6)))
+        cv2.arrowedLine(out, a, b, 255, max(2, w // 100), tipLength=0.2)
+        cv2.putText(out, "R", (int(w * 0.85), int(h * 0.1)), cv2.FONT_HERSHEY_SIMPLEX, w / 250, 255, max(1, w // 150))
+        return out
+    if edit == "crop":
+        t, b, l, r = (rng.uniform(0.03, 0.08, 4) * [h, h, w, w]).astype(int)
+        return np.ascontiguousarray(out[t:h - b, l:w - r])
+    if edit == "window":
+        gamma, lo, hi = rng.uniform(0.6, 1.6), rng.uniform(0, 40), rng.uniform(200, 255)
+        x = np.clip((out.astype(np.float32) - lo) / (hi - lo), 0, 1) ** gamma
+        return (x * 255).astype(np.uint8)
+    if edit == "reencode":
+        small = cv2.resize(out, (w * 2 // 3, h * 2 // 3), interpolation=cv2.INTER_AREA)
+        ok, data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 60])
+        return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    raise ValueError(f"unknown edit {edit!r}; use one of {EDITS}")
+
+
+def measure(data_dir: Path, n_films: int = 40, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hash distance and keypoint inliers of (a) ``n_films`` real X-ray films against each of
+    their :data:`EDITS` and (b) pairs of films of different patients.  Returns the two tables.
+
+    Films are drawn with ``seed`` from every source's X-rays under ``data_dir``; the different-
+    patient pairs are each drawn film against another drawn film of another patient.
+    """
+    import imagehash
+    from PIL import Image
+
+    from data_prep.fingerprint import PHASH_SIZE
+    from data_prep.sources import load_table
+
+    table, _ = load_table(Path(data_dir), hash_images=False)
+    table = table[table["modality"].str.lower() == "x-ray"].reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    picks = table.loc[np.sort(rng.choice(len(table), size=min(n_films, len(table)), replace=False))]
+
+    def bits(img: np.ndarray) -> np.ndarray:
+        return imagehash.phash(Image.fromarray(img), hash_size=PHASH_SIZE).hash.flatten()
+
+    images = {r.image_id: np.asarray(load_gray(Path(data_dir) / r.path)) for r in picks.itertuples()}
+    hashes = {k: bits(v) for k, v in images.items()}
+    matcher = Matcher()
+    same = []
+    for image_id, img in images.items():
+        for edit in EDITS:
+            copy = edited_copy(img, edit, rng)
+            m = matcher.match(image_id, img, f"{image_id}#{edit}", copy)
+            same.append({"image_id": image_id, "edit": edit, "distance": int((bits(copy) != hashes[image_id]).sum()),
+                         "inliers": m.inliers})
+    ids = list(images)
+    patient = dict(zip(picks["image_id"], picks["patient_id"]))
+    different = []
+    for a_index, a in enumerate(ids):
+        for b in ids[a_index + 1:]:
+            if patient[a] == patient[b]:
+                continue
+            m = matcher.match(a, images[a], b, images[b])
+            different.append({"image_a": a, "image_b": b, "distance": int((hashes[a] != hashes[b]).sum()),
+                              "inliers": m.inliers})
+    return pd.DataFrame(same), pd.DataFrame(different)
+
+
+def report(same: pd.DataFrame, different: pd.DataFrame, command: str) -> list[str]:
+    """The measurement as text lines: distance and inlier quantiles per edit and for different
+    patients, and how the band and inlier threshold sort them."""
+    q = [0.0, 0.5, 0.9, 1.0]
+
+    def row(name: str, frame: pd.DataFrame) -> str:
+        d, n = frame["distance"].quantile(q).to_numpy(), frame["inliers"].quantile(q).to_numpy()
+        return (f"{name:<22} {len(frame):>6}  distance min/median/p90/max {d[0]:>4.0f} {d[1]:>5.0f} {d[2]:>5.0f} {d[3]:>4.0f}"
+                f"   inliers min/median/p90/max {n[0]:>4.0f} {n[1]:>5.0f} {n[2]:>5.0f} {n[3]:>4.0f}")
+
+    def decide(frame: pd.DataFrame) -> pd.Series:
+        d = frame["distance"]
+        return (d < BAND_LOW) | ((d <= BAND_HIGH) & (frame["inliers"] >= MIN_INLIERS))
+
+    lines = [f"Made by `{command}`; 256-bit pHash distances and ORB/RANSAC similarity inliers.", "",
+             f"{'pairs':<22} {'n':>6}"]
+    for edit, part in same.groupby("edit", sort=False):
+        lines.append(row(f"copy: {edit}", part))
+    lines.append(row("different patients", different))
+    found, false = decide(same), decide(different)
+    lines += ["", f"rule: distance < {BAND_LOW} -> copy; {BAND_LOW}..{BAND_HIGH} -> copy when inliers >= {MIN_INLIERS}; "
+              f"> {BAND_HIGH} -> different",
+              f"copies found: {int(found.sum())} of {len(same)} ({found.mean():.1%}); hash alone "
+              f"(distance < {BAND_LOW}): {int((same['distance'] < BAND_LOW).sum())}",
+              f"different-patient pairs called copies: {int(false.sum())} of {len(different)}",
+              f"different-patient pairs in the band: {int(different['distance'].between(BAND_LOW, BAND_HIGH).sum())}, "
+              f"max inliers among them {int(different.loc[different['distance'].between(BAND_LOW, BAND_HIGH), 'inliers'].max()) if different['distance'].between(BAND_LOW, BAND_HIGH).any() else 0}"]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m data_prep.copies measure --data-dir D [--films N] [--out FILE]``."""
+    from data_prep.atomic import write_text
+
+    p = argparse.ArgumentParser(prog="python -m data_prep.copies", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="hash distances and keypoint inliers of edited copies vs different patients")
+    m.add_argument("--data-dir", type=Path, required=True)
+    m.add_argument("--films", type=int, default=40)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not args.data_dir.is_dir():
+        print(f"error: data folder {args.data_dir} does not exist; pass the folder holding the sources", file=sys.stderr)
+        return 2
+    same, different = measure(args.data_dir, args.films, args.seed)
+    command = "python -m data_prep.copies " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join(report(same, different, command)) + "\n"
+    print(text, end="")
+    if args.out:
+        write_text(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

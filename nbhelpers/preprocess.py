@@ -29,6 +29,14 @@ memory-mapped on reading, in a folder named by :func:`cache_key` — a hash of t
 and of every :class:`PreprocessConfig` field — so a changed parameter or manifest builds a new
 cache and an unchanged one is reused.  Superseded cache folders are left in place (switching a
 parameter back reuses them); delete the cache root to reclaim the space.
+
+A cache is trusted only after a check: ``meta.json`` records, per split, the shape, dtype and
+SHA-256 of each array file and the SHA-256 of the id list, and opening a cache compares every
+file against it (once per process while the files keep their size and modification time, so
+training does not re-hash on every open).  :func:`build_cache` rebuilds a broken or incomplete
+folder (saying why, in one line); :meth:`ImageCache.open` raises :class:`CacheError` naming the
+folder and how to delete it.  A cache is built under a temporary name, ``meta.json`` last, and
+renamed when complete, so an interrupted build is never taken for a finished one.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -48,6 +58,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from data_prep.atomic import write_text
 from data_prep.schema import CLASSES, SPLITS, label_index
 from nbhelpers.images import ImageReadError, load_gray
 from nbhelpers.mitigate import Box, crop, histogram, lung_box, mask_markers, match_histogram, reference_histogram
@@ -75,8 +86,15 @@ ResizeMode = Literal["letterbox", "stretch", "crop"]
 ClaheStage = Literal["before_resize", "after_resize"]
 
 
+#: Bytes read at a time when hashing cache files.
+HASH_CHUNK_BYTES = 1 << 22
+# Cache folders verified in this process: resolved path -> (name, size, mtime, inode) of its files
+# at that moment.  A file rewritten since then has another signature and is checked again.
+_VERIFIED: dict[str, tuple[tuple[str, int, int, int], ...]] = {}
+
+
 class CacheError(RuntimeError):
-    """A preprocessing cache is missing, incomplete, or was asked for a split it does not hold."""
+    """A preprocessing cache is missing, incomplete, broken, or was asked for a split it does not hold."""
 
 
 @dataclass(frozen=True)
@@ -318,6 +336,124 @@ def cache_key(manifest: pd.DataFrame, cfg: PreprocessConfig) -> str:
     return _hash_text(f"{manifest_hash(manifest)}:{cfg.key()}")
 
 
+def _split_files(split: str) -> dict[str, str]:
+    """The file names of one split in a cache folder, by part."""
+    return {"images": f"{split}_images.npy", "labels": f"{split}_labels.npy", "ids": f"{split}_ids.json"}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _npy_layout(path: Path) -> tuple[list[int], str, int]:
+    """Shape, dtype and expected file size from a .npy header; ValueError when it is not one."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in readers:
+            raise ValueError(f".npy format version {version} is not one this cache writes")
+        shape, _, dtype = readers[version](f)
+        offset = f.tell()
+    return list(shape), dtype.str, offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _describe_files(folder: Path, splits: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """What ``meta.json`` records to check a cache by: per split and file, shape, dtype and SHA-256."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for split in splits:
+        files = _split_files(split)
+        entry: dict[str, dict[str, Any]] = {}
+        for part in ("images", "labels"):
+            shape, dtype, _ = _npy_layout(folder / files[part])
+            entry[part] = {"file": files[part], "shape": shape, "dtype": dtype, "sha256": _sha256(folder / files[part])}
+        ids = json.loads((folder / files["ids"]).read_text(encoding="utf-8"))
+        entry["ids"] = {"file": files["ids"], "count": len(ids), "sha256": _sha256(folder / files["ids"])}
+        out[split] = entry
+    return out
+
+
+def _signature(folder: Path, meta: dict[str, Any]) -> tuple[tuple[str, int, int, int], ...]:
+    """Size, modification time and inode of meta.json and every file it lists (FileNotFoundError if one is gone)."""
+    names = [META_FILE] + [f["file"] for split in meta.get("files", {}).values() for f in split.values()]
+    out = []
+    for name in names:
+        st = (folder / name).stat()
+        out.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+def _problem(folder: Path, meta: dict[str, Any]) -> str:
+    """Why the files of cache ``folder`` do not match ``meta`` (shapes, dtypes, sizes, SHA-256), or ""."""
+    recorded = meta.get("files")
+    if not isinstance(recorded, dict) or set(recorded) != set(meta.get("splits", [])):
+        return f"{META_FILE} records no file checksums (built by an older version)"
+    size = meta.get("config", {}).get("size")
+    for split, entry in recorded.items():
+        n = meta.get("counts", {}).get(split)
+        expected = {"images": [n, size, size], "labels": [n]}
+        for part in ("images", "labels", "ids"):
+            info = entry.get(part, {})
+            path = folder / str(info.get("file", _split_files(split)[part]))
+            if not path.is_file():
+                return f"{path.name} is missing"
+            if part != "ids":
+                try:
+                    shape, dtype, length = _npy_layout(path)
+                except (ValueError, OSError, EOFError) as err:
+                    return f"{path.name} is not a readable .npy array ({err})"
+                if shape != info.get("shape") or dtype != info.get("dtype"):
+                    return (f"{path.name} holds {dtype} {shape}, {META_FILE} says "
+                            f"{info.get('dtype')} {info.get('shape')}")
+                if shape != expected[part]:
+                    return f"{path.name} holds shape {shape}, but {n} images of {size} px make {expected[part]}"
+                if path.stat().st_size != length:
+                    return f"{path.name} is truncated or padded ({path.stat().st_size} bytes, its header needs {length})"
+            if _sha256(path) != info.get("sha256"):
+                return f"{path.name} does not match its SHA-256 in {META_FILE} (its bytes changed)"
+        if entry["ids"].get("count") != n:
+            return f"{_split_files(split)['ids']} lists {entry['ids'].get('count')} ids, counts say {n}"
+    return ""
+
+
+def _read_meta(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """``meta.json`` of cache ``folder`` once its files are verified, with "" ; or None and why not."""
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        return None, f"no {META_FILE} (an interrupted or foreign folder)"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        PreprocessConfig(**meta["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{META_FILE} is unreadable ({type(err).__name__}: {err})"
+    key = str(folder.resolve())
+    try:
+        signature = _signature(folder, meta)
+    except (FileNotFoundError, TypeError, AttributeError):
+        signature = None
+    if signature is not None and _VERIFIED.get(key) == signature:
+        return meta, ""  # checked earlier in this process and not touched since
+    problem = _problem(folder, meta)
+    if problem:
+        _VERIFIED.pop(key, None)
+        return None, problem
+    _VERIFIED[key] = _signature(folder, meta)
+    return meta, ""
+
+
+def _discard(folder: Path) -> None:
+    """Move a broken cache folder aside (one rename, so no reader sees it half-deleted), then delete it."""
+    aside = folder.with_name(f".{folder.name}.broken-{os.getpid()}-{time.time_ns()}")
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:
+        return  # another process discarded it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @dataclass
 class CachedSplit:
     """One split of a cache: ``images`` uint8 (N, H, W) memory-mapped, ``labels`` int64 (N,), ``image_ids``."""
@@ -362,14 +498,19 @@ class ImageCache:
 
     @classmethod
     def open(cls, path: Path | str) -> "ImageCache":
-        """Open an existing complete cache folder; raise :class:`CacheError` if it is incomplete."""
+        """Open a complete cache folder after checking every file against ``meta.json``.
+
+        Checks shapes, dtypes, sizes and SHA-256 of the arrays and id lists (hashing once per
+        process while the files are unchanged).  Raises :class:`CacheError` naming the folder,
+        what is wrong and the command that deletes it when it is incomplete or broken.
+        """
         path = Path(path)
-        meta_path = path / META_FILE
-        if not meta_path.is_file():
+        meta, problem = _read_meta(path)
+        if meta is None:
             raise CacheError(
-                f"{path} is not a complete preprocessing cache (no {META_FILE}); rebuild it with build_cache()"
+                f"{path} is not a complete preprocessing cache: {problem}; delete it with "
+                f"`rm -rf {shlex.quote(str(path))}` and build_cache() builds it again"
             )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         return cls(path=path, key=path.name, cfg=PreprocessConfig(**meta["config"]), meta=meta)
 
 
@@ -387,8 +528,10 @@ def build_cache(
     For each split present in ``manifest`` (in :data:`SPLITS` order) writes
     ``<split>_images.npy`` uint8 (N, size, size), ``<split>_labels.npy`` int64 (class indices of
     :data:`CLASSES`) and ``<split>_ids.json``, then ``meta.json`` (config, manifest hash, counts,
-    date).  Rows keep manifest order within a split.  The folder is built under a temporary name
-    and renamed when complete, so an interrupted build is never reused.  Returns the
+    date, and each file's shape, dtype and SHA-256 under ``files``).  Rows keep manifest order
+    within a split.  The folder is built under a temporary name and renamed when complete, so an
+    interrupted build is never reused; an existing folder is reused only when its files match
+    ``meta.json``, else it is moved aside and rebuilt (one printed line says why).  Returns the
     :class:`ImageCache` (``reused`` says which happened).  ``workers`` > 1 decodes in that many
     threads (OpenCV and Pillow release the GIL); the result does not depend on it.  Raises :class:`ImageReadError` naming
     the file and its ``image_id`` for an unreadable image, ValueError for unknown labels/splits.
@@ -396,10 +539,12 @@ def build_cache(
     data_dir, cache_root = Path(data_dir), Path(cache_root)
     key = cache_key(manifest, cfg)
     final = cache_root / key
-    if (final / META_FILE).is_file():
-        cache = ImageCache.open(final)
-        cache.reused = True
-        return cache
+    if final.exists():
+        meta, problem = _read_meta(final)
+        if meta is not None:
+            return ImageCache(path=final, key=key, cfg=PreprocessConfig(**meta["config"]), meta=meta, reused=True)
+        print(f"rebuilding preprocessing cache {final}: {problem}")
+        _discard(final)
     unknown = sorted(set(manifest["split"]) - set(SPLITS))
     if unknown:
         raise ValueError(f"manifest has unknown split(s) {unknown}; expected {SPLITS}")
@@ -437,14 +582,23 @@ def build_cache(
               f"(listed under lung_box_missing in {final / META_FILE})")
     if reference is not None:
         meta["reference_histogram"] = [round(float(v), 8) for v in reference]
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     try:
-        tmp.rename(final)
-    except OSError:
-        # Another process finished the same cache first: keep theirs (identical by construction).
+        meta["files"] = _describe_files(tmp, splits)
+        write_text(tmp / META_FILE, json.dumps(meta, indent=2))  # last: its presence marks a finished build
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (final / META_FILE).is_file():
-            raise
+        raise
+    for attempt in range(2):
+        try:
+            tmp.rename(final)
+            break
+        except OSError:
+            # Another process finished the same cache first: keep theirs (identical by construction)
+            # when it checks out; a broken folder in the way is moved aside and the rename retried.
+            if _read_meta(final)[0] is not None or attempt:
+                shutil.rmtree(tmp, ignore_errors=True)
+                break
+            _discard(final)
     return ImageCache.open(final)
 
 

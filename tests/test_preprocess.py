@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -316,3 +318,116 @@ def test_benchmark_sample_skips_masks_and_empty_folders(data_dir: Path, tmp_path
     assert paths == bench.sample_images(data_dir, 50, seed=1)
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         bench.sample_images(tmp_path, 5, seed=0)
+
+
+# --------------------------------------------------------------------------- the cache is checked before use
+
+
+def _fresh_process() -> None:
+    """Forget which caches this process verified, as a new process would."""
+    pp._VERIFIED.clear()
+
+
+def _built(real_manifest, data_dir, tmp_path) -> pp.ImageCache:
+    cache = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
+    _fresh_process()
+    return cache
+
+
+def test_meta_records_shapes_dtypes_and_checksums(real_manifest, data_dir, tmp_path) -> None:
+    cache = _built(real_manifest, data_dir, tmp_path)
+    files = json.loads((cache.path / pp.META_FILE).read_text())["files"]
+    assert set(files) == {"train", "val", "test"}
+    assert files["train"]["images"]["shape"] == [3, 32, 32] and files["train"]["images"]["dtype"] == "|u1"
+    assert files["train"]["labels"]["shape"] == [3] and files["train"]["labels"]["dtype"] == "<i8"
+    assert files["val"]["ids"]["count"] == 1
+    for entry in files["train"].values():
+        assert entry["sha256"] == pp._sha256(cache.path / entry["file"])
+
+
+def test_intact_cache_is_verified_and_reused(real_manifest, data_dir, tmp_path, count_loads) -> None:
+    first = _built(real_manifest, data_dir, tmp_path)
+    again = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
+    assert again.reused and again.path == first.path and len(count_loads) == len(real_manifest)
+    assert ImageCache.open(first.path).splits == first.splits
+
+
+def _rebuilt_because(real_manifest, data_dir, tmp_path, count_loads, capsys, why: str) -> None:
+    cache_path = tmp_path / cache_key(real_manifest, SMALL)
+    with pytest.raises(CacheError, match=rf"{cache_path}.*{why}.*rm -rf {cache_path}"):
+        ImageCache.open(cache_path)
+    capsys.readouterr()
+    rebuilt = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
+    out = capsys.readouterr().out
+    assert not rebuilt.reused and len(count_loads) == 2 * len(real_manifest)
+    assert out.count("\n") == 1 and out.startswith(f"rebuilding preprocessing cache {cache_path}") and re.search(why, out)
+    _fresh_process()
+    assert ImageCache.open(cache_path).meta["counts"] == {"train": 3, "val": 1, "test": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cache_path.name]  # nothing left aside
+    np.testing.assert_array_equal(rebuilt.split("train").images[0],
+                                  prepare(load_gray(data_dir / real_manifest["path"][0]), SMALL))
+
+
+def test_truncated_array_is_detected_and_rebuilt(real_manifest, data_dir, tmp_path, count_loads, capsys) -> None:
+    cache = _built(real_manifest, data_dir, tmp_path)
+    images = cache.path / "train_images.npy"
+    os.truncate(images, images.stat().st_size - 100)
+    _rebuilt_because(real_manifest, data_dir, tmp_path, count_loads, capsys, "truncated")
+
+
+def test_flipped_bytes_are_detected_and_rebuilt(real_manifest, data_dir, tmp_path, count_loads, capsys) -> None:
+    cache = _built(real_manifest, data_dir, tmp_path)
+    images = cache.path / "train_images.npy"
+    data = bytearray(images.read_bytes())
+    data[-10:] = bytes(255 - b for b in data[-10:])  # same size, same header: only the checksum tells
+    images.write_bytes(bytes(data))
+    _rebuilt_because(real_manifest, data_dir, tmp_path, count_loads, capsys, "SHA-256")
+
+
+def test_changed_labels_are_detected_in_the_same_process(real_manifest, data_dir, tmp_path) -> None:
+    cache = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
+    ImageCache.open(cache.path)  # verified and remembered
+    labels = cache.path / "train_labels.npy"
+    # Rewritten the way editors and np.save-then-move save files (a new file moved over the old): a new inode.
+    np.save(tmp_path / "new_labels.npy", np.array([0, 0, 0], dtype=np.int64))
+    os.replace(tmp_path / "new_labels.npy", labels)
+    with pytest.raises(CacheError, match="train_labels.npy does not match its SHA-256"):
+        ImageCache.open(cache.path)
+
+
+def test_missing_meta_does_not_block_the_rebuild(real_manifest, data_dir, tmp_path, count_loads, capsys) -> None:
+    cache = _built(real_manifest, data_dir, tmp_path)
+    (cache.path / pp.META_FILE).unlink()  # e.g. a copy that stopped before its last file
+    _rebuilt_because(real_manifest, data_dir, tmp_path, count_loads, capsys, "no meta.json")
+
+
+def test_wrong_shape_in_meta_is_detected(real_manifest, data_dir, tmp_path, count_loads, capsys) -> None:
+    cache = _built(real_manifest, data_dir, tmp_path)
+    meta_path = cache.path / pp.META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["files"]["train"]["images"]["shape"] = [3, 32, 31]
+    meta_path.write_text(json.dumps(meta))
+    _rebuilt_because(real_manifest, data_dir, tmp_path, count_loads, capsys, r"meta.json says \|u1 \[3, 32, 31\]")
+
+
+def test_cache_without_checksums_is_rebuilt(real_manifest, data_dir, tmp_path, count_loads, capsys) -> None:
+    cache = _built(real_manifest, data_dir, tmp_path)
+    meta_path = cache.path / pp.META_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]  # as written before checksums were recorded
+    meta_path.write_text(json.dumps(meta))
+    _rebuilt_because(real_manifest, data_dir, tmp_path, count_loads, capsys, "no file checksums")
+
+
+def test_verification_is_cheap_once_done(real_manifest, data_dir, tmp_path, monkeypatch) -> None:
+    cache = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
+    hashed: list[Path] = []
+    real_sha = pp._sha256
+    monkeypatch.setattr(pp, "_sha256", lambda path: hashed.append(path) or real_sha(path))
+    for _ in range(3):
+        ImageCache.open(cache.path)
+        build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
+    assert hashed == []  # verified when it was built, not again while unchanged
+    _fresh_process()
+    ImageCache.open(cache.path)
+    assert len(hashed) == 3 * 3  # a new process hashes each split's three files once

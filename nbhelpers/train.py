@@ -532,6 +532,16 @@ def provenance_differences(
     return out
 
 
+def _saved_record(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The run record a checkpoint holds; one written before records were kept has only its
+    config and model name."""
+    saved = state.get("provenance")
+    if saved is None:
+        meta = state.get("meta") or {}
+        saved = {"config": state.get("config", {}), **({"model": meta["model"]} if "model" in meta else {})}
+    return dict(saved)
+
+
 def _check_resumable(saved: Mapping[str, Any] | None, now: Mapping[str, Any], path: Path) -> None:
     differences = provenance_differences(saved, now, ignore=RESUMABLE_CHANGES)
     if differences:
@@ -748,10 +758,7 @@ def _fit(model, train_split, val_split, cfg: TrainConfig, out_dir: Path, device:
     resuming = resume and last_path.is_file()
     if resuming:
         state = _read_resumable(last_path, device)
-        saved = state.get("provenance")
-        if saved is None:  # written before records were kept: its config and model name are all there is
-            saved = {"config": state.get("config", {}), **({"model": state["meta"]["model"]}
-                                                           if "model" in state.get("meta", {}) else {})}
+        saved = _saved_record(state)
         _check_resumable(saved, record, last_path)
         try:
             model.load_state_dict(state["model"])
@@ -986,6 +993,10 @@ def train_run(
     net = models.create(model_name, num_classes=len(CLASSES), in_chans=cfg.in_chans,
                         pretrained=extras["pretrained"], **options)
     with hold_run_folder(out_dir):
+        last = out_dir / LAST_NAME
+        if resume and last.is_file():
+            # Say what differs before the cache is built (fit checks again, with the weights).
+            _check_resumable(_saved_record(_read_resumable(last, torch.device("cpu"))), plan.provenance, last)
         if not resume:
             # A fresh run: results of an earlier run here must not be mistaken for this one's.
             for name in (METRICS_NAME, PREDICTIONS_NAME, CURVES_NAME):

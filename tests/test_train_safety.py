@@ -311,6 +311,7 @@ def test_resume_checks_model_data_and_settings_and_says_what_differs(data_dir, t
         train_run(TINY, _manifest(data_dir, per_class=4), resume=True, **run)
     with pytest.raises(ValueError, match=r"preprocess\.clahe true, not false"):
         train_run(TINY, manifest, resume=True, preprocess={"clahe": False}, **run)
+    assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) == 1  # refused before preprocessing
     # The good case: only epochs changed, so the run continues.
     result = train_run(TINY, manifest, resume=True, epochs=2, **run)
     assert list(result.log["epoch"]) == [1, 2]

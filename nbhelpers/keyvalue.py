@@ -2,8 +2,10 @@
 
 ``-p clahe=false``, ``--set epochs=3``, ``--preprocess lung_crop=true`` and ``--option
 attention=none`` all go through :func:`parse_assignments`: a value reads as a boolean (``true`` /
-``false`` in any case, so Python's ``False`` works too), ``none``, a number, a list (``[0, 1]``
-or ``0,1`` where a list is expected) or a TOML/Python literal, and otherwise as plain text.  When
+``false`` in any case, so Python's ``False`` works too), a number, a list (``[0, 1]`` or ``0,1``
+where a list is expected) or a TOML/Python literal, and otherwise as plain text.  ``none`` is
+the text "none" for a setting that holds text (``scheduler=none``, ``attention=none``) and "no
+value" (None) for any other (``min_age=none``).  When
 the caller knows what each key holds (a *schema*: key -> example value or type), an unknown key
 stops with the closest known names and a value of the wrong type stops naming the key, the
 expected type and the value given, before any work starts.  ``bool("false")`` is ``True``;
@@ -17,6 +19,8 @@ import difflib
 import tomllib
 from typing import Any, Iterable, Mapping, Sequence
 
+#: Words that mean "no value" for a setting that does not hold text (min_age=none).
+NONE_WORDS = ("none", "null")
 #: What a schema may say a key holds: one of these types, or ``(list, element type or None)``.
 SCALAR_TYPES = (bool, int, float, str, dict)
 
@@ -32,8 +36,8 @@ def parse_value(raw: str) -> Any:
     lower = text.lower()
     if lower in ("true", "false"):
         return lower == "true"
-    if lower in ("none", "null"):
-        return None
+    if lower in NONE_WORDS:
+        return text  # "none" is a real value of text settings (scheduler, attention); see check_value
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -72,7 +76,11 @@ def type_name(expected: Any) -> str:
 def check_value(key: str, value: Any, expected: Any, raw: str | None = None) -> Any:
     """Return ``value`` converted to ``expected`` where that loses nothing (an integer where a
     number is expected, a scalar where a list is), else raise :class:`AssignmentError` naming
-    ``key``, the expected type and the value given.  ``None`` always passes (it means: the default)."""
+    ``key``, the expected type and the value given.  ``None`` always passes (it means: the default),
+    and so do the words ``none``/``null`` for a setting that does not hold text."""
+    if isinstance(value, str) and value.strip().lower() in NONE_WORDS and expected not in (str, None) \
+            and not (isinstance(expected, tuple) and expected[1] is str):
+        return None
     if value is None or expected is None:
         return value
     given = repr(raw) if raw is not None else repr(value)

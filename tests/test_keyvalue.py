@@ -10,7 +10,7 @@ SCHEMA = {"epochs": 50, "lr": 2e-4, "pretrained": True, "model": "densenet121", 
 
 def test_values_read_as_typed_on_a_command_line():
     assert parse_value("false") is False and parse_value("False") is False and parse_value("TRUE") is True
-    assert parse_value("none") is None
+    assert parse_value("none") == "none"  # text until a schema says the setting holds no text
     assert parse_value("3") == 3 and parse_value("1e-3") == 1e-3
     assert parse_value("[0, 1]") == [0, 1] and parse_value("['PA']") == ["PA"] and parse_value("(1, 2)") == [1, 2]
     assert parse_value("resnet50") == "resnet50" and parse_value("'a b'") == "a b"
@@ -42,6 +42,13 @@ def test_schema_converts_where_nothing_is_lost():
 def test_a_wrong_type_names_the_key_the_type_and_the_value(item, message):
     with pytest.raises(AssignmentError, match=message):
         parse_assignments([item], SCHEMA)
+
+
+def test_none_is_text_for_text_settings_and_no_value_for_others():
+    schema = {"scheduler": "step", "min_age": 18.0, "views": ["PA"]}
+    assert parse_assignments(["scheduler=none", "min_age=none", "views=none"], schema) == {
+        "scheduler": "none", "min_age": None, "views": ["none"]}
+    assert parse_assignments(["attention=none"]) == {"attention": "none"}
 
 
 def test_unknown_keys_and_malformed_items_are_refused():

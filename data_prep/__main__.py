@@ -1,6 +1,6 @@
 """Command line: ``python -m data_prep --data-dir D --out O [--per-class N --balance down --seed S ...]``.
 
-Loads the sources, curates the balanced set and writes ``manifest.csv``, ``dropped.csv`` and
+Loads the sources, curates the balanced set and writes ``manifest.csv``, ``dropped.csv``, ``duplicates.csv`` and
 ``summary.json`` together to ``--out``, then prints the summary; warnings (a truncated or unpinned
 metadata file, a split without every class) go to stderr, one line each, and into the summary.
 Exit status 2 with a one-line message on a data problem (missing or misnamed folder, short class,
@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
-    p.add_argument("--out", type=Path, required=True, help="output folder for manifest.csv, dropped.csv, summary.json")
+    p.add_argument("--out", type=Path, required=True, help="output folder for manifest.csv, dropped.csv, summary.json, duplicates.csv")
     p.add_argument("--sources", nargs="+", choices=list(SOURCES), default=None, help="sources to use (default: all present)")
     p.add_argument("--per-class", type=int, default=PAPER_PER_CLASS, help="images per class")
     p.add_argument("--balance", choices=BALANCE_MODES, default="strict", help="strict: stop when a class is short; down: balance to the smallest")
@@ -47,6 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-age", type=float, default=18, help="drop patients younger than this (negative: keep all)")
     p.add_argument("--keep-ct", action="store_true", help="do not drop non-X-ray rows")
     p.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
+    p.add_argument("--no-keypoints", action="store_true",
+                   help="decide grey-band pairs by the hash alone (faster on very large sets; misses captioned copies)")
     p.add_argument("--all-classes-from", nargs="+", choices=list(SOURCES), default=[], metavar="SOURCE",
                    help="take every class these sources hold (the paper takes only COVID-19 from ieee8023); "
                    "gives the within-source test of the shortcut audit more images")
@@ -64,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = CurationParams(
             per_class=args.per_class, balance=args.balance, seed=args.seed, split=tuple(args.split),
             allow_ap=args.allow_ap, min_age=args.min_age if args.min_age >= 0 else None,
-            xray_only=not args.keep_ct, dedup=not args.no_dedup, phash_distance=args.phash_distance, **kwargs,
+            xray_only=not args.keep_ct, dedup=not args.no_dedup, keypoints=not args.no_keypoints, phash_distance=args.phash_distance, **kwargs,
         )
         result = build(resolve_data_dir(args.data_dir), args.out, params, sources=args.sources)
     except (DataNotFoundError, ClassShortageError, SourceFormatError, ValueError) as err:
@@ -74,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_WRITE_ERROR
     print(json.dumps(result.summary, indent=2))
-    print(f"wrote {args.out / 'manifest.csv'}, {args.out / 'dropped.csv'}, {args.out / 'summary.json'}", file=sys.stderr)
+    print(f"wrote manifest.csv, dropped.csv, summary.json and duplicates.csv to {args.out}", file=sys.stderr)
     return 0
 
 

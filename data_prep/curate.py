@@ -1,14 +1,18 @@
 """Curation of the balanced COVID-19 / pneumonia / normal set from the common source table.
 
-The seed paper (section 4.1) takes every PA COVID-19 X-ray of ieee8023, "all data" of Figure1 and
-Actualmed, and random RSNA pneumonia and normal films: 475 per class, split 7:1:2 per image.  We
+The seed paper (section 4.1) takes every PA COVID-19 X-ray of ieee8023, "all the data" of Figure1
+and Actualmed (that those all count as COVID-19 is our reading: the paper does not say how it
+labelled them), and random RSNA pneumonia and normal films: 475 per class, split 7:1:2 per image.  We
 keep its choices as defaults where they are clear and correct them where they mislabel or leak:
 an explicit finding -> class mapping (Actualmed/Figure1 normals are normal, inconclusive rows are
 dropped), X-ray only, frontal views only, adults only, exact and near-duplicate removal, and a
-split grouped by patient.  Every removed image is listed with its reason (:data:`DROP_REASONS`,
+split grouped by patient.  A copy is found by its bytes, its perceptual hash, or, for pairs in
+the hash's grey band, by keypoint matching (:mod:`data_prep.copies`); the patients of a film
+and its copies (within and across sources, RSNA's re-encoded NIH films too) are joined before
+anything is sampled or split, and every pair examined goes to ``duplicates.csv``.  Every removed image is listed with its reason (:data:`DROP_REASONS`,
 including the metadata problems :func:`data_prep.sources.load_table` found), and a split left
 without an image of some class is named in the summary's ``warnings``.  The three outputs are
-written together, so an interrupted run leaves the previous set whole.
+written together with ``duplicates.csv``, so an interrupted run leaves the previous set whole.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.atomic import replace_together
+from data_prep.copies import BAND_HIGH, BAND_LOW, band_decisions
 from data_prep.fingerprint import near_pairs, phash_many
 from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS, TABLE_COLUMNS
 from data_prep.sources import DROP_COLUMNS, SOURCES, Report, load_table
@@ -74,13 +79,14 @@ DROP_REASONS: tuple[str, ...] = (
     "unreadable",
     "duplicate_exact",
     "duplicate_near",
+    "duplicate_keypoints",  # a copy the hash missed (grey band) that keypoint matching found
     "duplicate_conflict",
     "balance",
 )
 VERSIONED_PACKAGES = ("cxr-workbook", "numpy", "pandas", "pillow", "imagehash", "pydicom")
 #: What each split is for, said when a split lacks a class.
 SPLIT_PURPOSE = {"train": "train on every class", "val": "select a checkpoint", "test": "evaluate every class"}
-OUTPUT_FILES = ("manifest.csv", "dropped.csv", "summary.json")
+OUTPUT_FILES = ("manifest.csv", "dropped.csv", "summary.json", "duplicates.csv")
 
 
 class ClassShortageError(ValueError):
@@ -108,6 +114,7 @@ class CurationParams:
     source_classes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(PAPER_SOURCE_CLASSES))
     check_images: bool = True
     dedup: bool = True
+    keypoints: bool = True
     phash_distance: int = DEFAULT_PHASH_DISTANCE
     balance: str = "strict"
     seed: int = 0
@@ -142,11 +149,13 @@ class CurationParams:
 
 @dataclass
 class CurationResult:
-    """The curated set (``manifest``), every removed image (``dropped``) and the JSON-able ``summary``."""
+    """The curated set (``manifest``), every removed image (``dropped``), the JSON-able
+    ``summary`` and every pair examined as a possible copy (``duplicates``, :data:`PAIR_COLUMNS`)."""
 
     manifest: pd.DataFrame
     dropped: pd.DataFrame
     summary: dict[str, object]
+    duplicates: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(PAIR_COLUMNS)))
 
 
 def _view_problem(source: str, view: str, params: CurationParams) -> str:
@@ -203,28 +212,66 @@ def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def find_duplicates(
-    kept: pd.DataFrame, bits: np.ndarray | None, max_distance: int
-) -> list[tuple[str, str, str]]:
-    """Return ``(image_id, reason, detail)`` for every duplicate to drop among ``kept``'s rows.
+#: Columns of ``duplicates.csv``: every pair linked as one film, and every grey-band pair decided.
+PAIR_COLUMNS = ("image_a", "image_b", "patient_a", "patient_b", "evidence", "distance", "inliers", "same_film")
 
-    Rows are linked when their ``sha256`` is equal (exact) or, given ``bits`` (rows x hash bits),
-    their perceptual hashes differ by at most ``max_distance`` bits (near).  In each linked group
-    the image of the earliest source in :data:`SOURCES` (then the smallest ``image_id``) is kept;
-    a group whose images carry different labels is dropped whole (``duplicate_conflict``).
+
+@dataclass
+class DuplicateScan:
+    """What :func:`find_duplicates` found: the images to ``drop``, every examined ``pairs`` row
+    (:data:`PAIR_COLUMNS`), each patient's merged id (``patient_of``, only those that change) and
+    one record per merged patient group (``merges``: the ids, the one kept, the evidence)."""
+
+    drops: list[tuple[str, str, str]]
+    pairs: pd.DataFrame
+    patient_of: dict[str, str]
+    merges: list[dict[str, object]]
+
+
+def _source_rank(kept: pd.DataFrame, i: int) -> tuple[int, str]:
+    order = {name: k for k, name in enumerate(SOURCES)}
+    return order.get(kept.at[i, "source"], len(order)), kept.at[i, "image_id"]
+
+
+def find_duplicates(
+    kept: pd.DataFrame, bits: np.ndarray | None, max_distance: int, paths: Sequence[Path] | None = None,
+    band: tuple[int, int] = (BAND_LOW, BAND_HIGH),
+) -> DuplicateScan:
+    """Find every copy among ``kept``'s rows, choose the image to keep, and join their patients.
+
+    Rows are linked when their ``sha256`` is equal (``exact``), when, given ``bits`` (rows x hash
+    bits), their perceptual hashes differ by at most ``max_distance`` bits (``hash``), or, given
+    ``paths`` (each row's image file), when their distance lies in the grey ``band`` above
+    ``max_distance`` and keypoint matching finds one film (``keypoints``,
+    :mod:`data_prep.copies`).  In each linked group the image of the earliest source in
+    :data:`SOURCES` (then the smallest ``image_id``) is kept; a group whose images carry
+    different labels is dropped whole (``duplicate_conflict``).  The patients of linked images,
+    within and across sources, are joined as connected components over every link: one film
+    under two patient ids means one person, so their other films must share a split too.  The
+    merged id is the group's earliest patient id (same order).
     """
     kept = kept.reset_index(drop=True)
-    edges: list[tuple[int, int]] = []
+    edges: list[tuple[int, int, str, int, int]] = []  # i, j, evidence, distance, inliers
     hashed = kept[kept["sha256"] != ""]
     for _, group in hashed.groupby("sha256", sort=False):
         idx = group.index.tolist()
-        edges += [(idx[0], j) for j in idx[1:]]
+        edges += [(idx[0], j, "exact", 0, -1) for j in idx[1:]]
+    band_rows: list[tuple[int, int, str, int, int]] = []
     if bits is not None:
-        edges += [(i, j) for i, j, _ in near_pairs(bits, max_distance)]
-    order = {name: i for i, name in enumerate(SOURCES)}
+        wide = max(max_distance, band[1]) if paths is not None else max_distance
+        close = near_pairs(bits, wide)
+        edges += [(i, j, "hash", d, -1) for i, j, d in close if d <= max_distance]
+        if paths is not None:
+            low = max(band[0], max_distance + 1)
+            decided = band_decisions(close, list(kept["image_id"]), list(paths), low, band[1])
+            index = {image_id: k for k, image_id in enumerate(kept["image_id"])}
+            for r in decided.itertuples(index=False):
+                row = (index[r.image_a], index[r.image_b], "keypoints" if r.same_film else "different_film",
+                       int(r.distance), int(r.inliers))
+                (edges if r.same_film else band_rows).append(row)
     drops = []
-    for members in _components(len(kept), edges):
-        members.sort(key=lambda i: (order.get(kept.at[i, "source"], len(order)), kept.at[i, "image_id"]))
+    for members in _components(len(kept), [(i, j) for i, j, *_ in edges]):
+        members.sort(key=lambda i: _source_rank(kept, i))
         labels = sorted(set(kept.loc[members, "label"]))
         keeper = members[0]
         if len(labels) > 1:
@@ -233,13 +280,46 @@ def find_duplicates(
             continue
         for i in members[1:]:
             same_bytes = kept.at[i, "sha256"] != "" and kept.at[i, "sha256"] == kept.at[keeper, "sha256"]
+            distance = int(np.count_nonzero(bits[i] != bits[keeper])) if bits is not None else -1
             if same_bytes:
                 drops.append((kept.at[i, "image_id"], "duplicate_exact", f"same bytes as {kept.at[keeper, 'image_id']}"))
-            else:
-                distance = int(np.count_nonzero(bits[i] != bits[keeper])) if bits is not None else -1
+            elif distance <= max_distance:
                 drops.append((kept.at[i, "image_id"], "duplicate_near",
                               f"copy of {kept.at[keeper, 'image_id']} (perceptual hash distance {distance})"))
-    return drops
+            else:
+                link = next((e for e in edges if {e[0], e[1]} & {i} and e[2] == "keypoints"), None)
+                drops.append((kept.at[i, "image_id"], "duplicate_keypoints",
+                              f"copy of {kept.at[keeper, 'image_id']} (hash distance {distance}; "
+                              f"{link[4] if link else '?'} keypoint matches agree on one rigid motion)"))
+    pairs = pd.DataFrame(
+        [(kept.at[i, "image_id"], kept.at[j, "image_id"], kept.at[i, "patient_id"], kept.at[j, "patient_id"],
+          evidence, distance, inliers, evidence != "different_film")
+         for i, j, evidence, distance, inliers in edges + band_rows],
+        columns=list(PAIR_COLUMNS))
+    patient_of, merges = _merge_patients(kept, edges)
+    return DuplicateScan(drops=drops, pairs=pairs, patient_of=patient_of, merges=merges)
+
+
+def _merge_patients(kept: pd.DataFrame, edges: Sequence[tuple[int, int, str, int, int]]
+                    ) -> tuple[dict[str, str], list[dict[str, object]]]:
+    """Join patients along duplicate links (connected components over patient ids)."""
+    patients = sorted(set(kept["patient_id"]))
+    index = {p: k for k, p in enumerate(patients)}
+    links = [(index[kept.at[i, "patient_id"]], index[kept.at[j, "patient_id"]], i, j, evidence)
+             for i, j, evidence, *_ in edges if kept.at[i, "patient_id"] != kept.at[j, "patient_id"]]
+    first_image = kept.reset_index().sort_values("image_id").groupby("patient_id")["index"].first()
+    patient_of: dict[str, str] = {}
+    merges: list[dict[str, object]] = []
+    for group in _components(len(patients), [(a, b) for a, b, *_ in links]):
+        ids = sorted((patients[k] for k in group), key=lambda p: _source_rank(kept, int(first_image[p]))[0:1] + (p,))
+        into = ids[0]
+        patient_of.update({p: into for p in ids[1:]})
+        members = set(group)
+        evidence = [{"image_a": kept.at[i, "image_id"], "image_b": kept.at[j, "image_id"], "evidence": ev}
+                    for a, b, i, j, ev in links if a in members]
+        merges.append({"patients": ids, "into": into,
+                       "sources": sorted({p.split(":", 1)[0] for p in ids}), "links": evidence})
+    return patient_of, merges
 
 
 def _balance(kept: pd.DataFrame, params: CurationParams) -> tuple[pd.DataFrame, list[tuple[str, str, str]], int, str]:
@@ -362,10 +442,14 @@ def curate(
         readable = [i for i in range(len(kept)) if i not in errors]
         kept = kept.loc[readable].reset_index(drop=True)
         bits = np.array([hashes[i] for i in readable], dtype=bool) if readable else None
+    scan = DuplicateScan([], pd.DataFrame(columns=list(PAIR_COLUMNS)), {}, [])
     if params.dedup:
-        duplicates = find_duplicates(kept, bits, params.phash_distance)
-        drops += duplicates
-        gone = {d[0] for d in duplicates}
+        paths = [root / p for p in kept["path"]] if params.keypoints else None
+        scan = find_duplicates(kept, bits, params.phash_distance, paths)
+        drops += scan.drops
+        gone = {d[0] for d in scan.drops}
+        # Patients are joined before anything is sampled or split, so one person's films stay together.
+        kept = kept.assign(patient_id=kept["patient_id"].map(lambda p: scan.patient_of.get(p, p)))
         kept = kept[~kept["image_id"].isin(gone)].reset_index(drop=True)
     available = kept
 
@@ -373,7 +457,8 @@ def curate(
     drops += balance_drops
     manifest = kept.copy()
     manifest["split"] = split_by_patient(manifest, params.split, params.seed)
-    check_no_leak(manifest)
+    check_no_leak(manifest, data_dir=root if (params.check_images or params.dedup) else None,
+                  max_distance=params.phash_distance)
     manifest = _sort_manifest(manifest)
 
     warnings = split_warnings(manifest, params, n)
@@ -385,7 +470,25 @@ def curate(
     dropped = dropped.sort_values(["_order", "image_id"], kind="stable").drop(columns="_order").reset_index(drop=True)
     warnings = (list(report.warnings) if report is not None else []) + warnings
     summary = _summary(table, available, manifest, dropped, params, n, note, report, warnings)
-    return CurationResult(manifest=manifest, dropped=dropped, summary=summary)
+    summary["patient_merges"] = _merge_summary(scan, table)
+    pairs = scan.pairs.sort_values(["evidence", "image_a", "image_b"], kind="stable").reset_index(drop=True)
+    return CurationResult(manifest=manifest, dropped=dropped, summary=summary, duplicates=pairs)
+
+
+def _merge_summary(scan: DuplicateScan, table: pd.DataFrame) -> dict[str, object]:
+    """Counts of the patient merges, by evidence and source pair, with every group listed."""
+    links = [link for m in scan.merges for link in m["links"]]
+    evidence = pd.Series([link["evidence"] for link in links], dtype=object)
+    return {
+        "groups": len(scan.merges),
+        "patients_merged": sum(len(m["patients"]) for m in scan.merges),
+        "by_evidence": {str(k): int(v) for k, v in evidence.value_counts().sort_index().items()},
+        "across_sources": sum(len(m["sources"]) > 1 for m in scan.merges),
+        "nih_rsna": sum({"nih", "rsna"} <= set(m["sources"]) for m in scan.merges),
+        "band_pairs": int((scan.pairs["evidence"].isin(["keypoints", "different_film"])).sum()),
+        "band_same_film": int((scan.pairs["evidence"] == "keypoints").sum()),
+        "merges": scan.merges,
+    }
 
 
 def split_warnings(manifest: pd.DataFrame, params: CurationParams, per_class: int) -> list[str]:
@@ -467,9 +570,10 @@ def _summary(
 
 
 def write_outputs(result: CurationResult, out_dir: Path) -> dict[str, Path]:
-    """Write ``manifest.csv``, ``dropped.csv`` and ``summary.json`` to ``out_dir``; return their paths.
+    """Write ``manifest.csv``, ``dropped.csv``, ``summary.json`` and ``duplicates.csv`` to
+    ``out_dir``; return their paths.
 
-    Byte-identical for equal results.  The three files are written together
+    Byte-identical for equal results.  The four files are written together
     (:func:`data_prep.atomic.replace_together`): a failure or a kill while writing leaves the
     previous set as it was, never a new manifest beside an old summary.  Raises
     :class:`data_prep.atomic.WriteError` naming the file when the disk is full or the folder not
@@ -482,6 +586,7 @@ def write_outputs(result: CurationResult, out_dir: Path) -> dict[str, Path]:
         paths["manifest.csv"]: lambda tmp: result.manifest.to_csv(tmp, index=False, lineterminator="\n", float_format="%g"),
         paths["dropped.csv"]: lambda tmp: result.dropped.to_csv(tmp, index=False, lineterminator="\n"),
         paths["summary.json"]: lambda tmp: tmp.write_bytes(summary.encode("utf-8")),
+        paths["duplicates.csv"]: lambda tmp: result.duplicates.to_csv(tmp, index=False, lineterminator="\n"),
     }
     replace_together(writers)
     return paths
@@ -495,7 +600,7 @@ def build(
 ) -> CurationResult:
     """Load the sources under ``data_dir``, curate them with ``params``, and write the outputs to ``out_dir``.
 
-    Writes ``manifest.csv``, ``dropped.csv`` and ``summary.json`` (byte-identical on re-run with
+    Writes ``manifest.csv``, ``dropped.csv``, ``summary.json`` and ``duplicates.csv`` (byte-identical on re-run with
     the same inputs).  Raises what :func:`load_table` and :func:`curate` raise.
     """
     table, report = load_table(Path(data_dir), sources=sources, hash_images=True)

@@ -9,6 +9,7 @@ furthest below its target, which hits the ratios closely while keeping patients 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,11 +109,17 @@ def kfold_by_patient(df: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
     return _assign_groups(df, [1.0 / k] * k, list(range(k)), seed).astype(int).rename("fold")
 
 
-def check_no_leak(manifest: pd.DataFrame, column: str = "split") -> None:
-    """Raise :class:`LeakError` when a patient, or an image's bytes (``sha256``), occurs in two splits.
+def check_no_leak(manifest: pd.DataFrame, column: str = "split", data_dir: Path | str | None = None,
+                  max_distance: int = 32) -> None:
+    """Raise :class:`LeakError` when a patient, an image's bytes (``sha256``) or, given
+    ``data_dir``, a near copy (perceptual hashes at most ``max_distance`` bits apart) occurs in
+    two splits.
 
     Patient ids are compared after stripping whitespace, so ``"nih:12 "`` and ``"nih:12"`` are one
-    patient.  The message names up to :data:`LEAKS_SHOWN` offenders and their splits.
+    patient.  The copy check decodes every manifest image under ``data_dir`` (hashes are cached
+    per file for the process), so a re-saved copy that slipped past de-duplication fails loudly
+    instead of sitting in train and test.  The message names up to :data:`LEAKS_SHOWN` offenders
+    and their splits.
     """
     if column not in manifest.columns:
         raise KeyError(f"check_no_leak: the manifest has no {column!r} column")
@@ -128,3 +135,22 @@ def check_no_leak(manifest: pd.DataFrame, column: str = "split") -> None:
                 f"{len(leaks)} {what}(s) occur in more than one {column}: {shown}. "
                 "Split with data_prep.split.split_by_patient instead of per image."
             )
+    if data_dir is not None and len(manifest):
+        _check_no_near_copy(manifest, column, Path(data_dir), max_distance)
+
+
+def _check_no_near_copy(manifest: pd.DataFrame, column: str, data_dir: Path, max_distance: int) -> None:
+    from data_prep.fingerprint import near_pairs, phash  # decoding is only needed for this check
+
+    rows = manifest.reset_index(drop=True)
+    bits = np.array([phash(data_dir / p) for p in rows["path"]], dtype=bool)
+    split = rows[column].astype(str).to_numpy()
+    crossing = [(i, j, d) for i, j, d in near_pairs(bits, max_distance) if split[i] != split[j]]
+    if crossing:
+        shown = "; ".join(f"{rows.at[i, 'image_id']} ({split[i]}) ~ {rows.at[j, 'image_id']} ({split[j]}), {d} bits"
+                          for i, j, d in crossing[:LEAKS_SHOWN])
+        raise LeakError(
+            f"{len(crossing)} pair(s) of near-identical images sit in different {column}s: {shown}. "
+            "They are one film: curate with de-duplication on (python -m data_prep without --no-dedup), "
+            "which joins their patients before splitting."
+        )

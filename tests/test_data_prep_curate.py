@@ -37,20 +37,21 @@ def paper_down(loaded):
 
 def test_paper_defaults_on_mirror_reach_balanced_counts(paper_down) -> None:
     s = paper_down.summary
-    # PA-only ieee8023 is the binding constraint: 209 + Figure1 33 + Actualmed 26 COVID-19 films.
-    assert s["available_per_class"] == {"covid": 268, "pneumonia": 479, "normal": 448}
-    assert s["per_class"] == 268
-    assert paper_down.manifest["label"].value_counts().to_dict() == {c: 268 for c in CLASSES}
-    assert sum(s["split_sizes"].values()) == 3 * 268
+    # PA-only ieee8023 is the binding constraint: ieee8023 + Figure1 + Actualmed COVID-19 films after
+    # de-duplication (one captioned re-post, extubation-1.jpg, is found by keypoints).
+    assert s["available_per_class"] == {"covid": 267, "pneumonia": 478, "normal": 448}
+    assert s["per_class"] == 267
+    assert paper_down.manifest["label"].value_counts().to_dict() == {c: 267 for c in CLASSES}
+    assert sum(s["split_sizes"].values()) == 3 * 267
     assert tuple(paper_down.manifest.columns) == MANIFEST_COLUMNS
-    assert "balanced down to 268" in s["balance_note"]
+    assert "balanced down to 267" in s["balance_note"]
     json.dumps(s)  # JSON-able
 
 
 def test_allowing_ap_views_adds_covid_films(loaded) -> None:
     table, report = loaded
     result = curate(table, CurationParams(balance="down", allow_ap=True), report=report)
-    assert result.summary["available_per_class"]["covid"] == 477
+    assert result.summary["available_per_class"]["covid"] == 476
     assert result.summary["per_class"] == 448
 
 
@@ -141,7 +142,7 @@ def test_no_patient_crosses_splits(paper_down) -> None:
 
 def test_strict_balance_says_what_each_class_got(loaded) -> None:
     table, report = loaded
-    with pytest.raises(ClassShortageError, match=r"covid=268, pneumonia=479, normal=448.*balance='down'"):
+    with pytest.raises(ClassShortageError, match=r"covid=267, pneumonia=478, normal=448.*balance='down'"):
         curate(table, CurationParams(), report=report)
 
 
@@ -149,7 +150,7 @@ def test_manifest_is_byte_identical_on_rerun(data_dir: Path, tmp_path: Path) -> 
     params = CurationParams(per_class=5, balance="down", seed=7)
     first = build(data_dir, tmp_path / "a", params, sources=["figure1", "actualmed"])
     build(data_dir, tmp_path / "b", params, sources=["figure1", "actualmed"])
-    for name in ("manifest.csv", "dropped.csv", "summary.json"):
+    for name in ("manifest.csv", "dropped.csv", "summary.json", "duplicates.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert pd.read_csv(tmp_path / "a" / "manifest.csv").shape == first.manifest.shape
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["seed"] == 7

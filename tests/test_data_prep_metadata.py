@@ -282,7 +282,7 @@ def test_failed_write_leaves_previous_outputs_whole(tmp_path: Path, monkeypatch)
     out = tmp_path / "out"
     first = curate(synthetic_table(per_class=20), CurationParams(per_class=20, seed=1, **NO_IMAGES))
     paths = write_outputs(first, out)
-    assert sorted(paths) == ["dropped.csv", "manifest.csv", "summary.json"]
+    assert sorted(paths) == ["dropped.csv", "duplicates.csv", "manifest.csv", "summary.json"]
     before = _outputs(out)
     second = curate(synthetic_table(per_class=20), CurationParams(per_class=10, seed=2, balance="down", **NO_IMAGES))
     staged: list[Path] = []

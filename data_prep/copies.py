@@ -117,6 +117,33 @@ def band_decisions(pairs: Sequence[tuple[int, int, int]], image_ids: Sequence[st
     return pd.DataFrame(rows, columns=["image_a", "image_b", "distance", "matches", "inliers", "same_film"])
 
 
+def band_review(duplicates: pd.DataFrame, n_different: int = 6) -> pd.DataFrame:
+    """The grey-band pairs of a curation's ``duplicates`` table for a reader to check: every pair
+    called one film, then the ``n_different`` different-film pairs with the most keypoint
+    matches (the closest calls), with a ``decision`` column in words."""
+    band = duplicates[duplicates["evidence"].isin(["keypoints", "different_film"])]
+    same = band[band["same_film"].astype(bool)].sort_values("inliers", ascending=False)
+    other = band[~band["same_film"].astype(bool)].sort_values(["inliers", "distance"], ascending=[False, True])
+    out = pd.concat([same, other.head(n_different)], ignore_index=True)
+    out["decision"] = np.where(out["same_film"].astype(bool), "one film: copy dropped, patients joined",
+                               "different films: both kept")
+    return out[["image_a", "image_b", "patient_a", "patient_b", "distance", "inliers", "decision"]]
+
+
+def pair_thumbnails(pairs: pd.DataFrame, data_dir: Path) -> tuple[list[np.ndarray], list[str]]:
+    """Both images of each pair (``image_a``, ``image_b``: ``source:relative path`` ids) as grey
+    arrays, a pair side by side, with short titles: source, patient, and the decision for the
+    second image of each pair."""
+    images, titles = [], []
+    for r in pairs.itertuples(index=False):
+        for key, patient in ((r.image_a, r.patient_a), (r.image_b, r.patient_b)):
+            images.append(np.asarray(load_gray(Path(data_dir) / key.split(":", 1)[1])))
+            source, name = key.split(":", 1)[0], Path(key).name
+            titles.append(f"{source} {patient.split(':', 1)[-1]}: {name[:18]}")
+        titles[-1] += f"\n{r.distance} bits, {r.inliers} matches: {r.decision.split(':')[0]}"
+    return images, titles
+
+
 # --------------------------------------------------------------------------- measurement
 
 #: The edits a re-posted film goes through, for the measurement.

@@ -475,6 +475,16 @@ def curate(
     return CurationResult(manifest=manifest, dropped=dropped, summary=summary, duplicates=pairs)
 
 
+def merge_table(summary: dict[str, object]) -> pd.DataFrame:
+    """The patient merges of a curation ``summary`` as a table: one row per joined group with
+    the id kept, the ids joined into it, their sources and the evidence that linked them."""
+    rows = [{"patient": m["into"], "joined": ", ".join(p for p in m["patients"] if p != m["into"]),
+             "sources": "+".join(m["sources"]),
+             "evidence": ", ".join(sorted({link["evidence"] for link in m["links"]})),
+             "links": len(m["links"])} for m in summary.get("patient_merges", {}).get("merges", [])]
+    return pd.DataFrame(rows, columns=["patient", "joined", "sources", "evidence", "links"])
+
+
 def _merge_summary(scan: DuplicateScan, table: pd.DataFrame) -> dict[str, object]:
     """Counts of the patient merges, by evidence and source pair, with every group listed."""
     links = [link for m in scan.merges for link in m["links"]]

@@ -5,11 +5,14 @@ baseline per group).  :func:`run_grid` trains every row for every seed through
 :func:`nbhelpers.train.train_run`, reusing a finished run (its ``metrics.json``) only when the
 record it stored (:func:`nbhelpers.train.run_provenance`: model, options, preprocessing,
 effective TrainConfig, manifest hash, cache key) matches what would be trained now, so an
-interrupted grid resumes and a changed setting or manifest retrains the runs it touches.  :func:`summarise` gives mean ± std over seeds with a 95 % interval of
-the mean; :func:`paired_tests` compares each variant with its group's baseline *on the same test
-images*: the per-seed accuracy difference with a t-interval over seeds (seed noise), a paired
-bootstrap over test images (test-set noise) and McNemar's exact test.  A difference counts as
-distinguishable only when both intervals exclude zero.
+interrupted grid resumes and a changed setting or manifest retrains the runs it touches.
+:func:`summarise` gives mean ± std over seeds with a 95 % interval of the mean;
+:func:`paired_tests` compares each variant with its group's baseline *on the same test images*,
+each image counted once (its correctness averaged over seeds): a t-interval over seeds (seed
+noise), a bootstrap over patients (test-set noise), a sign-flip permutation test over patients
+and McNemar's exact test per seed.  p-values are Holm-adjusted within each group; a difference
+counts as distinguishable only when the adjusted p is below 0.05 and the seed interval excludes
+zero.
 
 ``python -m nbhelpers.ablation --manifest M --data-dir D --preset smoke --seeds 0 1 2`` runs it.
 """
@@ -32,11 +35,28 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
+from nbhelpers import metrics as M
+
 GRID_FILE = Path(__file__).with_name("ablations.toml")
-ROW_KEYS = {"group", "name", "model", "options", "preprocess", "overrides", "baseline", "paper_accuracy"}
-METRICS = ("accuracy", "macro_sensitivity", "macro_specificity", "macro_f1")
+ROW_KEYS = {"group", "name", "model", "options", "preprocess", "overrides", "baseline", "paper_accuracy",
+            "paper_metric"}
+#: Metrics summarised per row.  ``macro_ovr_accuracy`` is paper 000's ACC (its eq. 12: the mean
+#: over classes of one-vs-rest accuracy), not the overall accuracy that paper 001 reports.
+METRICS = ("accuracy", "macro_ovr_accuracy", "macro_sensitivity", "macro_specificity", "macro_f1")
 N_BOOT = 2000
 CONFIDENCE = 0.95
+#: What every table the grid writes says about its statistics (in its header).
+STATISTICS_NOTE = (
+    "Unit: the test image, counted once (its correctness averaged over the seeds); `test_images` / "
+    "`test_patients` and per-source `n` / `patients` count distinct images and patients. Bootstrap intervals "
+    "and the sign-flip test (`p_value`) resample or flip patients with all their films; `mcnemar_p_seeds` is "
+    "McNemar's exact test of each seed alone. `p_holm`: Holm-adjusted within each group; `distinguishable` "
+    "needs p_holm < 0.05 and a seed interval that excludes 0. Paper 000's ACC (eq. 12) is `macro_ovr_accuracy` "
+    "(mean one-vs-rest accuracy), shown as `ours_on_paper_metric` beside `paper_accuracy`; overall `accuracy` is "
+    "paper 001's."
+)
+#: Significance level of the verdict, applied to Holm-adjusted p-values within a group.
+ALPHA = 0.05
 
 
 class GridError(ValueError):
@@ -55,6 +75,8 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False
     paper_accuracy: float | None = None
+    #: What ``paper_accuracy`` measures, one of :data:`METRICS` (paper 000's ACC is macro_ovr_accuracy).
+    paper_metric: str = "accuracy"
 
 
 def load_grid(path: Path = GRID_FILE, groups: Sequence[str] | None = None) -> list[Row]:
@@ -70,7 +92,10 @@ def load_grid(path: Path = GRID_FILE, groups: Sequence[str] | None = None) -> li
         unknown = set(entry) - ROW_KEYS
         if unknown:
             raise GridError(f"{path}: row {i} has unknown key(s) {sorted(unknown)}; allowed: {sorted(ROW_KEYS)}")
-        rows.append(Row(**entry))
+        row = Row(**entry)
+        if row.paper_metric not in METRICS:
+            raise GridError(f"{path}: row {row.name!r} has paper_metric {row.paper_metric!r}; use one of {METRICS}")
+        rows.append(row)
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise GridError(f"{path}: row names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
@@ -169,26 +194,36 @@ def _t_interval(values: np.ndarray, bounds: tuple[float, float]) -> tuple[float,
 
 def summarise(runs: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
     """Per row: number of seeds, mean and std of each metric, the 95 % t-interval of the mean
-    test accuracy over seeds, and the accuracy the paper reports (where it does)."""
+    test accuracy over seeds, the figure the paper reports (where it does, on its own data),
+    what that figure measures (``paper_metric``) and ours on the same metric
+    (``ours_on_paper_metric``), so paper 000's ACC is compared with its own definition."""
     paper = {r.name: r.paper_accuracy for r in rows}
+    paper_metric = {r.name: r.paper_metric for r in rows}
     out = []
     for (group, name), part in runs.groupby(["group", "name"], sort=False):
         line = {"group": group, "name": name, "seeds": len(part)}
-        for m in METRICS:
-            line[f"{m}_mean"], line[f"{m}_std"] = part[m].mean(), part[m].std(ddof=1)
+        for m in METRICS:  # a metric older runs did not record is NaN
+            values = part[m] if m in part else pd.Series(np.nan, index=part.index)
+            line[f"{m}_mean"], line[f"{m}_std"] = values.mean(), values.std(ddof=1)
         line["accuracy_ci_low"], line["accuracy_ci_high"] = _t_interval(part["accuracy"].to_numpy(), (0.0, 1.0))
         line["paper_accuracy"] = paper.get(name)
+        line["paper_metric"] = paper_metric.get(name, "accuracy")
+        line["ours_on_paper_metric"] = line[f"{line['paper_metric']}_mean"]
         out.append(line)
     return pd.DataFrame(out)
 
 
-def _correct(out_root: Path, row: Row, seed: int, image_ids: Sequence[str] | None = None) -> pd.Series:
-    """Per test image (indexed by image id): 1 if the run classified it correctly; only
+def _correct(out_root: Path, row: Row, seed: int, image_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per test image (indexed by image id): ``correct`` (1 if the run classified it correctly)
+    and ``patient_id`` (the image itself for runs that did not record patients); only
     ``image_ids`` when given."""
-    table = pd.read_csv(run_dir(out_root, row, seed) / "test_predictions.csv", index_col="image_id")
+    table = pd.read_csv(run_dir(out_root, row, seed) / "test_predictions.csv", keep_default_na=False)
+    table["image_id"] = table["image_id"].astype(str)
+    table = table.set_index("image_id")
     if image_ids is not None:
         table = table[table.index.isin(set(map(str, image_ids)))]
-    return (table["pred"] == table["label"]).astype(int)
+    patients = table["patient_id"].astype(str) if "patient_id" in table.columns else pd.Series(table.index, table.index)
+    return pd.DataFrame({"correct": (table["pred"] == table["label"]).astype(int), "patient_id": patients})
 
 
 def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_boot: int = N_BOOT,
@@ -196,12 +231,21 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     """Compare each non-baseline row with its group's baseline on the same test images (only
     ``image_ids`` when given, e.g. one source's).
 
-    Per row: mean accuracy difference (variant − baseline), its 95 % t-interval over seeds, a
-    95 % paired-bootstrap interval over test images (images resampled jointly for both models,
-    difference averaged over seeds), McNemar's exact p-value on the discordant images pooled over
-    seeds, and ``distinguishable`` (both intervals exclude zero).  Raises ValueError when the two
-    runs of a seed were scored on different images.
+    The unit is the test image, each counted once: its correctness is averaged over the seeds,
+    and the difference (variant − baseline) taken per image.  Per row: the mean difference, its
+    95 % t-interval over seeds (seed noise), a 95 % bootstrap interval resampling **patients**
+    with all their images (test-set noise), the images on which the variant is right more often
+    or less often than the baseline (``variant_better`` / ``variant_worse``, distinct images), a
+    paired sign-flip permutation p-value over patients (:func:`nbhelpers.stats.sign_flip_test`;
+    with one seed and one image per patient it is McNemar's exact test), McNemar's exact p-value
+    of each seed on its own (``mcnemar_p_seeds``), and the p-value adjusted by Holm within the
+    group (``p_holm``, the family being the group's comparisons with its baseline).
+    ``distinguishable``: the Holm-adjusted p is below 0.05 and the seed interval (where there
+    are two or more seeds) excludes zero.  Raises ValueError when the two runs of a seed were
+    scored on different images.
     """
+    from nbhelpers.stats import holm, mcnemar_exact, sign_flip_test
+
     rng = np.random.default_rng(boot_seed)
     baselines = {r.group: r for r in rows if r.baseline}
     out = []
@@ -213,43 +257,48 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
         for variant, reference in pairs:
             if not variant.index.equals(reference.index):
                 raise ValueError(f"{row.name} and {base.name} were not scored on the same test images")
-        diff = np.stack([(v - r).to_numpy() for v, r in pairs])  # seeds x images, values in {-1, 0, 1}
+        diff = np.stack([(v["correct"] - r["correct"]).to_numpy() for v, r in pairs])  # seeds x images, in {-1, 0, 1}
         per_seed = diff.mean(axis=1)
-        boot = diff[:, rng.integers(0, diff.shape[1], (n_boot, diff.shape[1]))].mean(axis=(0, 2))
-        better = int((diff == 1).sum())
-        worse = int((diff == -1).sum())
-        p_mcnemar = stats.binomtest(min(better, worse), better + worse, 0.5).pvalue if better + worse else 1.0
+        per_image = diff.mean(axis=0)  # seed-averaged: each image once
+        patients = pairs[0][0]["patient_id"].to_numpy()
+        boot = np.array([per_image[idx].mean() for idx in M.resample_indices(len(per_image), n_boot, rng, patients)])
         seed_low, seed_high = _t_interval(per_seed, (-1.0, 1.0))
         boot_low, boot_high = np.quantile(boot, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
-        excludes_zero = [not (lo <= 0 <= hi) for lo, hi in ((seed_low, seed_high), (boot_low, boot_high))
-                         if not np.isnan(lo)]
+        mcnemar = [mcnemar_exact(int((d == 1).sum()), int((d == -1).sum())) for d in diff]
         out.append({
             "group": row.group, "variant": row.name, "baseline": base.name, "seeds": len(seeds),
-            "test_images": diff.shape[1], "accuracy_diff": per_seed.mean(),
+            "test_images": diff.shape[1], "test_patients": len(set(patients)), "accuracy_diff": per_seed.mean(),
             "seed_ci_low": seed_low, "seed_ci_high": seed_high,
             "bootstrap_ci_low": boot_low, "bootstrap_ci_high": boot_high,
-            "variant_better": better, "variant_worse": worse, "mcnemar_p": p_mcnemar,
-            "distinguishable": bool(len(excludes_zero) == 2 and all(excludes_zero)),
+            "variant_better": int((per_image > 0).sum()), "variant_worse": int((per_image < 0).sum()),
+            "p_value": sign_flip_test(per_image, patients, seed=boot_seed),
+            "mcnemar_p_seeds": " ".join(f"{p:.3g}" for p in mcnemar),
         })
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    if table.empty:
+        return table
+    table["p_holm"] = np.nan
+    for _, part in table.groupby("group", sort=False):
+        table.loc[part.index, "p_holm"] = holm(part["p_value"].to_numpy())
+    seed_excludes = ~((table["seed_ci_low"] <= 0) & (0 <= table["seed_ci_high"]))  # NaN (one seed) counts as excluding
+    table["distinguishable"] = (table["p_holm"] < ALPHA) & seed_excludes
+    return table
 
 
 def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manifest: pd.DataFrame | Path | str) -> pd.DataFrame:
-    """Test accuracy per (row, source, true class), pooled over seeds, with Wilson intervals: a
-    variant that gains only on one archive's images is learning the archive (see
-    :mod:`nbhelpers.audit`)."""
+    """Test accuracy per (row, source, true class) over the seeds, each test image counted once
+    (its correctness averaged over seeds), with patient-level intervals
+    (:func:`nbhelpers.audit.per_source_table`): a variant that gains only on one archive's images
+    is learning the archive."""
     from nbhelpers.audit import per_source_table
 
     table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
     out = []
     for row in rows:
-        # each image is scored once per seed: suffix the ids with the seed so the join stays one-to-one
-        preds = pd.concat([pd.read_csv(run_dir(out_root, row, s) / "test_predictions.csv")
-                           .assign(image_id=lambda d, s=s: d["image_id"] + f"#{s}") for s in seeds])
-        expanded = pd.concat([table.assign(image_id=table["image_id"] + f"#{s}") for s in seeds])
-        out.append(per_source_table(expanded, preds).assign(group=row.group, name=row.name, seeds=len(seeds)))
-    return pd.concat(out, ignore_index=True)[["group", "name", "seeds", "source", "class", "n", "correct", "accuracy",
-                                              "low", "high"]]
+        preds = [pd.read_csv(run_dir(out_root, row, s) / "test_predictions.csv", keep_default_na=False) for s in seeds]
+        out.append(per_source_table(table, preds).assign(group=row.group, name=row.name))
+    return pd.concat(out, ignore_index=True)[["group", "name", "seeds", "source", "class", "n", "patients", "correct",
+                                              "accuracy", "low", "high"]]
 
 
 def write_tables(folder: Path, header: str, prefix: str = "ablation", **tables: pd.DataFrame) -> list[Path]:
@@ -308,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = load_run(run_dir(args.out, rows[0], args.seeds[0])).metrics
         header = (f"Made by `python -m nbhelpers.ablation {shlex.join(argv if argv is not None else sys.argv[1:])}` "
                   f"on {datetime.now(timezone.utc):%Y-%m-%d}; preset {args.preset}, seeds {args.seeds}, "
-                  f"device {first['device']}, data {first['data']['counts']} (manifest {first['data']['manifest_hash']}).")
+                  f"device {first['device']}, data {first['data']['counts']} (manifest {first['data']['manifest_hash']}). "
+                  f"{STATISTICS_NOTE}")
         for path in write_tables(args.tables, header, args.prefix, runs=runs, summary=summary, tests=tests, per_source=sources):
             print(f"wrote {path}")
     if args.figures:

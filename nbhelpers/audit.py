@@ -98,8 +98,10 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
 
 
-def _scores_with_ci(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int, seed: int, level: float) -> pd.DataFrame:
-    """Bootstrap intervals (images resampled) of accuracy and balanced accuracy of hard predictions."""
+def _scores_with_ci(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int, seed: int, level: float,
+                    groups: Sequence | np.ndarray | None = None) -> pd.DataFrame:
+    """Bootstrap intervals of accuracy and balanced accuracy of hard predictions, resampling
+    ``groups`` (each image's patient) with all their images, or the images without groups."""
     n_classes = int(max(np.max(y_true), np.max(y_pred))) + 1
     onehot = np.eye(n_classes)[np.asarray(y_pred)]
 
@@ -107,7 +109,8 @@ def _scores_with_ci(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int, seed: i
         pred = p.argmax(1)
         return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": balanced_accuracy(y, pred)}
 
-    return M.bootstrap_ci(np.asarray(y_true), onehot, scores, n=n_boot, seed=seed, level=level).set_index("metric")
+    return M.bootstrap_ci(np.asarray(y_true), onehot, scores, n=n_boot, seed=seed, level=level,
+                          groups=groups).set_index("metric")
 
 
 # --------------------------------------------------------------------------- tables of a finished run
@@ -138,17 +141,37 @@ def join_predictions(manifest: pd.DataFrame | Path | str, predictions: pd.DataFr
         missing = [c for c in need if c not in table.columns]
         if missing:
             raise KeyError(f"{name} lacks column(s) {missing}; it needs {list(need)}")
-    sources = manifest.drop_duplicates("image_id").set_index("image_id")["source"]
-    unknown = sorted(set(predictions["image_id"]) - set(sources.index))
+    rows = manifest.drop_duplicates("image_id").set_index(manifest.drop_duplicates("image_id")["image_id"].astype(str))
+    ids = predictions["image_id"].astype(str)
+    unknown = sorted(set(ids) - set(rows.index))
     if unknown:
         raise ValueError(f"{len(unknown)} predicted image(s) are not in the manifest, e.g. {unknown[:3]}; "
                          "pass the manifest the run was trained on")
-    return pd.DataFrame({
-        "image_id": predictions["image_id"].to_numpy(),
-        "source": sources.loc[predictions["image_id"]].to_numpy(),
+    patients = rows["patient_id"].astype(str) if "patient_id" in rows.columns else pd.Series(rows.index, rows.index)
+    out = pd.DataFrame({
+        "image_id": ids.to_numpy(),
+        "source": rows.loc[ids, "source"].to_numpy(),
+        "patient_id": patients.loc[ids].to_numpy(),
         "y": _as_index(predictions["label"], "label"),
         "pred": _as_index(predictions["pred"], "pred"),
     })
+    if "seed" in predictions.columns:
+        out["seed"] = predictions["seed"].to_numpy()
+    return out
+
+
+def _joined(manifest: pd.DataFrame | Path | str,
+            predictions: pd.DataFrame | Path | str | Sequence[pd.DataFrame | Path | str]) -> pd.DataFrame:
+    """:func:`join_predictions` of one prediction table or of several (one per seed, numbered
+    in a ``seed`` column when they carry none), with ``correct`` per row."""
+    many = predictions if isinstance(predictions, (list, tuple)) else [predictions]
+    manifest = _read_table(manifest, "manifest")
+    parts = []
+    for k, table in enumerate(many):
+        joined = join_predictions(manifest, table)
+        parts.append(joined if "seed" in joined.columns else joined.assign(seed=k))
+    joined = pd.concat(parts, ignore_index=True)
+    return joined.assign(correct=(joined["y"] == joined["pred"]).astype(float))
 
 
 def _read_table(table: pd.DataFrame | Path | str, what: str) -> pd.DataFrame:
@@ -160,32 +183,49 @@ def _read_table(table: pd.DataFrame | Path | str, what: str) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False)
 
 
-def _proportion_row(correct: int, n: int, level: float) -> dict[str, Any]:
-    low, high = wilson_interval(correct, n, level)
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else float("nan"),
-            "low": low, "high": high, "level": level}
+def _proportion_row(images: pd.DataFrame, level: float, n_boot: int, seed: int) -> dict[str, Any]:
+    """Seed-averaged accuracy of one cell over its distinct images, interval over patients
+    (:func:`nbhelpers.stats.proportion_ci`)."""
+    from nbhelpers.stats import proportion_ci
+
+    row = proportion_ci(images["correct"].to_numpy(), images["patient_id"].to_numpy(), n_boot, seed, level)
+    return {**row, "level": level}
+
+
+#: Columns of :func:`per_source_table`.
+PER_SOURCE_COLUMNS = ["source", "class", "n", "patients", "seeds", "correct", "accuracy", "low", "high", "level"]
 
 
 def per_source_table(
-    manifest: pd.DataFrame | Path | str, predictions: pd.DataFrame | Path | str, level: float = CI_LEVEL
+    manifest: pd.DataFrame | Path | str,
+    predictions: pd.DataFrame | Path | str | Sequence[pd.DataFrame | Path | str],
+    level: float = CI_LEVEL, n_boot: int = M.N_BOOTSTRAP, seed: int = 0,
 ) -> pd.DataFrame:
-    """Test accuracy of a finished run per (source x true class), with counts and Wilson intervals.
+    """Test accuracy per (source x true class) of one run, or of several seeds' runs on the same
+    test images (a list of prediction tables), with counts and intervals.
 
-    One row per source and class present in the test predictions (``accuracy`` there is the
-    class's sensitivity within that source) plus one ``class == "all"`` row per source (its
-    overall accuracy).  Columns: source, class, n, correct, accuracy, low, high, level.  Inputs
-    and errors as :func:`join_predictions`.
+    Each image counts once: its correctness is averaged over the seeds that scored it, so ``n``
+    is the number of distinct images (``patients`` distinct patients, ``seeds`` the runs) and
+    ``correct`` the seed-averaged count.  The interval (low, high) is the wider of a bootstrap
+    that resamples patients with all their images and the Wilson interval over the distinct
+    images (:func:`nbhelpers.stats.proportion_ci`).  One row per source and class present in
+    the predictions (``accuracy`` there is the class's sensitivity within that source) plus one
+    ``class == "all"`` row per source.  Inputs and errors as :func:`join_predictions`.
     """
-    joined = join_predictions(manifest, predictions)
+    from nbhelpers.stats import per_image
+
+    joined = _joined(manifest, predictions)
+    seeds = joined["seed"].nunique()
+    images = per_image([joined[["image_id", "patient_id", "source", "y", "correct"]]])
     rows = []
-    for source, part in joined.groupby("source", sort=True):
-        hits = part["y"].to_numpy() == part["pred"].to_numpy()
+    for source, part in images.groupby("source", sort=True):
         for c, name in enumerate(CLASSES):
             mask = part["y"].to_numpy() == c
             if mask.any():
-                rows.append({"source": source, "class": name, **_proportion_row(int(hits[mask].sum()), int(mask.sum()), level)})
-        rows.append({"source": source, "class": ALL_CLASSES, **_proportion_row(int(hits.sum()), len(hits), level)})
-    return pd.DataFrame(rows, columns=["source", "class", "n", "correct", "accuracy", "low", "high", "level"])
+                rows.append({"source": source, "class": name, "seeds": seeds,
+                             **_proportion_row(part[mask], level, n_boot, seed)})
+        rows.append({"source": source, "class": ALL_CLASSES, "seeds": seeds, **_proportion_row(part, level, n_boot, seed)})
+    return pd.DataFrame(rows, columns=PER_SOURCE_COLUMNS)
 
 
 def within_source_table(
@@ -201,28 +241,62 @@ def within_source_table(
     Within such a source the archive's look says nothing about the label, so this accuracy is
     free of the source shortcut: ieee8023, Actualmed and Figure1 mix COVID-19 with other
     classes; NIH and RSNA mix normal and pneumonia (no COVID-19).  ``sources`` keeps only the
-    named ones (e.g. :data:`COVID_MIXED_SOURCES`).  One row per source whose test images hold
-    two or more classes: source, n, ``n_<class>`` per class, correct, accuracy with its Wilson
-    interval (low, high), balanced_accuracy with a bootstrap interval (ba_low, ba_high;
-    ``n_boot`` resamples from ``seed``), level.  An empty table (same columns) means no test
-    source mixes classes.  Inputs and errors as :func:`join_predictions`.
+    named ones (e.g. :data:`COVID_MIXED_SOURCES`).  ``predictions`` may be several seeds'
+    tables; each image then counts once, its correctness averaged over seeds.  One row per source
+    whose test images hold two or more classes: source, n (distinct images), patients, ``n_<class>``
+    per class, correct, accuracy with its interval (low, high; see :func:`per_source_table`),
+    balanced_accuracy with a patient bootstrap interval (ba_low, ba_high; ``n_boot`` resamples
+    from ``seed``), level.  An empty table (same columns) means no test source mixes classes.
+    Inputs and errors as :func:`join_predictions`.
     """
-    joined = join_predictions(manifest, predictions)
+    from nbhelpers.stats import per_image
+
+    joined = _joined(manifest, predictions)
     if sources is not None:
         joined = joined[joined["source"].isin(list(sources))]
-    columns = ["source", "n", *[f"n_{c}" for c in CLASSES], "correct", "accuracy", "low", "high",
+    columns = ["source", "n", "patients", *[f"n_{c}" for c in CLASSES], "correct", "accuracy", "low", "high",
                "balanced_accuracy", "ba_low", "ba_high", "level"]
     rows = []
-    for source, part in joined.groupby("source", sort=True):
-        y, pred = part["y"].to_numpy(), part["pred"].to_numpy()
+    images = per_image([joined[["image_id", "patient_id", "source", "y", "correct"]]]) if len(joined) else joined
+    for source, part in images.groupby("source", sort=True):
+        y = part["y"].to_numpy()
         if len(np.unique(y)) < 2:
             continue
-        ci = _scores_with_ci(y, pred, n_boot, seed, level)
+        ba, ba_low, ba_high = balanced_accuracy_ci(y, part["correct"].to_numpy(), part["patient_id"].to_numpy(),
+                                                   n_boot, seed, level)
         counts = {f"n_{c}": int((y == i).sum()) for i, c in enumerate(CLASSES)}
-        rows.append({"source": source, **counts, **_proportion_row(int((y == pred).sum()), len(y), level),
-                     "balanced_accuracy": ci.loc["balanced_accuracy", "value"],
-                     "ba_low": ci.loc["balanced_accuracy", "low"], "ba_high": ci.loc["balanced_accuracy", "high"]})
+        rows.append({"source": source, **counts, **_proportion_row(part, level, n_boot, seed),
+                     "balanced_accuracy": ba, "ba_low": ba_low, "ba_high": ba_high})
     return pd.DataFrame(rows, columns=columns)
+
+
+def soft_balanced_accuracy(y: np.ndarray, correct: np.ndarray) -> float:
+    """Balanced accuracy from per-image (seed-averaged) correctness: the mean over the classes
+    present of each class's mean correctness."""
+    y, correct = np.asarray(y), np.asarray(correct, dtype=float)
+    if len(y) == 0:
+        return float("nan")
+    return float(np.mean([correct[y == c].mean() for c in np.unique(y)]))
+
+
+def balanced_accuracy_ci(y: np.ndarray, correct: np.ndarray, groups: Sequence | np.ndarray | None,
+                         n_boot: int = M.N_BOOTSTRAP, seed: int = 0, level: float = CI_LEVEL,
+                         reference: np.ndarray | None = None) -> tuple[float, float, float]:
+    """:func:`soft_balanced_accuracy` (minus that of ``reference`` correctness on the same images,
+    for a paired difference) with a percentile bootstrap interval resampling ``groups``
+    (patients) with all their images.  Returns (value, low, high)."""
+    y, correct = np.asarray(y), np.asarray(correct, dtype=float)
+
+    def score(idx: np.ndarray) -> float:
+        value = soft_balanced_accuracy(y[idx], correct[idx])
+        return value - soft_balanced_accuracy(y[idx], reference[idx]) if reference is not None else value
+
+    everything = np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    draws = np.array([score(idx) for idx in M.resample_indices(len(y), n_boot, rng, groups)])
+    draws = draws[np.isfinite(draws)]
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]) if len(draws) else (np.nan, np.nan)
+    return score(everything), float(low), float(high)
 
 
 # --------------------------------------------------------------------------- the source probe
@@ -379,8 +453,9 @@ def source_probe(
     :func:`nbhelpers.train.fit` into ``out_dir/run`` (afresh: an earlier probe's results there
     are removed first), and scores the best-validation checkpoint once on the probe's test split.
     Returns (and writes atomically as ``probe.json``) the groups, split counts, settings,
-    ``provenance`` (:func:`probe_provenance`), and ``test``: n, balanced_accuracy with a
-    bootstrap interval (low, high), accuracy, AUC, chance (0.5); ``probe_predictions.csv`` holds
+    ``provenance`` (:func:`probe_provenance`), and ``test``: n (images), patients,
+    balanced_accuracy with a bootstrap interval over patients (low, high), accuracy, AUC,
+    chance (0.5); ``probe_predictions.csv`` holds
     each test image's source, group, prediction and p_group1.  Raises ProbeError for an unusable
     manifest, ValueError for a loss the two-output model cannot use or a setting of the wrong
     type, and the trainer's and model zoo's errors for an unknown preset, setting or model.
@@ -413,9 +488,11 @@ def source_probe(
     test = cache.split("test")
     probs = predict(net, test, torch_device, batch_size=cfg.batch_size, in_chans=cfg.in_chans)
     y, pred = np.asarray(test.labels), probs.argmax(1)
-    ci = _scores_with_ci(y, pred, n_boot, cfg.seed, level)
     by_id = table.set_index("image_id")
-    predictions = pd.DataFrame({"image_id": test.image_ids, "source": by_id.loc[test.image_ids, "source"].to_numpy(),
+    patients = by_id.loc[test.image_ids, "patient_id"].astype(str).to_numpy()
+    ci = _scores_with_ci(y, pred, n_boot, cfg.seed, level, groups=patients)  # patients, not images, resampled
+    predictions = pd.DataFrame({"image_id": test.image_ids, "patient_id": patients,
+                                "source": by_id.loc[test.image_ids, "source"].to_numpy(),
                                 "group": y, "pred": pred, "p_group1": probs[:, 1]})
     atomic.write_with(out_dir / PROBE_PREDICTIONS, lambda tmp: predictions.to_csv(tmp, index=False))
     names = list(groups)
@@ -429,7 +506,8 @@ def source_probe(
         "balance": balance, "max_per_group": max_per_group, "device": describe(torch_device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
-        "test": {"n": int(len(y)), "balanced_accuracy": ci.loc["balanced_accuracy", "value"],
+        "test": {"n": int(len(y)), "patients": int(len(set(patients))), "unit": "patient",
+                 "balanced_accuracy": ci.loc["balanced_accuracy", "value"],
                  "low": ci.loc["balanced_accuracy", "low"], "high": ci.loc["balanced_accuracy", "high"],
                  "level": level, "n_boot": n_boot, "accuracy": ci.loc["accuracy", "value"],
                  "auc": M.binary_auc(y == 1, probs[:, 1]), "chance": CHANCE},

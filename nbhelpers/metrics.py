@@ -331,3 +331,19 @@ def aggregate(
         table[f"{m}_std"] = stats["std"].to_numpy()
         table[m] = [format_mean_std(a, b, scale, digits) for a, b in zip(stats["mean"], stats["std"])]
     return table
+
+
+def interval_widths(by_patient: pd.DataFrame | Sequence[dict], by_image: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+    """Put a run's patient-bootstrap and image-bootstrap intervals side by side (the ``ci`` and
+    ``ci_image`` lists of :func:`nbhelpers.train.evaluate`): metric, value, both intervals and
+    ``width_ratio`` (patient width / image width; above 1 where a patient's films agree)."""
+    patient = pd.DataFrame(by_patient).set_index("metric")
+    image = pd.DataFrame(by_image).set_index("metric")
+    out = pd.DataFrame({
+        "value": patient["value"],
+        "patient_low": patient["low"], "patient_high": patient["high"],
+        "image_low": image["low"], "image_high": image["high"],
+    })
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["width_ratio"] = (out["patient_high"] - out["patient_low"]) / (out["image_high"] - out["image_low"])
+    return out.reset_index()

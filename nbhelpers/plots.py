@@ -107,6 +107,10 @@ def ablation_bars(summary: pd.DataFrame, metric: str = "accuracy") -> plt.Figure
            color=[colours[g] for g in summary["group"]])
     if metric == "accuracy" and "paper_accuracy" in summary:
         ax.scatter(x, summary["paper_accuracy"] / 100, marker="_", s=300, color="k", label="paper (its data)", zorder=3)
+        if "ours_on_paper_metric" in summary:  # ours on the metric the paper reports (paper 000: its ACC)
+            has = summary["paper_accuracy"].notna()
+            ax.scatter(x[has], summary.loc[has, "ours_on_paper_metric"], marker="D", s=22, facecolor="white",
+                       edgecolor="k", label="ours, on the paper's metric", zorder=4)
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xticks(x, summary["name"], rotation=40, ha="right", fontsize=8)
     ax.set(ylabel=f"test {metric}", ylim=(0, 1))

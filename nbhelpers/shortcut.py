@@ -98,66 +98,77 @@ def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequenc
     return pd.DataFrame(lines)
 
 
+def _probe_images(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The probes' test predictions of several seeds as one row per distinct image: group,
+    patient and correctness averaged over the seeds that tested it."""
+    from nbhelpers.stats import per_image
+
+    parts = [f.assign(correct=(f["group"] == f["pred"]).astype(float))[
+        ["image_id", "group", "correct", *(["patient_id"] if "patient_id" in f.columns else [])]] for f in frames]
+    return per_image(parts)
+
+
 def pooled_probe(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int], n_boot: int = M.N_BOOTSTRAP,
                  level: float = audit.CI_LEVEL) -> pd.DataFrame:
-    """Per row: the probes' test predictions of all seeds pooled (each seed splits anew, so an
-    image may be tested under more than one seed and the interval is somewhat too narrow), their
-    balanced accuracy with a bootstrap interval, the mean over seeds, and the paired difference
-    from the group's baseline row (``probe_diff``).
+    """Per row: the probes' balanced accuracy over their test images, each image counted once
+    (each seed splits the pool anew, so an image tested under several seeds has its correctness
+    averaged over them), with a bootstrap interval over patients, the mean over seeds, and the
+    paired difference from the group's baseline row (``probe_diff``) on the same images.
 
     For one seed every row's probe is split alike (the split depends on the pool and the seed
-    only), so the rows are compared on the same test images: the bootstrap resamples
-    (seed, image) pairs jointly for both rows.  Raises ValueError when two probes of a seed were
-    tested on different images.
+    only), so the rows are compared on the same test images.  ``probe_images`` /
+    ``probe_patients`` count distinct images and patients.  Raises ValueError when two probes
+    of a seed were tested on different images.
     """
-    rng = np.random.default_rng(0)
-    parts = {row.name: [pd.read_csv(probe_dir(grid_root, row, s) / audit.PROBE_PREDICTIONS) for s in seeds]
-             for row in rows}
+    parts = {row.name: [pd.read_csv(probe_dir(grid_root, row, s) / audit.PROBE_PREDICTIONS, keep_default_na=False)
+                        for s in seeds] for row in rows}
     base = next((r.name for r in rows if r.baseline), None)
+    images = {name: _probe_images(frames) for name, frames in parts.items()}
     out = []
     for row in rows:
         per_seed = [audit.balanced_accuracy(p["group"].to_numpy(), p["pred"].to_numpy()) for p in parts[row.name]]
-        preds = pd.concat(parts[row.name], ignore_index=True)
-        y, pred = preds["group"].to_numpy(), preds["pred"].to_numpy()
-        ci = audit._scores_with_ci(y, pred, n_boot, 0, level)
-        line = {"name": row.name, "probe_images": len(preds), "probe_ba_mean": float(np.mean(per_seed)),
-                "probe_ba_pooled": ci.loc["balanced_accuracy", "value"],
-                "probe_ba_low": ci.loc["balanced_accuracy", "low"], "probe_ba_high": ci.loc["balanced_accuracy", "high"],
+        mine = images[row.name]
+        y, correct, patients = mine["group"].to_numpy(), mine["correct"].to_numpy(), mine["patient_id"].to_numpy()
+        value, low, high = audit.balanced_accuracy_ci(y, correct, patients, n_boot, 0, level)
+        line = {"name": row.name, "probe_images": len(mine), "probe_patients": len(set(patients)),
+                "probe_ba_mean": float(np.mean(per_seed)), "probe_ba_pooled": value,
+                "probe_ba_low": low, "probe_ba_high": high,
                 "probe_diff": np.nan, "probe_diff_low": np.nan, "probe_diff_high": np.nan}
         if base is not None and row.name != base:
-            for mine, theirs, seed in zip(parts[row.name], parts[base], seeds):
-                if list(mine["image_id"].astype(str)) != list(theirs["image_id"].astype(str)):
+            for frame, theirs, seed in zip(parts[row.name], parts[base], seeds):
+                if list(frame["image_id"].astype(str)) != list(theirs["image_id"].astype(str)):
                     raise ValueError(f"the probes of {row.name} and {base} (seed {seed}) were tested on different images")
-            ref = pd.concat(parts[base], ignore_index=True)["pred"].to_numpy()
-            draws = rng.integers(0, len(y), (n_boot, len(y)))
-            diffs = [audit.balanced_accuracy(y[d], pred[d]) - audit.balanced_accuracy(y[d], ref[d]) for d in draws]
-            low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
-            line.update(probe_diff=audit.balanced_accuracy(y, pred) - audit.balanced_accuracy(y, ref),
-                        probe_diff_low=float(low), probe_diff_high=float(high))
+            reference = images[base].set_index("image_id").loc[mine["image_id"], "correct"].to_numpy()
+            diff, d_low, d_high = audit.balanced_accuracy_ci(y, correct, patients, n_boot, 0, level, reference=reference)
+            line.update(probe_diff=diff, probe_diff_low=d_low, probe_diff_high=d_high)
         out.append(line)
     return pd.DataFrame(out)
 
 
 def within_source(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
-                  manifest: pd.DataFrame | Path | str, sources: Sequence[str] = audit.COVID_MIXED_SOURCES) -> pd.DataFrame:
-    """Per row and mixed source: the diagnosis accuracy on that source's test images, pooled over
-    seeds (the same images once per seed), with a Wilson interval, plus an ``all`` line per row
-    pooling the sources."""
+                  manifest: pd.DataFrame | Path | str, sources: Sequence[str] = audit.COVID_MIXED_SOURCES,
+                  n_boot: int = M.N_BOOTSTRAP) -> pd.DataFrame:
+    """Per row and mixed source: the diagnosis accuracy on that source's test images over the
+    seeds, each image counted once (its correctness averaged over seeds), with an interval over
+    patients (:func:`nbhelpers.stats.proportion_ci`), plus an ``all`` line per row pooling the
+    sources.  ``n`` / ``patients`` count distinct images and patients."""
+    from nbhelpers.stats import per_image, proportion_ci
+
     table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
     out = []
     for row in rows:
-        joined = pd.concat([audit.join_predictions(table, ablation.run_dir(grid_root, row, s) / "test_predictions.csv")
-                            for s in seeds])
+        joined = audit._joined(table, [ablation.run_dir(grid_root, row, s) / "test_predictions.csv" for s in seeds])
         joined = joined[joined["source"].isin(list(sources))]
         mixed = [s for s, part in joined.groupby("source", sort=True) if part["y"].nunique() > 1]
         joined = joined[joined["source"].isin(mixed)]
-        for source, part in [*joined.groupby("source", sort=True), (audit.ALL_CLASSES, joined)]:
-            hits = part["y"].to_numpy() == part["pred"].to_numpy()
-            low, high = audit.wilson_interval(int(hits.sum()), len(hits))
-            out.append({"name": row.name, "source": source, "seeds": len(seeds), "n": len(hits),
-                        "accuracy": hits.mean() if len(hits) else np.nan, "low": low, "high": high,
-                        "balanced_accuracy": audit.balanced_accuracy(part["y"].to_numpy(), part["pred"].to_numpy())
-                        if len(hits) else np.nan})
+        images = per_image([joined[["image_id", "patient_id", "source", "y", "correct"]]]) if len(joined) else joined
+        for source, part in [*images.groupby("source", sort=True), (audit.ALL_CLASSES, images)]:
+            cell = proportion_ci(part["correct"].to_numpy(), part["patient_id"].to_numpy(), n_boot)
+            out.append({"name": row.name, "source": source, "seeds": len(seeds), "n": cell["n"],
+                        "patients": cell["patients"], "accuracy": cell["accuracy"], "low": cell["low"],
+                        "high": cell["high"],
+                        "balanced_accuracy": audit.soft_balanced_accuracy(part["y"].to_numpy(), part["correct"].to_numpy())
+                        if len(part) else np.nan})
     return pd.DataFrame(out)
 
 
@@ -172,9 +183,9 @@ def mixed_source_ids(manifest: pd.DataFrame | Path | str, sources: Sequence[str]
 def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
                      manifest: pd.DataFrame | Path | str, cam_table: pd.DataFrame | None = None) -> pd.DataFrame:
     """One line per row: overall accuracy (mean, t-interval over seeds), within-source accuracy
-    (pooled, Wilson) and its difference from the baseline row on the same images (paired
-    bootstrap interval, :func:`nbhelpers.ablation.paired_tests`), pooled probe balanced accuracy
-    (bootstrap interval) and, with ``cam_table``
+    (each image once, interval over patients) and its difference from the baseline row on the
+    same images (patient bootstrap interval and Holm-adjusted p, :func:`nbhelpers.ablation.paired_tests`),
+    pooled probe balanced accuracy (patient bootstrap interval) and, with ``cam_table``
     (the ``cam_lung_energy`` table of :mod:`nbhelpers.explain`), the CAM lung-energy excess."""
     summary = ablation.summarise(ablation.collect(rows, grid_root, seeds), rows).set_index("name")
     within = within_source(rows, grid_root, seeds, manifest)
@@ -188,7 +199,7 @@ def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Seque
         "within_low": within["low"], "within_high": within["high"],
         "within_source_balanced": within["balanced_accuracy"],
         "within_diff": paired["accuracy_diff"], "within_diff_low": paired["bootstrap_ci_low"],
-        "within_diff_high": paired["bootstrap_ci_high"],
+        "within_diff_high": paired["bootstrap_ci_high"], "within_diff_p_holm": paired["p_holm"],
         **{c: probe[c] for c in probe.columns},
     }, index=[r.name for r in rows])
     if cam_table is not None:

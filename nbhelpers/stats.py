@@ -107,3 +107,56 @@ def wilson(successes: float, n: int, level: float = 0.95) -> tuple[float, float]
     if successes >= n:
         high = 1.0
     return float(low), float(high)
+
+
+def per_image(frames: Sequence["pd.DataFrame"], value: str = "correct") -> "pd.DataFrame":
+    """Average ``value`` per image over several seeds' tables (each with ``image_id`` and
+    ``value``, optionally ``patient_id``): one row per distinct image with the mean, the number
+    of seeds that scored it (``seeds``) and its patient (the image itself when unknown)."""
+    import pandas as pd
+
+    stacked = pd.concat([f.assign(image_id=f["image_id"].astype(str)) for f in frames], ignore_index=True)
+    if "patient_id" not in stacked.columns:
+        stacked["patient_id"] = stacked["image_id"]
+    grouped = stacked.groupby("image_id", sort=False)
+    out = grouped[value].mean().rename(value).to_frame()
+    out["seeds"] = grouped.size()
+    out["patient_id"] = grouped["patient_id"].first().astype(str)
+    for column in stacked.columns:
+        if column not in out.columns and column != value and column != "image_id":
+            out[column] = grouped[column].first()
+    return out.reset_index()
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, groups: Sequence | np.ndarray | None = None,
+            n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-image ``values`` with a percentile bootstrap interval that resamples
+    ``groups`` (patients) with all their images, or the images when no groups are given.
+    Returns (mean, low, high); NaNs for no values."""
+    from nbhelpers.metrics import resample_indices
+
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = np.array([v[idx].mean() for idx in resample_indices(len(v), n_boot, rng, groups)])
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(low), float(high)
+
+
+def proportion_ci(correct: Sequence[float] | np.ndarray, groups: Sequence | np.ndarray | None = None,
+                  n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """A share of correct calls over distinct images (``correct`` per image, seed-averaged in
+    [0, 1]) with an interval that is the wider of the patient cluster bootstrap and the Wilson
+    interval over the distinct images: the bootstrap accounts for a patient's films agreeing,
+    Wilson for a cell too small to bootstrap (one patient, or all right or all wrong).  Returns
+    n (images), patients, correct (the seed-averaged count), accuracy, low, high."""
+    c = np.asarray(correct, dtype=float)
+    patients = len(set(map(str, groups))) if groups is not None else len(c)
+    if len(c) == 0:
+        return {"n": 0, "patients": 0, "correct": 0.0, "accuracy": float("nan"), "low": float("nan"),
+                "high": float("nan")}
+    mean, b_low, b_high = mean_ci(c, groups, n_boot, seed, level)
+    w_low, w_high = wilson(float(c.sum()), len(c), level)
+    return {"n": int(len(c)), "patients": int(patients), "correct": float(c.sum()), "accuracy": mean,
+            "low": min(b_low, w_low), "high": max(b_high, w_high)}

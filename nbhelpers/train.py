@@ -903,24 +903,35 @@ def _jsonable(value: Any) -> Any:
 
 
 def evaluate(
-    y_true: np.ndarray, probs: np.ndarray, n_boot: int = M.N_BOOTSTRAP, seed: int = 0
+    y_true: np.ndarray, probs: np.ndarray, n_boot: int = M.N_BOOTSTRAP, seed: int = 0,
+    patients: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every test metric of a run as one JSON-ready dict: summary, per-class table, per-class
-    AUC, bootstrap CIs, confusion matrix and expected calibration error."""
+    AUC, bootstrap CIs, confusion matrix and expected calibration error.
+
+    ``ci`` resamples ``patients`` (each image's patient) with all their images when given, the
+    honest unit when a patient has several films; ``ci_image`` resamples images, kept beside it
+    to show how much narrower that would be.  ``n_patients`` counts the distinct patients."""
     y_true = np.asarray(y_true)
     cm = M.confusion(y_true, probs.argmax(1))
+    by_image = M.summary_with_ci(y_true, probs, n=n_boot, seed=seed)
+    by_patient = M.summary_with_ci(y_true, probs, n=n_boot, seed=seed, groups=patients) if patients is not None else by_image
     return {
         **M.summary(y_true, probs),
+        "n_patients": len(set(patients)) if patients is not None else None,
         "per_class": M.per_class(cm).to_dict(orient="records"),
         "auc": M.auc_ovr(y_true, probs),
-        "ci": M.summary_with_ci(y_true, probs, n=n_boot, seed=seed).to_dict(orient="records"),
+        "ci": by_patient.to_dict(orient="records"),
+        "ci_image": by_image.to_dict(orient="records"),
         "confusion": cm.tolist(),
         "ece": M.expected_calibration_error(y_true, probs),
     }
 
 
-def _save_predictions(path: Path, split, probs: np.ndarray) -> None:
+def _save_predictions(path: Path, split, probs: np.ndarray, patients: Sequence[str] | None = None) -> None:
     table = pd.DataFrame({"image_id": split.image_ids, "label": split.labels, "pred": probs.argmax(1)})
+    if patients is not None:
+        table.insert(1, "patient_id", list(patients))
     for c, name in enumerate(CLASSES):
         table[f"p_{name}"] = probs[:, c]
     atomic.write_with(path, lambda tmp: table.to_csv(tmp, index=False))
@@ -1018,8 +1029,12 @@ def train_run(
         if "test" in cache.splits:
             test = cache.split("test")  # the one look at the test split in this run
             probs = predict(net, test, device, batch_size=cfg.batch_size, in_chans=cfg.in_chans)
-            _save_predictions(out_dir / PREDICTIONS_NAME, test, probs)
-            test_metrics = evaluate(test.labels, probs, n_boot=n_boot, seed=cfg.seed)
+            patients = None  # a manifest without patients: every image is its own patient
+            if "patient_id" in table.columns:
+                patient_of = dict(zip(table["image_id"].astype(str), table["patient_id"].astype(str)))
+                patients = [patient_of.get(str(i), str(i)) for i in test.image_ids]
+            _save_predictions(out_dir / PREDICTIONS_NAME, test, probs, patients)
+            test_metrics = evaluate(test.labels, probs, n_boot=n_boot, seed=cfg.seed, patients=patients)
         result = {
             "model": model_name, "model_options": options, "preset": preset, "seed": cfg.seed,
             "config": asdict(cfg), "pretrained": meta["pretrained"],

@@ -54,8 +54,47 @@ def test_paired_tests_see_a_real_difference_and_not_a_null_one(tmp_path):
         _fake_run(tmp_path, same, seed, reference)
     tests = ablation.paired_tests([base, good, same], tmp_path, [0, 1, 2]).set_index("variant")
     assert tests.loc["good", "accuracy_diff"] > 0.1 and tests.loc["good", "distinguishable"]
-    assert tests.loc["good", "variant_worse"] == 0 and tests.loc["good", "mcnemar_p"] < 1e-6
+    assert tests.loc["good", "variant_worse"] == 0 and tests.loc["good", "p_value"] < 1e-3
+    assert tests.loc["good", "test_images"] == 200  # distinct images, not images x seeds
     assert tests.loc["same", "accuracy_diff"] == 0 and not tests.loc["same", "distinguishable"]
+    assert tests.loc["same", "p_value"] == 1.0
+
+
+def test_duplicated_seeds_give_the_single_seed_p_value(tmp_path):
+    # Before: McNemar pooled the discordant images of every seed, so three copies of one run
+    # looked three times as convincing as the run itself.
+    from scipy import stats as sps
+
+    base, variant = Row("g", "base", "m", baseline=True), Row("g", "variant", "m")
+    reference = np.r_[np.zeros(10, bool), np.ones(30, bool)]
+    better = reference.copy()
+    better[:7] = True                # right on 7 images the baseline gets wrong ...
+    better[10:12] = False            # ... wrong on 2 it gets right
+    for seed in (0, 1, 2):
+        _fake_run(tmp_path, base, seed, reference)
+        _fake_run(tmp_path, variant, seed, better)
+    single = sps.binomtest(2, 9, 0.5).pvalue
+    one = ablation.paired_tests([base, variant], tmp_path, [0]).iloc[0]
+    three = ablation.paired_tests([base, variant], tmp_path, [0, 1, 2]).iloc[0]
+    assert one["p_value"] == pytest.approx(single) and three["p_value"] == pytest.approx(single)
+    assert three["mcnemar_p_seeds"] == " ".join([f"{single:.3g}"] * 3)
+    assert three["test_images"] == 40
+
+
+def test_p_values_are_holm_adjusted_within_a_group(tmp_path):
+    base = Row("g", "base", "m", baseline=True)
+    variants = [Row("g", f"v{k}", "m") for k in range(3)]
+    rng = np.random.default_rng(3)
+    reference = rng.random(120) < 0.5
+    _fake_run(tmp_path, base, 0, reference)
+    for k, row in enumerate(variants):
+        _fake_run(tmp_path, row, 0, reference | (rng.random(120) < 0.1 * k))
+    tests = ablation.paired_tests([base, *variants], tmp_path, [0])
+    from nbhelpers.stats import holm
+
+    assert np.allclose(tests["p_holm"], holm(tests["p_value"].to_numpy()))
+    assert (tests["p_holm"] >= tests["p_value"]).all()
+    assert (tests["distinguishable"] == (tests["p_holm"] < 0.05)).all()
 
 
 def test_summary_gives_mean_std_and_interval():
@@ -75,7 +114,9 @@ def test_per_source_pools_seeds_and_splits_by_archive(tmp_path):
     _fake_run(tmp_path, base, 1, np.array([True, False, False, False]))
     table = ablation.per_source(manifest=manifest, rows=[base], out_root=tmp_path, seeds=[0, 1])
     cells = table[table["class"] == "covid"].set_index("source")
-    assert cells.loc["nih", "n"] == 4 and cells.loc["nih", "correct"] == 3
+    # two distinct images scored by two seeds: n counts images once, correct is seed-averaged
+    assert cells.loc["nih", "n"] == 2 and cells.loc["nih", "correct"] == 1.5 and cells.loc["nih", "seeds"] == 2
+    assert cells.loc["nih", "patients"] == 2
     assert cells.loc["ieee8023", "accuracy"] == 0.0
 
 

@@ -79,6 +79,11 @@ def test_01_data_curation(workbook):
     assert manifest.groupby("patient_id")["split"].nunique().max() == 1  # no patient in two splits
     assert (workbook.data_dir / manifest["path"]).map(Path.is_file).all()
     _figure(workbook, "01_counts")
+    merges = _table(workbook, "01_patient_merges")
+    assert {"patient", "joined", "evidence"} <= set(merges.columns) and len(merges) >= 1
+    band = _table(workbook, "01_band_pairs")
+    assert band["decision"].str.startswith("one film").any()  # the captioned ieee8023 re-post
+    _figure(workbook, "01_band_pairs")
 
 
 def test_02_preprocessing(workbook):
@@ -116,7 +121,8 @@ def test_05_evaluation(workbook):
     per_class = _table(workbook, "05_per_class")
     assert list(per_class["class"]) == list(CLASSES)
     ci = _table(workbook, "05_test_metrics_ci").set_index("metric")
-    assert (ci["low"] <= ci["value"] + 1e-9).all() and (ci["value"] <= ci["high"] + 1e-9).all()
+    assert (ci["patient_low"] <= ci["value"] + 1e-9).all() and (ci["value"] <= ci["patient_high"] + 1e-9).all()
+    assert (ci["image_low"] <= ci["value"] + 1e-9).all() and "width_ratio" in ci.columns
     for name in ("05_confusion", "05_roc", "05_calibration"):
         _figure(workbook, name)
 
@@ -127,7 +133,7 @@ def test_06_ablations(workbook):
     assert {"densenet121", "densenet121_cbam"} <= set(table["name"])
     assert table["accuracy_mean"].between(0, 1).all() and (table["seeds"] >= 1).all()
     tests = _table(workbook, "06_paired_tests")
-    assert set(tests["baseline"]) == {"densenet121"} and tests["mcnemar_p"].between(0, 1).all()
+    assert set(tests["baseline"]) == {"densenet121"} and tests["p_holm"].between(0, 1).all()
     _figure(workbook, "06_ablation")
     assert set(_table(workbook, "06_per_source")["name"]) == set(table["name"])
 

@@ -72,3 +72,23 @@ def test_without_repeated_patients_both_bootstraps_agree():
     a = M.summary_with_ci(y, probs, n=400, seed=0).set_index("metric").loc["accuracy"]
     b = M.summary_with_ci(y, probs, n=400, seed=0, groups=np.arange(200)).set_index("metric").loc["accuracy"]
     assert (b["high"] - b["low"]) == pytest.approx(a["high"] - a["low"], rel=0.25)
+
+
+def test_seed_averaging_counts_each_image_once():
+    import pandas as pd
+
+    from nbhelpers.stats import per_image, proportion_ci
+
+    seed0 = pd.DataFrame({"image_id": ["a", "b", "c"], "patient_id": ["p", "p", "q"], "correct": [1, 0, 1]})
+    seed1 = seed0.assign(correct=[1, 1, 1])
+    table = per_image([seed0, seed1])
+    assert table.set_index("image_id")["correct"].to_dict() == {"a": 1.0, "b": 0.5, "c": 1.0}
+    assert (table["seeds"] == 2).all()
+    one = proportion_ci(table["correct"], table["patient_id"])
+    assert (one["n"], one["patients"]) == (3, 2)
+    # The same images pooled over 10 identical seeds would claim n = 30; here n stays 3.
+    many = per_image([seed0] * 10)
+    assert len(many) == 3
+    narrow = wilson(20, 30)
+    honest = proportion_ci(many["correct"], many["patient_id"])
+    assert honest["high"] - honest["low"] > narrow[1] - narrow[0]

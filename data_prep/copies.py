@@ -119,14 +119,18 @@ def band_decisions(pairs: Sequence[tuple[int, int, int]], image_ids: Sequence[st
 
 def band_review(duplicates: pd.DataFrame, n_different: int = 6) -> pd.DataFrame:
     """The grey-band pairs of a curation's ``duplicates`` table for a reader to check: every pair
-    called one film, then the ``n_different`` different-film pairs with the most keypoint
-    matches (the closest calls), with a ``decision`` column in words."""
-    band = duplicates[duplicates["evidence"].isin(["keypoints", "different_film"])]
-    same = band[band["same_film"].astype(bool)].sort_values("inliers", ascending=False)
-    other = band[~band["same_film"].astype(bool)].sort_values(["inliers", "distance"], ascending=[False, True])
-    out = pd.concat([same, other.head(n_different)], ignore_index=True)
-    out["decision"] = np.where(out["same_film"].astype(bool), "one film: copy dropped, patients joined",
-                               "different films: both kept")
+    called one film, the look-alike pairs of one patient (kept), then the ``n_different``
+    different-film pairs with the most keypoint matches (the closest calls), with a ``decision``
+    column in words."""
+    band = duplicates[duplicates["evidence"].isin(["keypoints", "keypoints_same_patient", "different_film"])]
+    same = band[band["evidence"] == "keypoints"].sort_values("inliers", ascending=False)
+    patient = band[band["evidence"] == "keypoints_same_patient"].sort_values("inliers", ascending=False)
+    other = band[band["evidence"] == "different_film"].sort_values(["inliers", "distance"], ascending=[False, True])
+    out = pd.concat([same, patient, other.head(n_different)], ignore_index=True)
+    words = {"keypoints": "one film: copy dropped, patients joined",
+             "keypoints_same_patient": "alike, one patient: both kept (one split anyway)",
+             "different_film": "different films: both kept"}
+    out["decision"] = out["evidence"].map(words)
     return out[["image_a", "image_b", "patient_a", "patient_b", "distance", "inliers", "decision"]]
 
 

@@ -213,6 +213,8 @@ def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
 
 
 #: Columns of ``duplicates.csv``: every pair linked as one film, and every grey-band pair decided.
+#: The evidence values of grey-band pairs decided by keypoints in ``duplicates.csv``.
+BAND_EVIDENCE = ("keypoints", "keypoints_same_patient", "different_film")
 PAIR_COLUMNS = ("image_a", "image_b", "patient_a", "patient_b", "evidence", "distance", "inliers", "same_film")
 
 
@@ -265,10 +267,15 @@ def find_duplicates(
             low = max(band[0], max_distance + 1)
             decided = band_decisions(close, list(kept["image_id"]), list(paths), low, band[1])
             index = {image_id: k for k, image_id in enumerate(kept["image_id"])}
+            patient = kept["patient_id"].to_numpy()
             for r in decided.itertuples(index=False):
-                row = (index[r.image_a], index[r.image_b], "keypoints" if r.same_film else "different_film",
-                       int(r.distance), int(r.inliers))
-                (edges if r.same_film else band_rows).append(row)
+                i, j = index[r.image_a], index[r.image_b]
+                # Within one patient keypoints cannot tell a re-post from a repeat film of the same
+                # day, and both share a split anyway: such a pair is recorded and both are kept.
+                evidence = ("different_film" if not r.same_film else
+                            "keypoints_same_patient" if patient[i] == patient[j] else "keypoints")
+                row = (i, j, evidence, int(r.distance), int(r.inliers))
+                (edges if evidence == "keypoints" else band_rows).append(row)
     drops = []
     for members in _components(len(kept), [(i, j) for i, j, *_ in edges]):
         members.sort(key=lambda i: _source_rank(kept, i))
@@ -293,7 +300,7 @@ def find_duplicates(
                               f"{link[4] if link else '?'} keypoint matches agree on one rigid motion)"))
     pairs = pd.DataFrame(
         [(kept.at[i, "image_id"], kept.at[j, "image_id"], kept.at[i, "patient_id"], kept.at[j, "patient_id"],
-          evidence, distance, inliers, evidence != "different_film")
+          evidence, distance, inliers, evidence in ("exact", "hash", "keypoints"))
          for i, j, evidence, distance, inliers in edges + band_rows],
         columns=list(PAIR_COLUMNS))
     patient_of, merges = _merge_patients(kept, edges)
@@ -495,8 +502,9 @@ def _merge_summary(scan: DuplicateScan, table: pd.DataFrame) -> dict[str, object
         "by_evidence": {str(k): int(v) for k, v in evidence.value_counts().sort_index().items()},
         "across_sources": sum(len(m["sources"]) > 1 for m in scan.merges),
         "nih_rsna": sum({"nih", "rsna"} <= set(m["sources"]) for m in scan.merges),
-        "band_pairs": int((scan.pairs["evidence"].isin(["keypoints", "different_film"])).sum()),
+        "band_pairs": int((scan.pairs["evidence"].isin(BAND_EVIDENCE)).sum()),
         "band_same_film": int((scan.pairs["evidence"] == "keypoints").sum()),
+        "band_same_patient": int((scan.pairs["evidence"] == "keypoints_same_patient").sum()),
         "merges": scan.merges,
     }
 

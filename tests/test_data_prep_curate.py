@@ -39,7 +39,7 @@ def test_paper_defaults_on_mirror_reach_balanced_counts(paper_down) -> None:
     s = paper_down.summary
     # PA-only ieee8023 is the binding constraint: ieee8023 + Figure1 + Actualmed COVID-19 films after
     # de-duplication (one captioned re-post, extubation-1.jpg, is found by keypoints).
-    assert s["available_per_class"] == {"covid": 267, "pneumonia": 478, "normal": 448}
+    assert s["available_per_class"] == {"covid": 267, "pneumonia": 479, "normal": 448}
     assert s["per_class"] == 267
     assert paper_down.manifest["label"].value_counts().to_dict() == {c: 267 for c in CLASSES}
     assert sum(s["split_sizes"].values()) == 3 * 267
@@ -142,7 +142,7 @@ def test_no_patient_crosses_splits(paper_down) -> None:
 
 def test_strict_balance_says_what_each_class_got(loaded) -> None:
     table, report = loaded
-    with pytest.raises(ClassShortageError, match=r"covid=267, pneumonia=478, normal=448.*balance='down'"):
+    with pytest.raises(ClassShortageError, match=r"covid=267, pneumonia=479, normal=448.*balance='down'"):
         curate(table, CurationParams(), report=report)
 
 

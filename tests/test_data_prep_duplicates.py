@@ -44,11 +44,14 @@ def test_the_captioned_re_post_is_found_and_its_patients_are_joined(paper):
 
 
 def test_every_grey_band_pair_is_decided_and_different_films_stay(paper):
-    band = paper.duplicates[paper.duplicates["evidence"].isin(["keypoints", "different_film"])]
+    band = paper.duplicates[paper.duplicates["evidence"].isin(["keypoints", "keypoints_same_patient", "different_film"])]
     assert len(band) == paper.summary["patient_merges"]["band_pairs"] > 100
     assert band["distance"].between(33, copies.BAND_HIGH).all()
     different = band[~band["same_film"]]
-    assert (different["inliers"] < copies.MIN_INLIERS).all()
+    assert (different.loc[different["evidence"] == "different_film", "inliers"] < copies.MIN_INLIERS).all()
+    alike = band[band["evidence"] == "keypoints_same_patient"]  # one patient's look-alike films: both kept
+    assert (alike["patient_a"] == alike["patient_b"]).all()
+    assert not set(alike["image_b"]) & set(paper.dropped["image_id"])
     kept = set(paper.manifest["image_id"]) | set(paper.dropped["image_id"])
     assert set(different["image_a"]) <= kept
 

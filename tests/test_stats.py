@@ -92,3 +92,22 @@ def test_seed_averaging_counts_each_image_once():
     narrow = wilson(20, 30)
     honest = proportion_ci(many["correct"], many["patient_id"])
     assert honest["high"] - honest["low"] > narrow[1] - narrow[0]
+
+
+def test_patient_intervals_are_wider_on_the_mirrors_repeated_patients(data_dir):
+    # ieee8023 has many patients with several films; a model that is right or wrong per patient
+    # (as real models largely are: one patient's films look alike) shows what the unit changes.
+    from data_prep.sources import load_table
+
+    table, _ = load_table(data_dir, sources=["ieee8023"], hash_images=False)
+    films = table[(table["modality"] == "X-ray") & (table["label"] != "")].reset_index(drop=True)
+    per_patient = films.groupby("patient_id").size()
+    assert (per_patient > 1).sum() > 50  # the structure the test is about
+    rng = np.random.default_rng(0)
+    right = dict(zip(per_patient.index, rng.random(len(per_patient)) < 0.7))
+    y = films["label"].map({"covid": 0, "pneumonia": 1, "normal": 2}).to_numpy()
+    pred = np.where(films["patient_id"].map(right), y, (y + 1) % 3)
+    probs = np.eye(3)[pred]
+    image = M.summary_with_ci(y, probs, n=500, seed=0).set_index("metric").loc["accuracy"]
+    patient = M.summary_with_ci(y, probs, n=500, seed=0, groups=films["patient_id"]).set_index("metric").loc["accuracy"]
+    assert (patient["high"] - patient["low"]) > 1.2 * (image["high"] - image["low"])

@@ -53,6 +53,19 @@ def _is_write_error(error: BaseException) -> OSError | None:
     return None
 
 
+def _temporary(path: Path) -> Path:
+    """A new empty file beside ``path`` (same folder, so the final rename is atomic), with the
+    permissions a plain open() would give; :class:`WriteError` names ``path`` when that fails."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise WriteError(_describe(error, path)) from error
+    os.close(fd)
+    os.chmod(tmp_name, FILE_MODE)
+    return Path(tmp_name)
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error it replaces
@@ -61,14 +74,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     Raises :class:`WriteError` naming ``path`` when the disk is full or the folder not writable.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise WriteError(_describe(error, path)) from error
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, FILE_MODE)
+    tmp = _temporary(path)
     try:
         yield tmp
         if BEFORE_REPLACE is not None:
@@ -122,16 +128,10 @@ def replace_together(writers: Mapping[Path, Callable[[Path], None]]) -> list[Pat
     try:
         for target, writer in writers.items():
             target = Path(target)
+            tmp = _temporary(target)
+            staged.append((tmp, target))
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            except OSError as error:
-                raise WriteError(_describe(error, target)) from error
-            os.close(fd)
-            os.chmod(tmp_name, FILE_MODE)
-            staged.append((Path(tmp_name), target))
-            try:
-                writer(Path(tmp_name))
+                writer(tmp)
             except Exception as error:
                 cause = _is_write_error(error)
                 if cause is not None:

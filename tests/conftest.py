@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -41,3 +42,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def real_manifest(data_dir: Path, per_class: int = 4, splits=("train", "train", "train", "val")) -> pd.DataFrame:
+    """``per_class`` real mirror images per class (ieee8023 COVID-19, NIH normal and pneumonia) as
+    a training manifest, the classes in that order, each class's images given ``splits`` in turn."""
+    nih = pd.read_csv(data_dir / "nih-cxr14-subset" / "Data_Entry_2017_v2020.csv")
+    covid = sorted((data_dir / "covid-chestxray-dataset" / "images").glob("*.jp*g"))[:per_class]
+    rows = [("covid", p.relative_to(data_dir).as_posix()) for p in covid]
+    for label, finding in (("normal", "No Finding"), ("pneumonia", "Pneumonia")):
+        names = nih.loc[nih["Finding Labels"] == finding, "Image Index"].head(per_class)
+        rows += [(label, f"nih-cxr14-subset/images/{n}") for n in names]
+    return pd.DataFrame(rows, columns=["label", "path"]).assign(
+        image_id=lambda d: d["path"], split=list(splits)[:per_class] * 3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import real_manifest
 
 from nbhelpers import ablation
 from nbhelpers.ablation import GridError, Row
@@ -144,16 +145,8 @@ def test_cli_types_set_values_and_exits_2_for_a_setup_error(monkeypatch, tmp_pat
 
 
 def _real_manifest(data_dir, per_class: int = 3) -> pd.DataFrame:
-    """``per_class`` real mirror images per class (ieee8023 COVID, NIH normal and pneumonia):
-    train, val, test, then train."""
-    nih = pd.read_csv(data_dir / "nih-cxr14-subset" / "Data_Entry_2017_v2020.csv")
-    covid = sorted((data_dir / "covid-chestxray-dataset" / "images").glob("*.jp*g"))[:per_class]
-    rows = [("covid", p.relative_to(data_dir).as_posix()) for p in covid]
-    for label, finding in (("normal", "No Finding"), ("pneumonia", "Pneumonia")):
-        names = nih.loc[nih["Finding Labels"] == finding, "Image Index"].head(per_class)
-        rows += [(label, f"nih-cxr14-subset/images/{n}") for n in names]
-    splits = (["train", "val", "test"] + ["train"] * (per_class - 3)) * 3
-    return pd.DataFrame(rows, columns=["label", "path"]).assign(image_id=lambda d: d["path"], split=splits)
+    """``per_class`` real mirror images per class: train, val, test, then train."""
+    return real_manifest(data_dir, per_class, ["train", "val", "test"] + ["train"] * (per_class - 3))
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import real_manifest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
@@ -38,14 +39,7 @@ TINY = "mobilenetv2"
 
 def _real_manifest(data_dir: Path, per_class: int = 4, splits=("train", "train", "train", "val")) -> pd.DataFrame:
     """``per_class`` real mirror images per class: ieee8023 COVID, NIH normal and pneumonia."""
-    nih = pd.read_csv(data_dir / "nih-cxr14-subset" / "Data_Entry_2017_v2020.csv")
-    covid = sorted((data_dir / "covid-chestxray-dataset" / "images").glob("*.jp*g"))[:per_class]
-    rows = [("covid", p.relative_to(data_dir).as_posix()) for p in covid]
-    for label, finding in (("normal", "No Finding"), ("pneumonia", "Pneumonia")):
-        names = nih.loc[nih["Finding Labels"] == finding, "Image Index"].head(per_class)
-        rows += [(label, f"nih-cxr14-subset/images/{n}") for n in names]
-    return pd.DataFrame(rows, columns=["label", "path"]).assign(
-        image_id=lambda d: d["path"], split=list(splits) * 3)
+    return real_manifest(data_dir, per_class, splits)
 
 
 @pytest.fixture(scope="module")

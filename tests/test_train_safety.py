@@ -14,6 +14,7 @@ import filelock
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import real_manifest
 import torch
 
 from data_prep import atomic
@@ -288,14 +289,7 @@ def test_a_full_disk_while_saving_names_the_file_in_one_line(tmp_path, monkeypat
 
 
 def _manifest(data_dir: Path, per_class: int = 3) -> pd.DataFrame:
-    nih = pd.read_csv(data_dir / "nih-cxr14-subset" / "Data_Entry_2017_v2020.csv")
-    covid = sorted((data_dir / "covid-chestxray-dataset" / "images").glob("*.jp*g"))[:per_class]
-    rows = [("covid", p.relative_to(data_dir).as_posix()) for p in covid]
-    for label, finding in (("normal", "No Finding"), ("pneumonia", "Pneumonia")):
-        names = nih.loc[nih["Finding Labels"] == finding, "Image Index"].head(per_class)
-        rows += [(label, f"nih-cxr14-subset/images/{n}") for n in names]
-    splits = (["train", "train", "val"] + ["train"] * (per_class - 3)) * 3
-    return pd.DataFrame(rows, columns=["label", "path"]).assign(image_id=lambda d: d["path"], split=splits)
+    return real_manifest(data_dir, per_class, ["train", "train", "val"] + ["train"] * (per_class - 3))
 
 
 def test_resume_checks_model_data_and_settings_and_says_what_differs(data_dir, tmp_path):

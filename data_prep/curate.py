@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.atomic import replace_together
-from data_prep.copies import BAND_HIGH, BAND_LOW, band_decisions
+from data_prep.copies import BAND_HIGH, BAND_LOW, HASH_COPY, band_decisions
 from data_prep.fingerprint import near_pairs, phash_many
 from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS, TABLE_COLUMNS
 from data_prep.sources import DROP_COLUMNS, SOURCES, Report, load_table
@@ -61,7 +61,7 @@ PAPER_PER_CLASS = 475
 PAPER_SPLIT_SIZES = {"train": 993, "val": 144, "test": 288}
 #: Near-duplicate threshold in bits of the 256-bit perceptual hash.  On the mirror, re-saved and
 #: re-encoded copies differ by at most 22 bits; distinct films of different patients by 54+.
-DEFAULT_PHASH_DISTANCE = 32
+DEFAULT_PHASH_DISTANCE = HASH_COPY
 BALANCE_MODES = ("strict", "down")
 
 #: Every reason an image leaves the set, in the order the steps run.
@@ -509,8 +509,14 @@ def _merge_summary(scan: DuplicateScan, table: pd.DataFrame) -> dict[str, object
     }
 
 
+#: Fewest images of each class a split needs: with one, a checkpoint is chosen (or a class scored)
+#: on a single film.
+MIN_SPLIT_PER_CLASS = 2
+
+
 def split_warnings(manifest: pd.DataFrame, params: CurationParams, per_class: int) -> list[str]:
-    """One line per split of ``manifest`` that lacks a class (or is empty), naming its size and the fix.
+    """One line per split of ``manifest`` with fewer than :data:`MIN_SPLIT_PER_CLASS` images of
+    some class (or none at all), naming its size and the fix.
 
     Such a split cannot do its job: an empty test set evaluates nothing, and a validation set
     without an image of every class cannot select a checkpoint by per-class scores.  The fix is
@@ -520,7 +526,7 @@ def split_warnings(manifest: pd.DataFrame, params: CurationParams, per_class: in
     for k, split in enumerate(SPLITS):
         rows = manifest[manifest["split"] == split]
         counts = {c: int((rows["label"] == c).sum()) for c in CLASSES}
-        if min(counts.values()) >= 1:
+        if min(counts.values()) >= MIN_SPLIT_PER_CLASS:
             continue
         shown = ", ".join(f"{c}={v}" for c, v in counts.items())
         out.append(

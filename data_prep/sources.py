@@ -448,6 +448,8 @@ def _read_rsna(folder: Path, log: MetadataLog | None = None) -> list[dict[str, o
     records = zip(classes.index, classes.to_dict("records"))
     for number, r in tqdm(list(records), desc="rsna: DICOM headers", unit="file", leave=False):
         path = images / f"{r['patientId']}.dcm"
+        if path.resolve().parent != images.resolve():  # '../' in an id: load_table refuses the row unread
+            path = images / "__outside__.dcm"
         age, sex, view, modality = math.nan, "", "", "X-ray"
         if path.is_file():
             header = pydicom.dcmread(path, stop_before_pixels=True)

@@ -305,12 +305,13 @@ def write_tables(folder: Path, header: str, prefix: str = "ablation", **tables: 
     """Write each table as ``<prefix>_<name>.csv`` and ``.md`` (with ``header`` on top) in ``folder``."""
     from nbhelpers.complexity import markdown_table
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from data_prep.atomic import write_text, write_with
+
     written = []
     for name, table in tables.items():
         csv, md = folder / f"{prefix}_{name}.csv", folder / f"{prefix}_{name}.md"
-        table.to_csv(csv, index=False)
-        md.write_text(f"{header}\n\n{markdown_table(table, digits=4)}\n")
+        write_with(csv, lambda tmp, t=table: t.to_csv(tmp, index=False))
+        write_text(md, f"{header}\n\n{markdown_table(table, digits=4)}\n")
         written += [csv, md]
     return written
 
@@ -366,7 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.figures.mkdir(parents=True, exist_ok=True)
         figure = args.figures / f"{args.prefix}_summary.png"
-        ablation_bars(summary).savefig(figure, dpi=120, bbox_inches="tight")
+        from data_prep.atomic import write_with
+
+        fig = ablation_bars(summary)
+        write_with(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
         print(f"wrote {figure}")
     return 0
 

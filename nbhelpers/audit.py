@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from data_prep import atomic
 from data_prep.schema import CLASSES, label_index
 from data_prep.split import DEFAULT_RATIOS, split_by_patient
 from nbhelpers import metrics as M
@@ -460,7 +461,6 @@ def source_probe(
     manifest, ValueError for a loss the two-output model cannot use or a setting of the wrong
     type, and the trainer's and model zoo's errors for an unknown preset, setting or model.
     """
-    from data_prep import atomic
     from nbhelpers import models
     from nbhelpers.config import data_dir as resolve_data_dir
     from nbhelpers.device import describe, pick_device
@@ -603,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictions = args.run / PREDICTIONS_NAME
         for name, fn in ((PER_SOURCE_CSV, per_source_table), (WITHIN_SOURCE_CSV, within_source_table)):
             table = fn(args.manifest, predictions)
-            table.to_csv(args.out / name, index=False)
+            atomic.write_with(args.out / name, lambda tmp, t=table: t.to_csv(tmp, index=False))
             print(f"{name}:\n{table.to_string(index=False)}\n")
         return 0
     except (ProbeError, *setup_errors()) as err:

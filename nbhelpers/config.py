@@ -26,6 +26,9 @@ DATA_ENV = "CXR_DATA_DIR"
 KERNEL_NAME = "cxr-workbook"
 #: The file in a run folder holding the settings the runner resolved once for every notebook.
 SETTINGS_FILE = "settings.json"
+#: Profile settings that may be set to None (``-p min_age=none``: keep every age); any other
+#: setting needs a value.
+OPTIONAL_SETTINGS = ("min_age",)
 #: Parameters every notebook declares; they are the runner's own options, not overrides.
 RUN_PARAMETERS = ("profile", "data_dir", "run_dir", "settings_file")
 #: What the notebook parameters that are not profile settings hold (a contract test keeps every

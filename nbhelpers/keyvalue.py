@@ -152,10 +152,14 @@ def parse_assignments(
         if key not in schema:
             raise AssignmentError(f"{flag} {unknown_key_message(key, schema, what)}")
         expected = expected_type(schema[key])
-        if isinstance(expected, tuple) and not raw.strip().startswith(("[", "(")) and "," in raw:
-            value: Any = [parse_value(part) for part in raw.split(",")]
+        text = raw.strip()
+        if isinstance(expected, tuple) and not text.startswith(("[", "(")) and "," in text:
+            value: Any = [parse_value(part) for part in text.split(",")]
         else:
             value = parse_value(raw)
+            if isinstance(expected, tuple) and isinstance(value, str) and text[:1] in "[(" and text[-1:] in "])":
+                # [PA] or [cbam, clahe]: bare words in brackets, which TOML and Python both refuse
+                value = [parse_value(part) for part in text[1:-1].split(",") if part.strip()]
         out[key] = check_value(key, value, expected, raw)
     return out
 

@@ -32,10 +32,16 @@ NOTEBOOK_DIR = config.REPO_ROOT / "notebooks"
 DEFAULT_CELL_TIMEOUT = 4 * 3600
 #: Exit status for a setting that stops the run before anything runs (1: a notebook failed).
 EXIT_SETUP_ERROR = 2
+#: Seconds a second workbook run on the same run folder waits before it stops.
+RUN_LOCK_TIMEOUT = 10
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised while running; the message names the notebook and the cell's error."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another workbook run holds the run folder's lock."""
 
 
 @dataclass
@@ -121,8 +127,11 @@ def resolve_overrides(profile: str, pairs: Sequence[str], declared: dict[str, di
             raise keyvalue.AssignmentError(f"-p {key}=... is the runner's own setting; use {flag}")
     overrides = keyvalue.parse_assignments(
         pairs, schema, what=f"a setting of profile {profile!r} nor a parameter of the selected notebooks", flag="-p")
+    for key, value in overrides.items():
+        if value is None and key in values and key not in config.OPTIONAL_SETTINGS:
+            raise keyvalue.AssignmentError(f"-p {key}=none: {key} needs a value ({keyvalue.type_name(schema[key])})")
     resolved = dict(values)
-    resolved.update({k: v for k, v in overrides.items() if k in values and v is not None})
+    resolved.update({k: v for k, v in overrides.items() if k in values})  # none is kept: min_age=none keeps every age
     per_notebook = {nb: {k: v for k, v in overrides.items() if k in params and k not in values}
                     for nb, params in declared.items()}
     return ResolvedRun(values=resolved, overrides=overrides, notebook_parameters=per_notebook)
@@ -186,6 +195,24 @@ def run_workbook(
     data = config.data_dir(data_dir)
     run_dir = (out_dir or config.RESULTS_DIR / "runs" / profile).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(run_dir / ".workbook.lock"))
+    try:
+        lock.acquire(timeout=RUN_LOCK_TIMEOUT)
+    except Timeout:
+        raise RunFolderBusy(f"{run_dir} is in use by another workbook run (lock {run_dir / '.workbook.lock'}); "
+                             "wait for it to finish or pass another --out") from None
+    try:
+        return _run_locked(profile, data, run_dir, notebooks, declared, resolved, cell_timeout)
+    finally:
+        lock.release()
+
+
+def _run_locked(profile: str, data: Path, run_dir: Path, notebooks: Sequence[Path], declared: dict[str, dict[str, Any]],
+                resolved: ResolvedRun, cell_timeout: int) -> list[NotebookResult]:
+    """:func:`run_workbook` once the run folder is locked; ``workbook_run.json`` is written also
+    when a notebook fails, saying which ran, which failed and which overrides reached which."""
     settings_file = config.write_settings(run_dir, profile, resolved.values, resolved.overrides)
     ensure_kernel()
     base = {"profile": profile, "data_dir": str(data), "run_dir": str(run_dir), "settings_file": str(settings_file)}
@@ -194,24 +221,30 @@ def run_workbook(
             raise NotebookFailed(f"notebook {notebook.name} declares no settings_file parameter, so the run's "
                                  "settings cannot reach it; add `settings_file = None` to its parameters cell")
     results: list[NotebookResult] = []
-    for i, notebook in enumerate(notebooks, 1):
-        print(f"[{i}/{len(notebooks)}] {notebook.name} (profile {profile})", flush=True)
-        output = run_dir / notebook.name
-        parameters = {**base, **resolved.notebook_parameters[notebook.name]}
-        seconds = run_notebook(notebook, output, parameters, cell_timeout, declared[notebook.name])
-        print(f"[{i}/{len(notebooks)}] {notebook.name} done in {seconds:.0f} s -> {output}", flush=True)
-        results.append(NotebookResult(notebook.name, output, seconds))
-    summary = {
-        "profile": profile,
-        "data_dir": str(data),
-        "overrides": resolved.overrides,
-        "overrides_reach": resolved.applied_to(declared),
-        "settings": resolved.values,
-        "notebooks": {r.name: round(r.seconds, 1) for r in results},
-        "total_seconds": round(sum(r.seconds for r in results), 1),
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    write_text(run_dir / "workbook_run.json", json.dumps(summary, indent=2, default=str) + "\n")
+    failed: str | None = None
+    try:
+        for i, notebook in enumerate(notebooks, 1):
+            print(f"[{i}/{len(notebooks)}] {notebook.name} (profile {profile})", flush=True)
+            output = run_dir / notebook.name
+            parameters = {**base, **resolved.notebook_parameters[notebook.name]}
+            failed = notebook.name
+            seconds = run_notebook(notebook, output, parameters, cell_timeout, declared[notebook.name])
+            failed = None
+            print(f"[{i}/{len(notebooks)}] {notebook.name} done in {seconds:.0f} s -> {output}", flush=True)
+            results.append(NotebookResult(notebook.name, output, seconds))
+    finally:
+        summary = {
+            "profile": profile,
+            "data_dir": str(data),
+            "overrides": resolved.overrides,
+            "overrides_reach": resolved.applied_to(declared),
+            "settings": resolved.values,
+            "notebooks": {r.name: round(r.seconds, 1) for r in results},
+            "failed": failed,
+            "total_seconds": round(sum(r.seconds for r in results), 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
+        write_text(run_dir / "workbook_run.json", json.dumps(summary, indent=2, default=str) + "\n")
     return results
 
 
@@ -237,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotebookFailed as error:
         print(f"workbook: {error}", file=sys.stderr)
         return 1
-    except (config.DataNotFoundError, config.ProfileError, FileNotFoundError, ValueError) as error:
+    except (config.DataNotFoundError, config.ProfileError, FileNotFoundError, ValueError, RunFolderBusy) as error:
         print(f"workbook: {error}", file=sys.stderr)
         return EXIT_SETUP_ERROR
     print(f"workbook: {len(results)} notebooks ran in {sum(r.seconds for r in results):.0f} s")

@@ -338,3 +338,9 @@ def test_killed_write_leaves_previous_outputs_whole(tmp_path: Path) -> None:
     assert done.returncode == -9, done.stderr
     visible = {name: data for name, data in _outputs(out).items() if not name.startswith(".")}
     assert visible == before
+
+
+def test_a_split_with_one_image_of_a_class_is_warned_too() -> None:
+    # One validation film per class selects a checkpoint on a single image.
+    result = curate(synthetic_table(per_class=10), CurationParams(per_class=10, split=(0.8, 0.1, 0.1), **NO_IMAGES))
+    assert any(w.startswith("split 'val' has 3 image(s) (covid=1, pneumonia=1, normal=1)") for w in result.summary["warnings"])

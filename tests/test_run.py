@@ -140,3 +140,28 @@ def test_main_reports_setup_mistakes_in_one_line_with_status_2(monkeypatch, caps
     err = capsys.readouterr().err
     assert "epochz" in err and "epochs" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing ran, nothing written
+
+
+def test_none_keeps_every_age_and_is_refused_where_a_value_is_needed(declared):
+    # Before: -p min_age=none was recorded as applied and silently dropped.
+    resolved = run.resolve_overrides("smoke", ["min_age=none"], declared)
+    assert resolved.values["min_age"] is None and resolved.overrides == {"min_age": None}
+    with pytest.raises(keyvalue.AssignmentError, match="image_size needs a value"):
+        run.resolve_overrides("smoke", ["image_size=none"], declared)
+
+
+def test_bare_words_in_brackets_are_a_list(declared):
+    # Before: -p views=[PA] became the one view "[PA]" and kept no ieee8023 film.
+    resolved = run.resolve_overrides("smoke", ["views=[PA, AP]", "ablation_groups=[cbam,clahe]"], declared)
+    assert resolved.values["views"] == ["PA", "AP"] and resolved.values["ablation_groups"] == ["cbam", "clahe"]
+
+
+def test_a_second_run_on_the_same_folder_stops_with_status_2(tmp_path, capsys, monkeypatch):
+    from filelock import FileLock
+
+    monkeypatch.setattr(run, "RUN_LOCK_TIMEOUT", 0.1)
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(str(out / ".workbook.lock")):
+        assert run.main(["--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(out), "--only", "01"]) == 2
+    assert "in use by another workbook run" in capsys.readouterr().err

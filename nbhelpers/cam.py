@@ -17,8 +17,11 @@ ReLU after the target layer would silently rewrite them (on a GPU they are copie
 would differ between devices).
 
 :func:`randomisation_check` is the model-randomisation test of Adebayo et al. (NeurIPS 2018,
-"Sanity checks for saliency maps"): the CAMs of a trained model are compared with those of a
-copy whose weights are re-initialised.  Maps that stay similar explain the input, not the model.
+"Sanity checks for saliency maps") as they define it: raw maps (Grad-CAM before its ReLU and
+normalisation) of the trained model against those of copies re-initialised stage by stage from
+the top down (cascading) and one stage at a time (independent), compared by Spearman rank
+correlation of absolute values, SSIM and HOG similarity (scikit-image).  Maps that stay similar
+explain the input, not the model; a blank map is counted and fails the check.
 :func:`road_scores` measures faithfulness with grad-cam's ROAD metric (Rong et al., ICML 2022).
 """
 
@@ -57,12 +60,6 @@ GRADIENT_FREE = ("eigencam", "scorecam")
 SCORECAM_BATCH = 32
 #: Images per CAM call in :func:`cams_for_images`.
 DEFAULT_BATCH = 16
-#: Gaussian window of the structural similarity (Wang et al. 2004): 11 px, sigma 1.5, and its
-#: stabilising constants for maps in [0, 1].
-SSIM_WINDOW = 11
-SSIM_SIGMA = 1.5
-SSIM_C1 = 0.01**2
-SSIM_C2 = 0.03**2
 #: Shares (%) of pixels ROAD removes, most- and least-relevant first (fewer than grad-cam's nine: CPU cost).
 ROAD_PERCENTILES = (20, 40, 60, 80)
 #: Standard deviation of the normal draw for parameters of modules without ``reset_parameters``
@@ -175,11 +172,13 @@ def predict_classes(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 def cams_for_images(model: nn.Module, images: np.ndarray, targets: Sequence[int] | None = None,
                     method: str = "gradcam", *, batch_size: int = DEFAULT_BATCH, in_chans: int = 3,
-                    device: torch.device | str = "cpu", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    device: torch.device | str = "cpu", progress: bool = True,
+                    target_layers: Sequence[nn.Module] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """CAMs of cached uint8 images (N, H, W), in batches, each explained for its target class.
 
     Images go through :func:`nbhelpers.data.to_model_input` (no augmentation) on ``device``.
-    ``targets`` default to the predicted classes.  Returns ``(cams float32 (N, H, W), predicted
+    ``targets`` default to the predicted classes; ``target_layers`` to the registered ones
+    (see :func:`layers_for_grid`).  Returns ``(cams float32 (N, H, W), predicted
     int (N,))``, so the same images can be explained by several models side by side.  Raises
     ValueError for a target list of the wrong length (and as :func:`compute_cams`).
     """
@@ -192,12 +191,75 @@ def cams_for_images(model: nn.Module, images: np.ndarray, targets: Sequence[int]
         x = to_model_input(raw, None, in_chans=in_chans, train=False)
         pred = predict_classes(model, x)
         chosen = pred if targets is None else targets[start : start + batch_size]
-        cams.append(compute_cams(model, x, chosen, method))
+        cams.append(compute_cams(model, x, chosen, method, target_layers=target_layers))
         predicted.append(pred)
     if not cams:
         h, w = images.shape[1:3] if images.ndim == 3 else (0, 0)
         return np.zeros((0, h, w), np.float32), np.zeros(0, dtype=np.int64)
     return np.concatenate(cams), np.concatenate(predicted)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+#: A CAM drawn from fewer cells per side than this cannot localise anything as small as a lung.
+MIN_GRID = 7
+
+
+def feature_grids(model: nn.Module, size: int, in_chans: int = 3) -> list[tuple[str, int, int]]:
+    """Every module whose output is a (B, C, H, W) map, in execution order, with its grid (H, W)
+    for a ``size`` px input: where a CAM could be drawn, and how coarse it would be."""
+    seen: list[tuple[str, int, int]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def record(_m, _i, out, name=name):
+            if isinstance(out, torch.Tensor) and out.ndim == 4:
+                seen.append((name, int(out.shape[2]), int(out.shape[3])))
+
+        hooks.append(module.register_forward_hook(record))
+    try:
+        with _explaining(model), torch.no_grad():
+            model(torch.zeros(1, in_chans, size, size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def cam_grid(model: nn.Module, size: int, target_layers: Sequence[nn.Module] | None = None) -> tuple[int, int]:
+    """The (H, W) grid of the CAM target layer (the last of ``target_layers``, default the
+    registered ones) for a ``size`` px input."""
+    layer = (list(target_layers) if target_layers is not None else cam_target_layers(model))[-1]
+    names = {id(m): n for n, m in model.named_modules()}
+    grids = {n: (h, w) for n, h, w in feature_grids(model, size)}
+    return grids.get(names.get(id(layer), ""), (0, 0))
+
+
+def layers_for_grid(models: dict[str, nn.Module], size: int, min_grid: int = MIN_GRID
+                    ) -> tuple[dict[str, list[nn.Module] | None], int]:
+    """Target layers that give every model the same CAM grid of at least ``min_grid`` cells per
+    side at ``size`` px, so maps compare like with like: the smallest grid of ``min_grid`` or
+    more cells that every model produces (the deepest layers that can still localise), and in
+    each model the last layer (in execution order) that produces it.  A model whose registered layer already gives that grid keeps it (None).  Returns the
+    layers per model and the grid side; side 0 means no common grid exists (the registered
+    layers are kept)."""
+    found = {label: feature_grids(net, size) for label, net in models.items()}
+    common = set.intersection(*[{h for _, h, w in grids if h == w and h >= min_grid} for grids in found.values()]) \
+        if found else set()
+    if not common:
+        return {label: None for label in models}, 0
+    side = min(common)  # the deepest layers that still resolve min_grid cells: coarser cannot localise
+    out: dict[str, list[nn.Module] | None] = {}
+    for label, net in models.items():
+        if cam_grid(net, size) == (side, side):
+            out[label] = None
+            continue
+        name = [n for n, h, w in found[label] if h == side and w == side][-1]
+        out[label] = [dict(net.named_modules())[name]]
+    return out, side
 
 
 # --------------------------------------------------------------------------- sanity check
@@ -211,64 +273,185 @@ def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     ``seed`` only and leaves the global torch RNG untouched.  Registry attributes (CAM layers) are kept.
     """
     twin = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for module in twin.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            else:
-                for param in module.parameters(recurse=False):
-                    param.normal_(0.0, REINIT_STD)
+    reinitialise(twin, seed)
     return twin
 
 
-def _ssim(a: np.ndarray, b: np.ndarray) -> float:
-    blur = lambda m: cv2.GaussianBlur(m, (SSIM_WINDOW, SSIM_WINDOW), SSIM_SIGMA)  # noqa: E731
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
-    den = (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
-    return float((num / den).mean())
+def stages(model: nn.Module, min_stages: int = 4) -> list[tuple[str, nn.Module]]:
+    """The model's parameterised blocks in registration (forward) order, coarse enough to
+    re-initialise one at a time: its top-level children, the largest one split into its own
+    children until there are at least ``min_stages`` (DenseNet's ``features`` becomes its dense
+    blocks and transitions).  Blocks without parameters are left out."""
+    def params(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    blocks = [(name, child) for name, child in model.named_children() if params(child)]
+    while len(blocks) < min_stages:
+        k = max(range(len(blocks)), key=lambda i: params(blocks[i][1])) if blocks else None
+        if k is None:
+            break
+        inner = [(f"{blocks[k][0]}.{n}", c) for n, c in blocks[k][1].named_children() if params(c)]
+        if len(inner) < 2:
+            break
+        blocks[k:k + 1] = inner
+    return blocks
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    flat_a, flat_b = np.ptp(a) == 0, np.ptp(b) == 0
-    if flat_a and flat_b:
-        return float("nan")  # two blank maps: nothing to rank
-    if flat_a or flat_b:
-        return 0.0  # a blank map ranks nothing, so it shares no ranking with the other
-    return float(stats.spearmanr(a.ravel(), b.ravel()).statistic)
+def reinitialise(module: nn.Module, seed: int) -> None:
+    """Re-initialise every parameter of ``module`` in place (as :func:`randomised_copy` does)."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+            else:
+                for param in sub.parameters(recurse=False):
+                    param.normal_(0.0, REINIT_STD)
+
+
+def raw_maps(model: nn.Module, x: torch.Tensor, targets: Sequence[int],
+             target_layers: Sequence[nn.Module] | None = None) -> np.ndarray:
+    """Grad-CAM before its ReLU and normalisation: sum over channels of (mean gradient of the
+    target score) x activation at the target layer, upsampled to the input size.  Signed, on
+    its own scale, so a randomised model's map is not stretched into a confident-looking one.
+    Returns float (B, H, W); raises :class:`CamError` when the layer records nothing."""
+    layers = list(target_layers) if target_layers is not None else cam_target_layers(model)
+    reshape = cam_reshape_transform(model) if target_layers is None else None
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        store["a"] = reshape(out) if reshape is not None else out
+        store["a"].retain_grad()
+
+    handle = layers[-1].register_forward_hook(hook)
+    try:
+        with _explaining(model), torch.enable_grad():
+            logits = model(x.detach().clone().requires_grad_(True))
+            if "a" not in store:
+                raise _no_map(model, "raw grad-cam", target_layers is not None)
+            score = logits[torch.arange(len(x)), torch.as_tensor(list(targets), device=logits.device)].sum()
+            model.zero_grad(set_to_none=True)
+            score.backward()
+            act, grad = store["a"], store["a"].grad
+    finally:
+        handle.remove()
+    if grad is None:
+        raise _no_map(model, "raw grad-cam", target_layers is not None)
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    maps = (weights * act).sum(dim=1).detach().float().cpu().numpy()
+    h, w = x.shape[-2:]
+    return np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps])
+
+
+def is_blank(raw: np.ndarray) -> bool:
+    """A map with no structure (constant, all zero, or not finite): it points nowhere."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if not np.isfinite(raw).all():
+        return True
+    scale = max(float(np.abs(raw).max()), 1e-30)
+    return float(np.ptp(raw)) <= 1e-6 * scale or float(np.abs(raw).max()) < 1e-12
+
+
+def _unit(raw: np.ndarray) -> np.ndarray:
+    mag = np.abs(np.asarray(raw, dtype=np.float64))
+    top = mag.max()
+    return mag / top if top > 0 else mag
+
+
+def map_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Similarity of two raw maps as Adebayo et al. (2018) measure it: Spearman rank correlation
+    of the absolute values, SSIM (scikit-image) and the Pearson correlation of the HOG features
+    of the absolute maps scaled to [0, 1].  NaN for each when either map is blank."""
+    from skimage.feature import hog
+    from skimage.metrics import structural_similarity
+
+    if is_blank(a) or is_blank(b):
+        return {"spearman": float("nan"), "ssim": float("nan"), "hog": float("nan")}
+    ua, ub = _unit(a), _unit(b)
+    spearman = float(stats.spearmanr(np.abs(a).ravel(), np.abs(b).ravel()).statistic)
+    ssim = float(structural_similarity(ua, ub, data_range=1.0))
+    cell = max(4, min(ua.shape) // 8)
+    ha = hog(ua, pixels_per_cell=(cell, cell), cells_per_block=(2, 2), feature_vector=True)
+    hb = hog(ub, pixels_per_cell=(cell, cell), cells_per_block=(2, 2), feature_vector=True)
+    similar = float(np.corrcoef(ha, hb)[0, 1]) if ha.std() > 0 and hb.std() > 0 else float("nan")
+    return {"spearman": spearman, "ssim": ssim, "hog": similar}
 
 
 def cam_similarity(cams_a: np.ndarray, cams_b: np.ndarray) -> pd.DataFrame:
-    """Per-image similarity of two CAM stacks (N, H, W) in [0, 1]: Spearman rank correlation and SSIM.
-
-    A constant (blank) map has no ranking: its Spearman with a non-constant map is 0, with
-    another constant map NaN.  Fresh networks often give blank Grad-CAMs (every weighted
-    activation negative, cut by the ReLU), so the randomised side is often blank.  Returns a DataFrame with
-    columns ``spearman`` and ``ssim``, one row per image.  Raises ValueError for unequal shapes.
-    """
+    """Per-image :func:`map_similarity` of two map stacks (N, H, W), with ``blank_a`` /
+    ``blank_b`` saying which side had no map.  Raises ValueError for unequal shapes."""
     cams_a, cams_b = np.asarray(cams_a), np.asarray(cams_b)
     if cams_a.shape != cams_b.shape:
         raise ValueError(f"CAM stacks differ in shape: {cams_a.shape} vs {cams_b.shape}")
-    rows = [{"spearman": _spearman(a, b), "ssim": _ssim(a, b)} for a, b in zip(cams_a, cams_b)]
-    return pd.DataFrame(rows, columns=["spearman", "ssim"])
+    rows = [{**map_similarity(a, b), "blank_a": is_blank(a), "blank_b": is_blank(b)} for a, b in zip(cams_a, cams_b)]
+    return pd.DataFrame(rows, columns=["spearman", "ssim", "hog", "blank_a", "blank_b"])
+
+
+#: A model passes the randomisation check when the mean Spearman correlation (absolute raw maps)
+#: between its maps and those of the fully re-initialised model stays below this, and no map
+#: on either side is blank.  Adebayo et al. read a rank correlation near 1 as "insensitive".
+PASS_SPEARMAN = 0.5
 
 
 def randomisation_check(model: nn.Module, x: torch.Tensor, targets: Sequence[int] | None = None,
-                        method: str = "gradcam", seed: int = 0) -> pd.DataFrame:
-    """Compare the CAMs of ``model`` with those of :func:`randomised_copy` on the same input.
+                        seed: int = 0, target_layers: Sequence[nn.Module] | None = None) -> pd.DataFrame:
+    """The model-randomisation test of Adebayo et al. (2018) on raw Grad-CAM maps (:func:`raw_maps`).
 
-    ``targets`` (default: the model's predicted classes) are explained in both models, so only
-    the weights differ.  Returns :func:`cam_similarity` per image: high values mean the maps do
-    not depend on what the model learnt and fail the sanity check.  Raises as :func:`compute_cams`.
+    *Cascading*: the stages (:func:`stages`) are re-initialised from the top (output) down, one
+    more each step, and the maps compared with the trained model's after every step.
+    *Independent*: each stage alone is re-initialised.  ``targets`` (default: the trained
+    model's predicted classes) are explained throughout, so only the weights differ.  Returns one
+    row per (mode, stage, image): mode, stage (the stage re-initialised last, or alone), step,
+    image, spearman, ssim, hog, blank_trained, blank_random.  A blank map is counted (never a
+    pass).  Raises as :func:`raw_maps`.
     """
     if targets is None:
         targets = predict_classes(model, x).tolist()
-    own = compute_cams(model, x, targets, method)
-    random = compute_cams(randomised_copy(model, seed), x, targets, method)
-    return cam_similarity(own, random)
+    layer_names = [n for n, m in model.named_modules() if any(m is t for t in (target_layers or []))]
+    own = raw_maps(model, x, targets, target_layers)
+    blocks = stages(model)
+    rows = []
+
+    def compare(twin: nn.Module, mode: str, stage: str, step: int) -> None:
+        layers = [dict(twin.named_modules())[n] for n in layer_names] if layer_names else None
+        other = raw_maps(twin, x, targets, layers)
+        for k, (a, b) in enumerate(zip(own, other)):
+            rows.append({"mode": mode, "stage": stage, "step": step, "image": k, **map_similarity(a, b),
+                         "blank_trained": is_blank(a), "blank_random": is_blank(b)})
+
+    cascade = copy.deepcopy(model)
+    named = dict(cascade.named_modules())
+    for step, (name, _) in enumerate(reversed(blocks), 1):
+        reinitialise(named[name], seed + step)
+        compare(cascade, "cascading", name, step)
+    for step, (name, _) in enumerate(blocks, 1):
+        alone = copy.deepcopy(model)
+        reinitialise(dict(alone.named_modules())[name], seed + 1000 + step)
+        compare(alone, "independent", name, step)
+    return pd.DataFrame(rows)
+
+
+def randomisation_verdict(check: pd.DataFrame) -> dict[str, object]:
+    """Summarise :func:`randomisation_check`: the fully randomised (last cascading) step's mean
+    Spearman / SSIM / HOG, the blank maps counted on each side, and ``passed`` (mean Spearman
+    below :data:`PASS_SPEARMAN` and no blank map), with ``reason`` in words."""
+    cascading = check[check["mode"] == "cascading"]
+    last = cascading[cascading["step"] == cascading["step"].max()]
+    blank_trained = int(last["blank_trained"].sum())
+    blank_random = int(last["blank_random"].sum())
+    spearman = float(last["spearman"].mean()) if last["spearman"].notna().any() else float("nan")
+    if blank_trained or blank_random:
+        passed, reason = False, (f"{blank_trained} trained and {blank_random} randomised map(s) are blank: "
+                                 "a blank map shows nothing, so the check cannot pass")
+    elif not spearman < PASS_SPEARMAN:
+        passed, reason = False, (f"maps of the randomised model still rank pixels like the trained one "
+                                 f"(Spearman {spearman:.2f} >= {PASS_SPEARMAN}): they explain the image, not the model")
+    else:
+        passed, reason = True, f"maps change when the weights do (Spearman {spearman:.2f} < {PASS_SPEARMAN})"
+    return {"images": int(last["image"].nunique()), "spearman_full": spearman,
+            "ssim_full": float(last["ssim"].mean()), "hog_full": float(last["hog"].mean()),
+            "blank_trained": blank_trained, "blank_random": blank_random, "passed": passed, "reason": reason}
 
 
 def road_scores(model: nn.Module, x: torch.Tensor, cams: np.ndarray, targets: Sequence[int],

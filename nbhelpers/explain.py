@@ -1,9 +1,12 @@
 """Measure where trained models look: lung energy and the weight-randomisation check, per model.
 
 :func:`lung_energy_report` explains the held-out (validation and test) images that have ieee8023
-lung masks or boxes with every given model and summarises the share of CAM energy inside the
-lungs against the uniform-map baseline; :func:`randomisation_report` runs the Adebayo et al.
-sanity check per model.  Notebook 07 and the command line below share them:
+lung masks or boxes with every given model, each for its true class, and summarises the share
+of CAM energy inside the lungs against the uniform-map baseline over the film, and the pointing
+game; :func:`randomisation_report` runs the Adebayo et al. sanity check (cascading and
+independent) per model; :func:`verdict_sentences` says in words what passed and failed.  The
+command explains every ablation row at one common CAM grid of at least 7x7 cells
+(:func:`nbhelpers.cam.layers_for_grid`), since a 2x2 map (DenseNet at 64 px) cannot localise.  Notebook 07 and the command line below share them:
 
 ``python -m nbhelpers.explain --ablation-root results/runs/ablation-cpu64 --manifest M --seed 0 --out results/tables``
 explains the ablation rows' runs of one seed and writes ``cam_lung_energy.{csv,md}`` and
@@ -27,7 +30,15 @@ from torch import nn
 from data_prep.atomic import write_text, write_with
 from nbhelpers import lungs
 from data_prep.schema import CLASSES
-from nbhelpers.cam import cams_for_images, examples_per_class, randomisation_check
+from nbhelpers.cam import (
+    cam_grid,
+    cams_for_images,
+    examples_per_class,
+    layers_for_grid,
+    randomisation_check,
+    randomisation_verdict,
+)
+from nbhelpers.cam import MIN_GRID, PASS_SPEARMAN
 from nbhelpers.data import to_model_input
 from nbhelpers.preprocess import ImageCache, PreprocessConfig
 
@@ -48,35 +59,82 @@ def held_out_images(cache: ImageCache, splits: Sequence[str] = HELD_OUT) -> dict
     return {i: img for name in splits for i, img in zip(cache.split(name).image_ids, cache.split(name).images)}
 
 
+def held_out_labels(cache: ImageCache, splits: Sequence[str] = HELD_OUT) -> dict[str, int]:
+    """True class index of every image of ``splits`` by image id."""
+    return {i: int(y) for name in splits for i, y in zip(cache.split(name).image_ids, cache.split(name).labels)}
+
+
 def lung_energy_report(models: Mapping[str, nn.Module], cache: ImageCache, manifest: pd.DataFrame,
                        data_dir: Path, cfg: PreprocessConfig, device: torch.device | str = "cpu",
-                       method: str = "gradcam") -> tuple[pd.DataFrame, pd.DataFrame, lungs.LungMasks]:
-    """Lung energy of every model on the held-out images that have lung masks (or boxes).
+                       method: str = "gradcam", target_layers: Mapping[str, Sequence[nn.Module] | None] | None = None,
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, lungs.LungMasks]:
+    """Lung energy and pointing game of every model on the held-out images that have lung masks
+    (or boxes), each image explained for its **true** class (the COVID-19 films upstream drew
+    masks for), not for whatever the model predicted.
 
-    Returns ``(per_image, summary, masks)``: :func:`nbhelpers.lungs.lung_energy_table` and
-    :func:`nbhelpers.lungs.summarise_lung_energy` (both empty when no held-out image has a mask).
+    ``target_layers`` (per model label, e.g. from :func:`nbhelpers.cam.layers_for_grid`) choose
+    the CAM layer; each row records its CAM ``grid``.  Returns ``(per_image, summary, masks)``:
+    :func:`nbhelpers.lungs.lung_energy_table` and :func:`nbhelpers.lungs.summarise_lung_energy`
+    (both empty when no held-out image has a mask).
     """
-    images = held_out_images(cache)
+    images, labels = held_out_images(cache), held_out_labels(cache)
     masks = lungs.lung_masks(manifest, data_dir, cfg, image_ids=list(images), progress=False, boxes=True)
     if not masks.image_ids:
         empty = lungs.lung_energy_table({}, masks)
         return empty, lungs.summarise_lung_energy(empty), masks
     stack = np.stack([images[i] for i in masks.image_ids])
-    cams = {label: cams_for_images(net, stack, method=method, device=device, progress=False)[0]
-            for label, net in models.items()}
+    truth = [labels[i] for i in masks.image_ids]
+    layers = dict(target_layers or {})
+    cams, grids = {}, {}
+    for label, net in models.items():
+        chosen = layers.get(label)
+        cams[label] = cams_for_images(net, stack, targets=truth, method=method, device=device, progress=False,
+                                      target_layers=chosen)[0]
+        grids[label] = "x".join(map(str, cam_grid(net, cfg.size, chosen)))
     per_image = lungs.lung_energy_table(cams, masks)
+    per_image.insert(1, "grid", per_image["model"].map(grids))
+    per_image.insert(2, "target", "true class")
     return per_image, lungs.summarise_lung_energy(per_image), masks
 
 
-def randomisation_report(models: Mapping[str, nn.Module], images: np.ndarray,
-                         device: torch.device | str = "cpu") -> pd.DataFrame:
-    """Per model: mean and std over ``images`` (uint8 (N, H, W)) of the Spearman correlation and
-    SSIM between its CAMs and those of its re-initialised copy (low = the maps depend on training)."""
+def randomisation_report(models: Mapping[str, nn.Module], images: np.ndarray, device: torch.device | str = "cpu",
+                         target_layers: Mapping[str, Sequence[nn.Module] | None] | None = None,
+                         ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cascading and independent randomisation check (:func:`nbhelpers.cam.randomisation_check`)
+    of every model on ``images`` (uint8 (N, H, W)).
+
+    Returns ``(verdicts, stages)``: one row per model with :func:`nbhelpers.cam.randomisation_verdict`
+    (the fully randomised model's mean Spearman / SSIM / HOG, blank maps, passed, reason), and
+    one row per model, mode and stage with the mean similarities (the cascade's curve).
+    """
     x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device), None, in_chans=3, train=False)
-    checks = pd.concat([randomisation_check(net, x).assign(model=label) for label, net in models.items()])
-    table = checks.groupby("model", sort=False)[["spearman", "ssim"]].agg(["mean", "std"])
-    table.columns = ["_".join(c) for c in table.columns]
-    return table.reset_index()
+    layers = dict(target_layers or {})
+    verdicts, curves = [], []
+    for label, net in models.items():
+        check = randomisation_check(net, x, target_layers=layers.get(label))
+        verdicts.append({"model": label, **randomisation_verdict(check)})
+        curve = check.groupby(["mode", "step", "stage"], sort=False)[["spearman", "ssim", "hog"]].mean().reset_index()
+        blank = check.groupby(["mode", "step"], sort=False)["blank_random"].sum().to_numpy()
+        curves.append(curve.assign(model=label, blank_random=blank))
+    return pd.DataFrame(verdicts), pd.concat(curves, ignore_index=True)
+
+
+def verdict_sentences(energy: pd.DataFrame, randomisation: pd.DataFrame) -> list[str]:
+    """One sentence per model and diagnostic saying whether it passed and what that means, from
+    :func:`nbhelpers.lungs.summarise_lung_energy` (indexed by model or with a model column) and the
+    verdicts of :func:`randomisation_report`."""
+    lines = []
+    table = energy.reset_index() if "model" not in energy.columns else energy
+    for row in table.itertuples(index=False):
+        above = row.excess_ci_low > 0 if np.isfinite(row.excess_ci_low) else row.excess_mean > 0
+        lines.append(
+            f"{row.model}: lung energy {row.energy_mean:.2f} against {row.area_mean:.2f} for a uniform map on the film "
+            f"({'passed: its maps favour the lungs' if above else 'failed: its maps favour the lungs no more than a uniform map would'}); "
+            f"pointing game {row.pointing_hits}/{row.images} (chance {row.pointing_chance:.2f})"
+            + (f"; {row.blank_maps} blank map(s)" if row.blank_maps else "") + ".")
+    for row in randomisation.itertuples(index=False):
+        lines.append(f"{row.model}: randomisation check {'passed' if row.passed else 'failed'}: {row.reason}.")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,37 +156,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefix", default="cam", help="file names: PREFIX_lung_energy, PREFIX_randomisation, PREFIX_<group>.png")
     args = parser.parse_args(argv)
     data, manifest = resolve_data_dir(args.data_dir), pd.read_csv(args.manifest)
-    energy, randomised, masks, n_sample = [], [], None, 0
+    energy, randomised, curves, masks, n_sample = [], [], [], None, 0
     figure_cams: dict[str, dict[str, np.ndarray]] = {}  # group -> row name -> CAMs
     figure_images: dict[str, dict[str, np.ndarray]] = {}  # group -> row name -> images (rows may crop differently)
     figure_titles: dict[str, list[str]] = {}
-    for row in ablation.load_grid(groups=args.groups):
-        net, run = load_trained(ablation.run_dir(args.ablation_root, row, args.seed))
+    rows = ablation.load_grid(groups=args.groups)
+    trained = {f"{row.group}/{row.name}": load_trained(ablation.run_dir(args.ablation_root, row, args.seed))
+               for row in rows}
+    size = PreprocessConfig(**next(iter(trained.values()))[1].metrics["data"]["preprocess"]).size
+    # One CAM grid for every row, at least MIN_GRID cells per side: coarser maps cannot be compared.
+    layers, side = layers_for_grid({label: net for label, (net, _) in trained.items()}, size)
+    for row in rows:
+        label = f"{row.group}/{row.name}"
+        net, run = trained[label]
         cache = run_cache(run, manifest, data, args.ablation_root / "cache")
         cfg = cache.cfg
-        label = f"{row.group}/{row.name}"
-        per_image, _, masks = lung_energy_report({label: net}, cache, manifest, data, cfg)
+        per_image, _, masks = lung_energy_report({label: net}, cache, manifest, data, cfg, target_layers=layers)
         energy.append(per_image)
         sample = np.stack(list(held_out_images(cache).values())[: args.randomisation_images])
-        randomised.append(randomisation_report({label: net}, sample))
+        verdict, curve = randomisation_report({label: net}, sample, target_layers=layers)
+        randomised.append(verdict)
+        curves.append(curve)
         n_sample = len(sample)
         if args.figures:
             test = cache.split("test")
             picked = examples_per_class(test.labels, args.figure_images)
             shown = np.asarray(test.images[picked])
-            figure_cams.setdefault(row.group, {})[row.name] = cams_for_images(net, shown, progress=False)[0]
+            figure_cams.setdefault(row.group, {})[row.name] = cams_for_images(
+                net, shown, targets=list(test.labels[picked]), progress=False, target_layers=layers.get(label))[0]
             figure_images.setdefault(row.group, {})[row.name] = shown
             figure_titles[row.group] = [f"true {CLASSES[t]}" for t in test.labels[picked]]
     summary, randomised = lungs.summarise_lung_energy(pd.concat(energy)).reset_index(), pd.concat(randomised)
+    curves = pd.concat(curves, ignore_index=True)
+    grid = f"{side}x{side} CAM grid for every row (the deepest layers giving at least {MIN_GRID} cells a side at {size} px)" \
+        if side else f"each row's registered CAM layer (no common grid of {MIN_GRID}+ cells at {size} px)"
     header = (f"Made by `python -m nbhelpers.explain {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}, CPU; Grad-CAM of each row's seed-{args.seed} run; lung energy on "
-              f"{len(masks.image_ids)} held-out ieee8023 COVID-19 images with lung masks ({masks.kinds.count('boxes')} "
-              f"with lung boxes only); randomisation check on {n_sample} held-out images.")
+              f"{datetime.now(timezone.utc):%Y-%m-%d}, CPU; Grad-CAM of each row's seed-{args.seed} run, {grid}, each "
+              f"image explained for its true class; lung energy and pointing game on {len(masks.image_ids)} held-out "
+              f"ieee8023 COVID-19 images with lung masks ({masks.kinds.count('boxes')} with lung boxes only), the uniform "
+              f"baseline over the film area (padding and blank borders excluded); randomisation check (Adebayo et al. "
+              f"2018: raw maps, cascading and independent re-initialisation, Spearman of absolute values, SSIM, HOG) on "
+              f"{n_sample} held-out images, passed when the fully randomised model's Spearman < {PASS_SPEARMAN} and no map is blank.")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, table in ((f"{args.prefix}_lung_energy", summary), (f"{args.prefix}_randomisation", randomised)):
+    for name, table in ((f"{args.prefix}_lung_energy", summary), (f"{args.prefix}_randomisation", randomised),
+                        (f"{args.prefix}_randomisation_stages", curves)):
         write_with(args.out / f"{name}.csv", lambda p, t=table: t.to_csv(p, index=False))
         write_text(args.out / f"{name}.md", f"{header}\n\n{markdown_table(table, digits=3)}\n")
         print(table.round(3).to_string(index=False))
+    for line in verdict_sentences(summary, randomised):
+        print(line)
     for group, cams in figure_cams.items():
         from nbhelpers.plots import cam_comparison
 

@@ -17,9 +17,10 @@ Upstream annotated COVID-19 images only: lung energy measures how models look at
 class, not at pneumonia or normal films.
 
 :func:`lung_energy` is the share of a CAM's total value that falls on lung pixels.  A CAM spread
-evenly over the square would score the lung *area* share (0.27 on average for the 19 masked
-val/test images of the curated set at 128 px, letterboxed), so every number is reported beside
-that uniform baseline and its excess over it; a map whose share is not above the area share
+evenly over the film would score the lungs' share of the film area (letterbox padding and blank
+borders excluded: a map on them is not "elsewhere on the chest"), so every number is reported
+beside that uniform baseline and its excess over it; the pointing game (:func:`pointing_hit`)
+asks whether the map's maximum lies in the lungs; a map whose share is not above the area share
 (:data:`OUTSIDE_MARGIN`) looks no more at the lungs than a uniform map does, and is flagged as looking outside them (text markers,
 devices, borders).
 """
@@ -194,6 +195,22 @@ def prepare_mask(mask: np.ndarray, cfg: PreprocessConfig, box: Box | None = None
     return pad_square(content, cfg.size, value=0) >= MASK_THRESHOLD
 
 
+#: A source image's border row or column is blank (not film) when its grey levels vary by less than this.
+BLANK_BORDER_STD = 2.0
+
+
+def film_mask(img: np.ndarray) -> np.ndarray:
+    """Where the film is in a source grey image: everything but the blank rows and columns at its
+    edges (scanner frames, a uniform background around a figure), as a bool (H, W) map."""
+    img = np.asarray(img, dtype=np.float32)
+    rows, cols = img.std(axis=1) >= BLANK_BORDER_STD, img.std(axis=0) >= BLANK_BORDER_STD
+    out = np.zeros(img.shape, dtype=bool)
+    if rows.any() and cols.any():
+        r, c = np.flatnonzero(rows), np.flatnonzero(cols)
+        out[r[0]:r[-1] + 1, c[0]:c[-1] + 1] = True
+    return out
+
+
 @dataclass
 class LungMasks:
     """Lung masks in training geometry: ``masks`` bool (N, size, size) for ``image_ids`` (in the
@@ -204,6 +221,9 @@ class LungMasks:
     masks: np.ndarray
     missing: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+    #: Where the film is, per image (bool (N, size, size)): not letterbox padding, not a blank
+    #: border of the source image.  The uniform-map baseline is the lung share of this area.
+    films: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -232,7 +252,8 @@ def lung_masks(
 
     ``image_ids`` (default: every manifest row) are looked up in ``manifest``; each mask is read
     at the size of its source image (decoded with :func:`~nbhelpers.images.load_gray` to learn it,
-    and to find the lung crop when ``cfg.lung_crop`` is on) and passed through :func:`prepare_mask`.  With ``boxes`` an ieee8023 image without a mask uses
+    and to find the lung crop when ``cfg.lung_crop`` is on) and passed through :func:`prepare_mask`,
+    as is its film area (:func:`film_mask`).  With ``boxes`` an ieee8023 image without a mask uses
     its lung bounding boxes (:func:`box_mask`).  Returns :class:`LungMasks`; ids with neither are
     listed in ``missing``.  Raises KeyError for an id not in the manifest and
     :class:`LungMaskError` for a missing mask folder or unreadable mask.
@@ -247,7 +268,7 @@ def lung_masks(
     if unknown:
         raise KeyError(f"{len(unknown)} image id(s) are not in the manifest, e.g. {unknown[0]!r}")
     out = LungMasks(image_ids=[], masks=np.zeros(0), missing=[], kinds=[])
-    masks = []
+    masks, films = [], []
     for image_id in tqdm(wanted, desc="lung masks", unit="img", disable=not progress):
         path, stem = paths[image_id], Path(rel[image_id]).stem
         drawn = box_by_stem.get(stem) if path is None and own[image_id] else None
@@ -261,9 +282,11 @@ def lung_masks(
             continue
         crop_box = source_content(img, cfg)[1] if cfg.lung_crop else None
         masks.append(prepare_mask(mask, cfg, crop_box))
+        films.append(prepare_mask(film_mask(img), cfg, crop_box))
         out.image_ids.append(image_id)
         out.kinds.append("mask" if path is not None else "boxes")
     out.masks = np.stack(masks) if masks else np.zeros((0, cfg.size, cfg.size), dtype=bool)
+    out.films = np.stack(films) if films else np.zeros((0, cfg.size, cfg.size), dtype=bool)
     return out
 
 
@@ -288,22 +311,36 @@ def lung_energy(cam: np.ndarray, mask: np.ndarray) -> float:
     return float(cam[mask].sum() / total) if total > 0 else float("nan")
 
 
+def pointing_hit(cam: np.ndarray, mask: np.ndarray) -> bool | None:
+    """The pointing game: does the CAM's maximum fall inside the lungs?  None for a blank map."""
+    cam = np.asarray(cam, dtype=np.float64)
+    if not np.isfinite(cam).all() or np.ptp(cam) <= 0:
+        return None
+    return bool(np.asarray(mask, dtype=bool).ravel()[int(np.argmax(cam))])
+
+
 def lung_energy_table(cams: Mapping[str, np.ndarray], masks: LungMasks | np.ndarray,
-                      image_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per-image lung energy for several models (or ablation rows) on the same images.
+                      image_ids: Sequence[str] | None = None, films: np.ndarray | None = None) -> pd.DataFrame:
+    """Per-image lung energy and pointing game for several models (or ablation rows) on the same images.
 
     ``cams`` maps a label (model name or ablation row) to CAMs (N, H, W) aligned with ``masks``
-    (a :class:`LungMasks`, or a bool (N, H, W) array with ``image_ids``).  Returns one row per
-    label and image: ``model``, ``image_id``, ``lung_energy``, ``lung_area`` (the uniform-map
-    baseline), ``excess`` (energy - area) and ``outside`` (excess <= :data:`OUTSIDE_MARGIN`).
-    Raises ValueError when a CAM stack does not match the masks in number or size.
+    (a :class:`LungMasks`, or a bool (N, H, W) array with ``image_ids`` and optionally
+    ``films``).  Returns one row per label and image: ``model``, ``image_id``, ``lung_energy``,
+    ``lung_area`` (the uniform-map baseline: the lungs' share of the film area, letterbox padding
+    and blank borders excluded; of the whole square when no film areas are known), ``excess``
+    (energy - area), ``outside`` (excess <= :data:`OUTSIDE_MARGIN`), ``pointing_hit`` (the map's
+    maximum lies in the lungs; empty for a blank map) and ``blank``.  Raises ValueError when a
+    CAM stack does not match the masks in number or size.
     """
     if isinstance(masks, LungMasks):
-        image_ids, masks = masks.image_ids, masks.masks
+        image_ids, films, masks = masks.image_ids, masks.films, masks.masks
     ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(masks))]
     if len(ids) != len(masks):
         raise ValueError(f"{len(ids)} image ids for {len(masks)} masks")
-    areas = masks.reshape(len(masks), -1).mean(axis=1)
+    if films is None or len(films) != len(masks):
+        films = np.ones_like(masks, dtype=bool)
+    film_px = films.reshape(len(masks), -1).sum(axis=1)
+    areas = (masks & films).reshape(len(masks), -1).sum(axis=1) / np.maximum(film_px, 1)
     rows = []
     for label, stack in cams.items():
         stack = np.asarray(stack)
@@ -312,9 +349,12 @@ def lung_energy_table(cams: Mapping[str, np.ndarray], masks: LungMasks | np.ndar
                              "give one CAM per masked image at the mask size")
         for image_id, cam, mask, area in zip(ids, stack, masks, areas):
             energy = lung_energy(cam, mask)
+            hit = pointing_hit(cam, mask)
             rows.append({"model": label, "image_id": image_id, "lung_energy": energy, "lung_area": float(area),
-                         "excess": energy - area, "outside": bool(energy - area <= OUTSIDE_MARGIN)})
-    return pd.DataFrame(rows, columns=["model", "image_id", "lung_energy", "lung_area", "excess", "outside"])
+                         "excess": energy - area, "outside": bool(energy - area <= OUTSIDE_MARGIN),
+                         "pointing_hit": hit, "blank": hit is None})
+    return pd.DataFrame(rows, columns=["model", "image_id", "lung_energy", "lung_area", "excess", "outside",
+                                       "pointing_hit", "blank"])
 
 
 def summarise_lung_energy(per_image: pd.DataFrame) -> pd.DataFrame:
@@ -322,20 +362,34 @@ def summarise_lung_energy(per_image: pd.DataFrame) -> pd.DataFrame:
 
     Columns: ``images``, ``energy_mean``, ``energy_std``, ``area_mean`` (uniform-map share),
     ``excess_mean`` with its :data:`CONFIDENCE` t-interval ``excess_ci_low``/``excess_ci_high``,
-    ``outside_share`` (share of images flagged) and ``looks_outside`` (mean excess <=
-    :data:`OUTSIDE_MARGIN`: on average no more on the lungs than a blank map).  Images whose CAM
-    was all zero (NaN energy) are left out.  One row per model, in first-seen order.
+    ``outside_share`` (share of images flagged), ``looks_outside`` (mean excess <=
+    :data:`OUTSIDE_MARGIN`: on average no more on the lungs than a uniform map), the pointing
+    game's hits and rate with a Wilson interval over the images (``pointing_chance``: the rate
+    of a random point on the film, the mean lung area share), ``blank_maps`` (images whose CAM
+    was all zero: counted, left out of the means), and ``grid`` / ``target`` when the per-image
+    table has them.  One row per model, in first-seen order.
     """
+    from nbhelpers.stats import wilson
+
     out = []
+    blanks = per_image.groupby("model", sort=False)["lung_energy"].apply(lambda v: int(v.isna().sum())) \
+        if len(per_image) else pd.Series(dtype=int)
+    extra = [c for c in ("grid", "target") if c in per_image.columns]
     for label, group in per_image.dropna(subset=["lung_energy"]).groupby("model", sort=False):
         n = len(group)
         excess = group["excess"].to_numpy()
         half = (stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * excess.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
+        hits = group["pointing_hit"].dropna().astype(bool) if "pointing_hit" in group else pd.Series(dtype=bool)
+        hit_low, hit_high = wilson(float(hits.sum()), len(hits), CONFIDENCE)
         out.append({
-            "model": label, "images": n,
+            "model": label, **{c: group[c].iloc[0] for c in extra}, "images": n,
+            "blank_maps": int(blanks.get(label, 0)),
             "energy_mean": group["lung_energy"].mean(), "energy_std": group["lung_energy"].std(ddof=1),
             "area_mean": group["lung_area"].mean(),
             "excess_mean": excess.mean(), "excess_ci_low": excess.mean() - half, "excess_ci_high": excess.mean() + half,
             "outside_share": group["outside"].mean(), "looks_outside": bool(excess.mean() <= OUTSIDE_MARGIN),
+            "pointing_hits": int(hits.sum()), "pointing_rate": float(hits.mean()) if len(hits) else np.nan,
+            "pointing_low": hit_low, "pointing_high": hit_high,
+            "pointing_chance": group["lung_area"].mean(),
         })
     return pd.DataFrame(out).set_index("model") if out else pd.DataFrame()

@@ -186,6 +186,45 @@ def mask_markers(img: np.ndarray) -> np.ndarray:
     return cv2.inpaint(img, mask.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_TELEA)
 
 
+#: The blackout variants of Maguolo & Nanni (2021): ``center`` blacks out a fixed central box (the
+#: same for every film: :data:`CENTER_BOX` shares of height and width), ``lungs`` the lung box of
+#: :func:`lung_box` (the fixed central box where none is found), ``lungs_only`` everything but it.
+BLACKOUTS = ("none", "center", "lungs", "lungs_only")
+#: (top, bottom, left, right) of the fixed central box as shares of the image's height and width.
+CENTER_BOX = (0.15, 0.85, 0.15, 0.85)
+
+
+def center_box(shape: tuple[int, int]) -> Box:
+    """The fixed central box (:data:`CENTER_BOX`) of an image of ``shape``."""
+    h, w = shape
+    top, bottom, left, right = CENTER_BOX
+    return Box(round(top * h), round(bottom * h), round(left * w), round(right * w))
+
+
+def blackout(img: np.ndarray, mode: str) -> tuple[np.ndarray, bool]:
+    """``img`` with part of it set to black: the central box, the lung box, or all but the lung
+    box (``mode`` one of :data:`BLACKOUTS`).  Returns the image and whether the lung box was
+    found (always True for ``none`` and ``center``).  A model that stays accurate without the
+    lungs reads its answer elsewhere: the cheapest proof of a shortcut."""
+    if mode not in BLACKOUTS:
+        raise ValueError(f"blackout must be one of {BLACKOUTS}, got {mode!r}")
+    if mode == "none":
+        return img, True
+    box, found = center_box(img.shape), True
+    if mode in ("lungs", "lungs_only"):
+        lungs = lung_box(img)
+        found = lungs is not None
+        box = lungs if lungs is not None else box
+    out = img.copy()
+    if mode == "lungs_only":
+        keep = out[box.top:box.bottom, box.left:box.right].copy()
+        out[:] = 0
+        out[box.top:box.bottom, box.left:box.right] = keep
+    else:
+        out[box.top:box.bottom, box.left:box.right] = 0
+    return out, found
+
+
 def histogram(img: np.ndarray) -> np.ndarray:
     """Normalised grey-level histogram (256 floats summing to 1) of a uint8 image."""
     counts = np.bincount(img.ravel(), minlength=LEVELS).astype(np.float64)

@@ -61,7 +61,17 @@ from tqdm.auto import tqdm
 from data_prep.atomic import write_text
 from data_prep.schema import CLASSES, SPLITS, label_index
 from nbhelpers.images import ImageReadError, load_gray
-from nbhelpers.mitigate import Box, crop, histogram, lung_box, mask_markers, match_histogram, reference_histogram
+from nbhelpers.mitigate import (
+    BLACKOUTS,
+    Box,
+    blackout,
+    crop,
+    histogram,
+    lung_box,
+    mask_markers,
+    match_histogram,
+    reference_histogram,
+)
 
 #: Bump when the pixels produced for the same parameters change, so old caches are not reused.
 PIPELINE_VERSION = 1
@@ -107,7 +117,9 @@ class PreprocessConfig:
     square) or ``crop`` (fill the square, cut the long side centrally).  ``clahe_stage``:
     enhance at source resolution (``before_resize``, the default; see the module docstring)
     or after resizing.  ``mask_markers`` / ``lung_crop`` / ``hist_match``: the shortcut
-    mitigations of :mod:`nbhelpers.mitigate` (see the module docstring); with ``lung_crop`` the
+    mitigations of :mod:`nbhelpers.mitigate` (see the module docstring); ``blackout``
+    (``none``, ``center``, ``lungs``, ``lungs_only``): the shortcut *test* of Maguolo & Nanni,
+    black over the central box, the lung box, or all but the lung box; with ``lung_crop`` the
     crop is stretched to the square whatever ``resize`` says (:attr:`fit`).  Raises ValueError
     naming the field on an invalid value.
     """
@@ -121,6 +133,7 @@ class PreprocessConfig:
     mask_markers: bool = False
     lung_crop: bool = False
     hist_match: bool = False
+    blackout: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 8:
@@ -136,6 +149,8 @@ class PreprocessConfig:
         for name in MITIGATIONS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PreprocessConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.blackout not in BLACKOUTS:
+            raise ValueError(f"PreprocessConfig.blackout must be one of {BLACKOUTS}, got {self.blackout!r}")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | Any, **overrides: Any) -> "PreprocessConfig":
@@ -165,6 +180,8 @@ class PreprocessConfig:
         for name in MITIGATIONS:  # added later: left out while off, so earlier caches keep their keys
             if not payload[name]:
                 del payload[name]
+        if payload["blackout"] == "none":
+            del payload["blackout"]
         payload["clip_limit"] = float(self.clip_limit)  # 2 and 2.0 are the same setting
         payload["pipeline_version"] = PIPELINE_VERSION
         return _hash_text(json.dumps(payload, sort_keys=True))
@@ -246,9 +263,12 @@ def resize(img: np.ndarray, size: int, mode: ResizeMode = "letterbox") -> np.nda
 def source_content(img: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, Box | None]:
     """The part of a loaded grey image that ``cfg`` keeps, at source resolution: markers filled
     (``mask_markers``) and cut to the lung box (``lung_crop``).  Returns it with the box (None
-    when ``lung_crop`` is off or no box was found), so masks can be cut the same way."""
+    when ``lung_crop`` is off or no box was found), so masks can be cut the same way.  With
+    ``blackout`` part of the film is set to black first (:func:`nbhelpers.mitigate.blackout`)."""
     if cfg.mask_markers:
         img = mask_markers(img)
+    if cfg.blackout != "none":
+        img = blackout(img, cfg.blackout)[0]
     box = lung_box(img) if cfg.lung_crop else None
     return crop(img, box), box
 

@@ -209,6 +209,54 @@ def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Seque
     return out.rename_axis("name").reset_index()
 
 
+#: The blackout group of ``ablations.toml`` (Maguolo & Nanni 2021).
+BLACKOUT_GROUP = "blackout"
+
+
+def blackout_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
+                   n_boot: int = M.N_BOOTSTRAP, level: float = audit.CI_LEVEL, seed: int = 0) -> pd.DataFrame:
+    """Per row of the blackout group: test accuracy over the seeds (each image once, its
+    correctness averaged over seeds), the accuracy **retained** against the whole-image baseline
+    (row / baseline) and the **share of above-chance accuracy that survives** without the lungs,
+    (row - chance) / (baseline - chance), each with a percentile bootstrap interval that
+    resamples patients with all their images, both rows together (chance: one over the classes
+    in the test set).  ``shortcut`` says whether the interval of the surviving share lies above
+    one half: most of what the model knows is then read outside the part blacked out."""
+    baseline = next(r for r in rows if r.baseline)
+    frames = {row.name: [ablation._correct(grid_root, row, s) for s in seeds] for row in rows}
+
+    def per_image(name: str) -> pd.Series:
+        return pd.concat([f["correct"] for f in frames[name]], axis=1).mean(axis=1)
+
+    base = per_image(baseline.name)
+    patients = frames[baseline.name][0]["patient_id"].reindex(base.index).to_numpy()
+    labels = pd.read_csv(ablation.run_dir(grid_root, baseline, seeds[0]) / "test_predictions.csv")["label"]
+    chance = 1.0 / labels.nunique()
+    rng = np.random.default_rng(seed)
+    draws = list(M.resample_indices(len(base), n_boot, rng, patients))
+    lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
+    out = []
+    for row in rows:
+        mine = per_image(row.name).reindex(base.index).to_numpy()
+        ref = base.to_numpy()
+        retained = [mine[d].mean() / ref[d].mean() if ref[d].mean() > 0 else np.nan for d in draws]
+        surviving = [(mine[d].mean() - chance) / (ref[d].mean() - chance) if ref[d].mean() > chance else np.nan
+                     for d in draws]
+        acc = [mine[d].mean() for d in draws]
+        point_surv = (mine.mean() - chance) / (ref.mean() - chance) if ref.mean() > chance else np.nan
+        s_low, s_high = np.nanquantile(surviving, [lo_q, hi_q]) if np.isfinite(surviving).any() else (np.nan, np.nan)
+        out.append({
+            "name": row.name, "blackout": row.preprocess.get("blackout", "none"), "seeds": len(seeds),
+            "test_images": len(base), "test_patients": len(set(patients)), "chance": chance,
+            "accuracy": mine.mean(), "accuracy_low": np.quantile(acc, lo_q), "accuracy_high": np.quantile(acc, hi_q),
+            "retained": mine.mean() / ref.mean() if ref.mean() > 0 else np.nan,
+            "retained_low": np.nanquantile(retained, lo_q), "retained_high": np.nanquantile(retained, hi_q),
+            "surviving_share": point_surv, "surviving_low": s_low, "surviving_high": s_high,
+            "shortcut": bool(row.name != baseline.name and np.isfinite(s_low) and s_low > 0.5),
+        })
+    return pd.DataFrame(out)
+
+
 #: The preprocessing variants compared in pictures and probes: each mitigation alone, then all.
 VARIANTS: dict[str, dict[str, bool]] = {
     "none": {}, "mask_markers": {"mask_markers": True}, "lung_crop": {"lung_crop": True},
@@ -326,9 +374,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="preset overrides for the probes")
     p.add_argument("--cam-table", type=Path, help="cam_lung_energy.csv of python -m nbhelpers.explain for this group")
     p.add_argument("--out", type=Path, required=True, help="folder for the tables")
+    p.add_argument("--blackout", action="store_true",
+                   help=f"also report the {BLACKOUT_GROUP!r} group's runs under --grid-root (train them with "
+                        f"python -m nbhelpers.ablation --groups {BLACKOUT_GROUP})")
     args = p.parse_args(argv)
     try:
         rows = ablation.load_grid(groups=[args.group])
+        blacked = (blackout_table(ablation.load_grid(groups=[BLACKOUT_GROUP]), args.grid_root, args.seeds)
+                   if args.blackout else None)
         probes = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
                             args.probe_model, args.preset, args.device, **parse_set(args.set))
         within = within_source(rows, args.grid_root, args.seeds, args.manifest)
@@ -340,10 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = (f"Made by `python -m nbhelpers.shortcut {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
               f"{datetime.now(timezone.utc):%Y-%m-%d}; group {args.group}, seeds {args.seeds}; probes: "
               f"{args.probe_model}, classes {args.probe_labels}, preset {args.preset} {args.set}, device {args.device}.")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("shortcut_probe", probes), ("shortcut_within_source", within), ("shortcut_mitigations", table)):
-        frame.to_csv(args.out / f"{name}.csv", index=False)
-        (args.out / f"{name}.md").write_text(f"{header}\n\n{markdown_table(frame, digits=3)}\n")
+    from data_prep.atomic import write_text, write_with
+
+    tables = [("shortcut_probe", probes), ("shortcut_within_source", within), ("shortcut_mitigations", table)]
+    if blacked is not None:
+        tables.append(("shortcut_blackout", blacked))
+    for name, frame in tables:
+        write_with(args.out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+        write_text(args.out / f"{name}.md", f"{header}\n\n{markdown_table(frame, digits=3)}\n")
         with pd.option_context("display.width", 220, "display.max_columns", 30):
             print(f"{name}:\n{frame.round(3).to_string(index=False)}\n")
     return 0

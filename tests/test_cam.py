@@ -20,8 +20,13 @@ from nbhelpers.cam import (
     compute_cams,
     examples_per_class,
     predict_classes,
+    cam_grid,
+    layers_for_grid,
     randomisation_check,
+    randomisation_verdict,
     randomised_copy,
+    raw_maps,
+    stages,
     road_scores,
     tokens_to_grid,
 )
@@ -203,12 +208,14 @@ def test_similarity_of_a_map_with_itself_and_with_others():
     rng = np.random.default_rng(0)
     cams = rng.random((3, 32, 32)).astype(np.float32)
     own = cam_similarity(cams, cams)
-    np.testing.assert_allclose(own[["spearman", "ssim"]].to_numpy(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(own[["spearman", "ssim", "hog"]].to_numpy(), 1.0, atol=1e-6)
     flipped = cam_similarity(cams, cams[:, ::-1, :].copy())
     assert (flipped["spearman"] < 0.5).all() and (flipped["ssim"] < 0.5).all()
+    # A blank map is no map: no similarity is made up for it, and it is flagged.
     blank = np.zeros((1, 32, 32), np.float32)
-    assert cam_similarity(cams[:1], blank)["spearman"][0] == 0.0
-    assert np.isnan(cam_similarity(blank, blank)["spearman"][0])
+    one = cam_similarity(cams[:1], blank).iloc[0]
+    assert np.isnan(one["spearman"]) and one["blank_b"] and not one["blank_a"]
+    assert cam_similarity(blank, blank).iloc[0][["blank_a", "blank_b"]].all()
     with pytest.raises(ValueError, match="differ in shape"):
         cam_similarity(cams, cams[:2])
 
@@ -260,15 +267,77 @@ def test_trained_models_cam_finds_the_square_and_its_random_copys_does_not(train
     assert inside(compute_cams(randomised_copy(model), x, targets)) < inside(compute_cams(model, x, targets)) / 2
 
 
-def test_randomisation_check_separates_the_model_from_its_random_copy(trained):
+def test_randomisation_check_passes_a_trained_model(trained):
     model, x, targets, _ = trained
     own = compute_cams(model, x, targets)
-    np.testing.assert_allclose(cam_similarity(own, compute_cams(model, x, targets)).to_numpy(), 1.0, atol=1e-6)
-    result = randomisation_check(model, x, targets, method="gradcam", seed=0)
-    assert list(result.columns) == ["spearman", "ssim"] and len(result) == len(x)
-    assert result["spearman"].mean() < 0.5 and result["ssim"].mean() < 0.5
+    np.testing.assert_allclose(cam_similarity(own, compute_cams(model, x, targets))[["spearman", "ssim"]].to_numpy(),
+                               1.0, atol=1e-6)
+    result = randomisation_check(model, x, targets, seed=0)
+    assert set(result["mode"]) == {"cascading", "independent"}
+    assert len(result) == 2 * len(stages(model)) * len(x)  # every stage, both modes, every image
+    verdict = randomisation_verdict(result)
+    assert verdict["passed"], verdict["reason"]
+    assert verdict["blank_trained"] == verdict["blank_random"] == 0
     default_targets = randomisation_check(model, x, seed=0)  # the predicted classes, here the true ones
-    np.testing.assert_allclose(default_targets.to_numpy(), result.to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(default_targets[["spearman", "ssim"]].to_numpy(), result[["spearman", "ssim"]].to_numpy(),
+                               atol=1e-6)
+
+
+class EdgeDetector(nn.Module):
+    """A CAM that ignores the learned weights: the target layer is a fixed edge filter (a buffer,
+    not a parameter), so re-initialising the head only rescales the same map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+        self.register_buffer("kernel", sobel.view(1, 1, 3, 3))
+        self.edges = nn.Identity()
+        self.head = nn.Linear(1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grey = x.mean(dim=1, keepdim=True)
+        edges = self.edges(nn.functional.conv2d(grey, self.kernel, padding=1).abs())
+        return self.head(edges.mean(dim=(2, 3)))
+
+
+def test_randomisation_check_fails_a_map_that_ignores_the_weights(trained):
+    _, x, targets, _ = trained
+    model = set_cam_layers(EdgeDetector(), ["edges"])
+    verdict = randomisation_verdict(randomisation_check(model, x, targets, seed=0))
+    assert not verdict["passed"] and verdict["spearman_full"] > 0.99
+    assert "explain the image, not the model" in verdict["reason"]
+
+
+def test_a_blank_map_fails_the_check_and_is_counted(trained):
+    model, x, targets, _ = trained
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        dead.head.weight.zero_()  # no gradient reaches the CAM layer: every map is blank
+    result = randomisation_check(dead, x, targets, seed=0)
+    verdict = randomisation_verdict(result)
+    assert verdict["blank_trained"] == len(x) and not verdict["passed"]
+    assert result["spearman"].isna().all()  # nothing made up for a blank map
+
+
+def test_raw_maps_are_gradcam_before_its_relu(trained):
+    model, x, targets, _ = trained
+    raw = raw_maps(model, x, targets)
+    cams = compute_cams(model, x, targets)
+    positive = np.clip(raw, 0, None)
+    for r, c in zip(positive, cams):
+        if r.max() > 0:
+            np.testing.assert_allclose(r / r.max(), c / max(c.max(), 1e-12), atol=0.05)
+    assert (raw < 0).any()  # the signed map keeps what the ReLU would cut
+
+
+def test_layers_for_grid_give_every_model_the_same_grid_of_at_least_7_cells():
+    nets = {name: models.create(name, num_classes=3) for name in ("densenet121", "resnet50", "mobilenetv2")}
+    assert all(cam_grid(net, SIZE) == (2, 2) for net in nets.values())  # the registered layers at 64 px
+    layers, side = layers_for_grid(nets, SIZE)
+    assert side == 8
+    assert all(cam_grid(net, SIZE, layers[name]) == (8, 8) for name, net in nets.items())
+    cams = compute_cams(nets["densenet121"], torch.randn(1, 3, SIZE, SIZE), [0], target_layers=layers["densenet121"])
+    assert cams.shape == (1, SIZE, SIZE)
 
 
 def test_road_scores_a_faithful_map_above_a_random_and_an_inverted_one(trained):

@@ -155,7 +155,8 @@ def test_table_and_summary_flag_a_model_that_looks_outside():
         "outside": ~masks * rng.uniform(0.5, 1.0, masks.shape),
     }
     per_image = lungs.lung_energy_table(cams, masks, ["a", "b", "c"])
-    assert list(per_image.columns) == ["model", "image_id", "lung_energy", "lung_area", "excess", "outside"]
+    assert list(per_image.columns) == ["model", "image_id", "lung_energy", "lung_area", "excess", "outside",
+                                       "pointing_hit", "blank"]
     assert len(per_image) == 9 and set(per_image["image_id"]) == {"a", "b", "c"}
     summary = lungs.summarise_lung_energy(per_image)
     assert list(summary.index) == ["inside", "uniform", "outside"]
@@ -177,6 +178,41 @@ def test_table_takes_lung_masks_and_std_reflects_spread():
     assert summary.loc["m", "energy_mean"] == pytest.approx(0.625)
     assert summary.loc["m", "energy_std"] == pytest.approx(np.std([0.25, 1.0], ddof=1))
     assert summary.loc["m", "images"] == 2
+
+
+def test_the_uniform_baseline_is_taken_over_the_film_not_the_padding():
+    # Before: the lung share of the whole square, so letterbox padding made any map look lung-bound.
+    mask = square_mask()                        # 25 of 100 pixels
+    film = np.zeros((10, 10), bool)
+    film[:, 2:8] = True                         # a letterboxed film: 60 pixels, the lungs among them
+    mask &= film
+    uniform_on_film = film.astype(float)
+    table = lungs.lung_energy_table({"u": uniform_on_film[None]}, mask[None], ["a"], films=film[None])
+    assert table.loc[0, "lung_area"] == pytest.approx(mask.sum() / film.sum())
+    assert table.loc[0, "excess"] == pytest.approx(0.0)  # a uniform map on the film has no excess
+    square = lungs.lung_energy_table({"u": uniform_on_film[None]}, mask[None], ["a"])
+    assert square.loc[0, "excess"] > 0.05  # measured against the whole square it would look lung-bound
+
+
+def test_pointing_game_counts_hits_and_blank_maps():
+    mask = square_mask()
+    inside, outside = np.zeros((10, 10)), np.zeros((10, 10))
+    inside[np.argwhere(mask)[0][0], np.argwhere(mask)[0][1]] = 1.0
+    outside[0, 0] = 1.0
+    assert lungs.pointing_hit(inside, mask) is True and lungs.pointing_hit(outside, mask) is False
+    assert lungs.pointing_hit(np.zeros((10, 10)), mask) is None
+    table = lungs.lung_energy_table({"m": np.stack([inside, outside, np.zeros((10, 10))])},
+                                    np.stack([mask] * 3), ["a", "b", "c"])
+    summary = lungs.summarise_lung_energy(table).loc["m"]
+    assert summary["blank_maps"] == 1 and summary["images"] == 2 and summary["pointing_hits"] == 1
+    assert summary["pointing_low"] < 0.5 < summary["pointing_high"]
+
+
+def test_film_mask_leaves_out_blank_borders():
+    img = np.zeros((20, 30), np.uint8)
+    img[3:17, 5:25] = np.random.default_rng(0).integers(0, 255, (14, 20))
+    film = lungs.film_mask(img)
+    assert film[3:17, 5:25].all() and film.sum() == 14 * 20
 
 
 # --------------------------------------------------------------------------- bounding boxes

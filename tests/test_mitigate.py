@@ -189,3 +189,25 @@ def test_a_lung_crop_fills_the_square_without_letterbox_bars(data_dir: Path) -> 
     assert (boxed[:4] == 0).all()  # black bars above ...
     assert (cropped[:4] > 0).any() and (cropped[-4:] > 0).any()  # ... not after the crop
     assert PreprocessConfig(lung_crop=True).fit == "stretch" and PreprocessConfig().fit == "letterbox"
+
+
+def test_blackout_variants_on_a_real_film(data_dir):
+    from nbhelpers.images import load_gray
+    from nbhelpers.mitigate import blackout, center_box, lung_box
+    from nbhelpers.preprocess import PreprocessConfig
+
+    img = load_gray(next((data_dir / "nih-cxr14-subset" / "images").glob("*.png")))
+    box = center_box(img.shape)
+    centre, _ = blackout(img, "center")
+    assert (centre[box.top:box.bottom, box.left:box.right] == 0).all()
+    assert (centre[: box.top] == img[: box.top]).all()
+    lungs = lung_box(img)
+    only, found = blackout(img, "lungs_only")
+    if found:
+        assert (only[lungs.top:lungs.bottom, lungs.left:lungs.right] == img[lungs.top:lungs.bottom, lungs.left:lungs.right]).all()
+        assert only.sum() < img.sum()
+    assert blackout(img, "none")[0] is img
+    with pytest.raises(ValueError, match="blackout must be one of"):
+        blackout(img, "middle")
+    # A config without blackout keeps the cache key it had before the option existed.
+    assert PreprocessConfig().key() == PreprocessConfig(blackout="none").key() != PreprocessConfig(blackout="center").key()

@@ -149,3 +149,60 @@ def test_a_finished_probe_is_reused_only_while_it_is_what_would_be_trained(data_
                         **{**probes, "epochs": 2})
     out = capsys.readouterr().out
     assert "retraining" in out and "preprocess.lung_crop false, not true" in out
+
+
+def test_the_blackout_group_blacks_out_the_lungs_and_keeps_only_them():
+    rows = {r.name: r for r in ablation.load_grid(groups=["blackout"])}
+    assert rows["whole_image"].baseline
+    assert {r.preprocess.get("blackout") for r in rows.values()} == {None, "center", "lungs", "lungs_only"}
+    for row in rows.values():
+        PreprocessConfig(**row.preprocess)
+
+
+def _corner_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Noise films whose label is written in the top-left corner (a bright square for class 1)."""
+    y = rng.integers(0, 2, n)
+    images = rng.integers(40, 200, (n, 64, 64)).astype(np.uint8)
+    images[y == 1, 2:8, 2:8] = 255
+    return images, y
+
+
+def test_a_label_written_in_a_corner_survives_the_central_blackout():
+    # The case built to fail: a model that reads the corner keeps its accuracy without the centre,
+    # so the blackout test calls it a shortcut.
+    from sklearn.linear_model import LogisticRegression
+
+    from nbhelpers.mitigate import blackout
+
+    rng = np.random.default_rng(0)
+    train, y_train = _corner_images(200, rng)
+    test, y_test = _corner_images(100, rng)
+    blacked = lambda imgs: np.stack([blackout(i, "center")[0] for i in imgs]).reshape(len(imgs), -1)  # noqa: E731
+    assert (blackout(test[0], "center")[0][20:40, 20:40] == 0).all()
+    clf = LogisticRegression(max_iter=500).fit(blacked(train), y_train)
+    assert (clf.predict(blacked(test)) == y_test).mean() > 0.95
+
+
+def _fake_blackout_run(root, row, seed, correct):
+    folder = ablation.run_dir(root, row, seed)
+    folder.mkdir(parents=True)
+    labels = np.arange(len(correct)) % 3
+    pd.DataFrame({"image_id": [f"i{k}" for k in range(len(correct))], "patient_id": [f"p{k // 2}" for k in range(len(correct))],
+                  "label": labels, "pred": np.where(correct, labels, (labels + 1) % 3)}).to_csv(
+        folder / "test_predictions.csv", index=False)
+
+
+def test_blackout_table_flags_accuracy_that_survives_without_the_lungs(tmp_path):
+    rows = [Row("blackout", "whole_image", "m", baseline=True), Row("blackout", "center_blacked", "m",
+            preprocess={"blackout": "center"}), Row("blackout", "lungs_only", "m", preprocess={"blackout": "lungs_only"})]
+    rng = np.random.default_rng(0)
+    for seed in (0, 1, 2):
+        whole = rng.random(120) < 0.9
+        _fake_blackout_run(tmp_path, rows[0], seed, whole)
+        _fake_blackout_run(tmp_path, rows[1], seed, whole)               # nothing lost without the centre
+        _fake_blackout_run(tmp_path, rows[2], seed, rng.random(120) < 1 / 3)  # chance with the lungs alone
+    table = shortcut.blackout_table(rows, tmp_path, [0, 1, 2]).set_index("name")
+    assert table.loc["center_blacked", "shortcut"] and table.loc["center_blacked", "surviving_low"] > 0.9
+    assert not table.loc["lungs_only", "shortcut"] and table.loc["lungs_only", "surviving_share"] < 0.3
+    assert table.loc["whole_image", "retained"] == 1.0 and not table.loc["whole_image", "shortcut"]
+    assert table.loc["center_blacked", "test_images"] == 120 and table.loc["center_blacked", "test_patients"] == 60

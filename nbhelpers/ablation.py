@@ -39,7 +39,7 @@ from nbhelpers import metrics as M
 
 GRID_FILE = Path(__file__).with_name("ablations.toml")
 ROW_KEYS = {"group", "name", "model", "options", "preprocess", "overrides", "baseline", "paper_accuracy",
-            "paper_metric"}
+            "paper_metric", "train_sources"}
 #: Metrics summarised per row.  ``macro_ovr_accuracy`` is paper 000's ACC (its eq. 12: the mean
 #: over classes of one-vs-rest accuracy), not the overall accuracy that paper 001 reports.
 METRICS = ("accuracy", "macro_ovr_accuracy", "macro_sensitivity", "macro_specificity", "macro_f1")
@@ -77,6 +77,10 @@ class Row:
     paper_accuracy: float | None = None
     #: What ``paper_accuracy`` measures, one of :data:`METRICS` (paper 000's ACC is macro_ovr_accuracy).
     paper_metric: str = "accuracy"
+    #: The external-source test (DeGrave et al. 2021): per class, the archives the row trains and is
+    #: tested on (internal); every other image of the class is scored as external
+    #: (:func:`nbhelpers.audit.external_split`).  Empty: the grid's manifest as it is.
+    train_sources: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_grid(path: Path = GRID_FILE, groups: Sequence[str] | None = None) -> list[Row]:
@@ -146,13 +150,18 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
     (types included) before the first run trains.  Raises what
     :func:`nbhelpers.train.train_run` raises.
     """
+    from nbhelpers.audit import EXTERNAL_PREDICTIONS, _read_table, external_split, score_external
     from nbhelpers.train import METRICS_NAME, run_provenance, train_run
 
     out_root = Path(out_root)
+    table = _read_table(manifest, "manifest") if any(row.train_sources for row in rows) else None
+    # A row with train_sources trains on its internal archives only, split anew by patient.
+    manifests = {row.name: external_split(table, row.train_sources, seed=0) if row.train_sources else (manifest, None)
+                 for row in rows}
     todo = []
     for row, seed in product(rows, seeds):
         folder = run_dir(out_root, row, seed)
-        expected = run_provenance(row.model, manifest, preset, seed, row.options, row.preprocess,
+        expected = run_provenance(row.model, manifests[row.name][0], preset, seed, row.options, row.preprocess,
                                   **{**overrides, **row.overrides})
         reasons = stale_reasons(folder, expected, METRICS_NAME)
         if reasons:
@@ -163,9 +172,14 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
           f"settings; {len(todo)} to train")
     for row, seed in tqdm(todo, desc="ablation runs"):
         # resume=False: a stale run's files are replaced, never continued.
-        train_run(row.model, manifest, data_dir, run_dir(out_root, row, seed), preset=preset, seed=seed, device=device,
-                  model_options=row.options, cache_root=out_root / "cache", preprocess=row.preprocess,
+        internal = manifests[row.name][0]
+        train_run(row.model, internal, data_dir, run_dir(out_root, row, seed), preset=preset, seed=seed,
+                  device=device, model_options=row.options, cache_root=out_root / "cache", preprocess=row.preprocess,
                   progress=False, **{**overrides, **row.overrides})
+    for row, seed in product(rows, seeds):  # external images scored once per finished run
+        external = manifests[row.name][1]
+        if external is not None and not (run_dir(out_root, row, seed) / EXTERNAL_PREDICTIONS).is_file():
+            score_external(run_dir(out_root, row, seed), external, data_dir, out_root / "cache")
     return collect(rows, out_root, seeds)
 
 

@@ -200,7 +200,7 @@ PER_SOURCE_COLUMNS = ["source", "class", "n", "patients", "seeds", "correct", "a
 def per_source_table(
     manifest: pd.DataFrame | Path | str,
     predictions: pd.DataFrame | Path | str | Sequence[pd.DataFrame | Path | str],
-    level: float = CI_LEVEL, n_boot: int = M.N_BOOTSTRAP, seed: int = 0,
+    level: float = CI_LEVEL, n_boot: int = M.N_BOOTSTRAP, seed: int = 0, by: str = "source",
 ) -> pd.DataFrame:
     """Test accuracy per (source x true class) of one run, or of several seeds' runs on the same
     test images (a list of prediction tables), with counts and intervals.
@@ -211,11 +211,20 @@ def per_source_table(
     that resamples patients with all their images and the Wilson interval over the distinct
     images (:func:`nbhelpers.stats.proportion_ci`).  One row per source and class present in
     the predictions (``accuracy`` there is the class's sensitivity within that source) plus one
-    ``class == "all"`` row per source.  Inputs and errors as :func:`join_predictions`.
+    ``class == "all"`` row per source.  ``by`` groups by another manifest column instead of the
+    source, e.g. ``view`` (AP against PA films: the view is a confounder where classes differ in
+    their view mix); the first column is then named after it.  Inputs and errors as
+    :func:`join_predictions`.
     """
     from nbhelpers.stats import per_image
 
     joined = _joined(manifest, predictions)
+    if by != "source":
+        table = _read_table(manifest, "manifest")
+        if by not in table.columns:
+            raise KeyError(f"manifest lacks column {by!r} to group the accuracy by")
+        values = dict(zip(table["image_id"].astype(str), table[by].astype(str).replace("", "(blank)")))
+        joined = joined.assign(source=joined["image_id"].map(values))
     seeds = joined["seed"].nunique()
     images = per_image([joined[["image_id", "patient_id", "source", "y", "correct"]]])
     rows = []
@@ -226,7 +235,7 @@ def per_source_table(
                 rows.append({"source": source, "class": name, "seeds": seeds,
                              **_proportion_row(part[mask], level, n_boot, seed)})
         rows.append({"source": source, "class": ALL_CLASSES, "seeds": seeds, **_proportion_row(part, level, n_boot, seed)})
-    return pd.DataFrame(rows, columns=PER_SOURCE_COLUMNS)
+    return pd.DataFrame(rows, columns=PER_SOURCE_COLUMNS).rename(columns={"source": by})
 
 
 def within_source_table(
@@ -300,6 +309,123 @@ def balanced_accuracy_ci(y: np.ndarray, correct: np.ndarray, groups: Sequence | 
     return score(everything), float(low), float(high)
 
 
+# --------------------------------------------------------------------------- external sources (DeGrave et al. 2021)
+
+#: A finished run's test predictions (written by :func:`nbhelpers.train.train_run`).
+PREDICTIONS_NAME = "test_predictions.csv"
+#: A run's predictions for the images of archives it never saw (:func:`score_external`).
+EXTERNAL_PREDICTIONS = "external_predictions.csv"
+#: Fewest distinct images and patients a cell of :func:`external_table` needs to conclude anything.
+MIN_CELL_IMAGES = 10
+MIN_CELL_PATIENTS = 5
+
+
+def external_split(manifest: pd.DataFrame, train_sources: dict[str, Sequence[str]], seed: int = 0,
+                   ratios: Sequence[float] = DEFAULT_RATIOS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``manifest`` for the external-source test: per class, the images of the archives in
+    ``train_sources`` form the internal set (split train/val/test anew by patient), every other
+    image of the class the external set (``split == "test"``, scored by a model that never saw
+    its archive).  A patient with films on both sides (a copy joined across archives) stays
+    internal only.  Raises ProbeError for a class without internal images."""
+    unknown = sorted(set(train_sources) - set(CLASSES))
+    if unknown:
+        raise ProbeError(f"train_sources names unknown class(es) {unknown}; use some of {CLASSES}")
+    inside = pd.Series(False, index=manifest.index)
+    for label, sources in train_sources.items():
+        inside |= (manifest["label"] == label) & manifest["source"].isin(list(sources))
+    named = manifest["label"].isin(list(train_sources))
+    internal = manifest[inside | ~named].copy()
+    for label in train_sources:
+        if not (internal["label"] == label).any():
+            raise ProbeError(f"no {label!r} images from {list(train_sources[label])} in the manifest; "
+                             "name archives that hold that class")
+    internal["split"] = split_by_patient(internal, ratios, seed)
+    external = manifest[named & ~inside & ~manifest["patient_id"].isin(set(internal["patient_id"]))].copy()
+    external["split"] = "test"
+    return internal.reset_index(drop=True), external.reset_index(drop=True)
+
+
+def score_external(run_folder: Path | str, external: pd.DataFrame, data_dir: Path | str | None,
+                   cache_root: Path | str) -> pd.DataFrame:
+    """Score the external images with the finished run in ``run_folder`` (its best checkpoint,
+    on images preprocessed as it was trained) and write ``external_predictions.csv`` there:
+    image_id, patient_id, source, label, pred, p_<class>."""
+    from nbhelpers.config import data_dir as resolve_data_dir
+    from nbhelpers.preprocess import PreprocessConfig, build_cache
+    from nbhelpers.train import load_trained, predict
+
+    net, run = load_trained(run_folder)
+    cfg = PreprocessConfig(**run.metrics["data"]["preprocess"])
+    cache = build_cache(external, resolve_data_dir(data_dir), Path(cache_root), cfg, progress=False)
+    test = cache.split("test")
+    probs = predict(net, test, "cpu", in_chans=run.config.in_chans)
+    by_id = external.set_index(external["image_id"].astype(str))
+    table = pd.DataFrame({"image_id": test.image_ids,
+                          "patient_id": by_id.loc[test.image_ids, "patient_id"].astype(str).to_numpy(),
+                          "source": by_id.loc[test.image_ids, "source"].to_numpy(),
+                          "label": test.labels, "pred": probs.argmax(1)})
+    for c, name in enumerate(CLASSES):
+        table[f"p_{name}"] = probs[:, c]
+    atomic.write_with(Path(run_folder) / EXTERNAL_PREDICTIONS, lambda tmp: table.to_csv(tmp, index=False))
+    return table
+
+
+def _seed_averaged(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """One row per image: label, patient, correctness and class probabilities averaged over seeds."""
+    stacked = pd.concat([f.assign(image_id=f["image_id"].astype(str)) for f in frames], ignore_index=True)
+    stacked["correct"] = (stacked["label"] == stacked["pred"]).astype(float)
+    columns = ["correct", *[f"p_{c}" for c in CLASSES]]
+    out = stacked.groupby("image_id", sort=False)[columns].mean()
+    first = stacked.groupby("image_id", sort=False)[["label", "patient_id", "source"]].first()
+    return out.join(first).reset_index()
+
+
+def _auc_ci(images: pd.DataFrame, c: int, n_boot: int, seed: int, level: float) -> tuple[float, float, float]:
+    """One-vs-rest AUROC of class ``c`` on seed-averaged probabilities, patient bootstrap interval."""
+    y, score = (images["label"].to_numpy() == c), images[f"p_{CLASSES[c]}"].to_numpy()
+    if y.all() or not y.any():
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = [M.binary_auc(y[i], score[i]) for i in M.resample_indices(len(y), n_boot, rng, images["patient_id"])]
+    draws = np.array([d for d in draws if np.isfinite(d)])
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]) if len(draws) else (np.nan, np.nan)
+    return M.binary_auc(y, score), float(low), float(high)
+
+
+def external_table(folders: Sequence[Path], n_boot: int = M.N_BOOTSTRAP, seed: int = 0,
+                   level: float = CI_LEVEL) -> pd.DataFrame:
+    """Internal against external accuracy and AUROC per class, over the seeds' run ``folders`` of
+    one external-source row (each holding ``test_predictions.csv`` and ``external_predictions.csv``).
+
+    Each image counts once (its correctness and probabilities averaged over seeds); accuracy is
+    the class's sensitivity with an interval over patients (:func:`nbhelpers.stats.proportion_ci`),
+    AUROC one-vs-rest on the set's images with a patient bootstrap interval (NaN when the set
+    holds no negatives).  ``conclusive`` is false where either side has fewer than
+    :data:`MIN_CELL_IMAGES` images or :data:`MIN_CELL_PATIENTS` patients: too few to say whether
+    the model transfers.  ``drop`` is internal minus external accuracy."""
+    from nbhelpers.stats import proportion_ci
+
+    sides = {name: _seed_averaged([pd.read_csv(Path(f) / file, keep_default_na=False) for f in folders])
+             for name, file in (("internal", PREDICTIONS_NAME), ("external", EXTERNAL_PREDICTIONS))}
+    rows = []
+    for c, label in enumerate(CLASSES):
+        line: dict[str, Any] = {"class": label, "seeds": len(folders)}
+        enough = True
+        for side, images in sides.items():
+            cell = images[images["label"] == c]
+            stats_ = proportion_ci(cell["correct"].to_numpy(), cell["patient_id"].to_numpy(), n_boot, seed, level)
+            auc, a_low, a_high = _auc_ci(images, c, n_boot, seed, level)
+            line.update({f"{side}_sources": "+".join(sorted(set(cell["source"]))), f"{side}_n": stats_["n"],
+                         f"{side}_patients": stats_["patients"], f"{side}_accuracy": stats_["accuracy"],
+                         f"{side}_low": stats_["low"], f"{side}_high": stats_["high"], f"{side}_auc": auc,
+                         f"{side}_auc_low": a_low, f"{side}_auc_high": a_high})
+            enough &= stats_["n"] >= MIN_CELL_IMAGES and stats_["patients"] >= MIN_CELL_PATIENTS
+        line["drop"] = line["internal_accuracy"] - line["external_accuracy"]
+        line["conclusive"] = bool(enough)
+        rows.append(line)
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- the source probe
 
 
@@ -311,8 +437,14 @@ def probe_manifest(
     max_per_group: int | None = None,
     ratios: Sequence[float] = DEFAULT_RATIOS,
     seed: int = 0,
+    by: str = "source",
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """The probe's own manifest: images of class ``label`` relabelled by source group, newly split.
+
+    ``by`` names the manifest column the groups come from: ``source`` (the archive, the default)
+    or any other, e.g. ``view`` for the view probe (can the model tell AP from PA films within one
+    class?), with ``sources`` then naming the values of group 0 (``["PA"]``); rows with a blank
+    value are left out.
 
     ``label`` may name several classes (e.g. ``["normal", "pneumonia"]``): the groups are then
     formed, balanced and capped within each class separately, so both groups hold the classes in
@@ -341,7 +473,7 @@ def probe_manifest(
         parts, named = [], None
         for one in labels:
             part, named_one = probe_manifest(manifest, one, sources, balance, max_per_group, ratios,
-                                             int(rng.integers(2**31)))
+                                             int(rng.integers(2**31)), by=by)
             parts.append(part)
             named = named or named_one
             if list(named_one.values())[0] != list(named.values())[0]:
@@ -349,8 +481,10 @@ def probe_manifest(
                                  "name its sources explicitly with sources=[...]")
         table = pd.concat(parts, ignore_index=True).drop(columns="split")
         return _split_probe(table, ratios, seed), named
-    rows = manifest[manifest["label"] == label]
-    counts = rows["source"].value_counts()
+    if by not in manifest.columns:
+        raise KeyError(f"manifest lacks column {by!r} that the probe's groups come from")
+    rows = manifest[(manifest["label"] == label) & (manifest[by].astype(str).str.strip() != "")]
+    counts = rows[by].value_counts()
     if len(counts) < 2:
         raise ProbeError(f"class {label!r} has images from {len(counts)} source(s) ({list(counts.index)}) in this "
                          "manifest; the source probe needs at least two: pick another label")
@@ -362,7 +496,7 @@ def probe_manifest(
     if not rest:
         raise ProbeError(f"sources={first} covers every source of class {label!r}; leave at least one out")
     rng = np.random.default_rng(seed)
-    group = rows["source"].isin(first).map({True: 0, False: 1})
+    group = rows[by].isin(first).map({True: 0, False: 1})
     size = int(group.value_counts().min()) if balance else None
     if max_per_group is not None:
         size = min(size, max_per_group) if size is not None else max_per_group
@@ -390,15 +524,16 @@ def _split_probe(table: pd.DataFrame, ratios: Sequence[float], seed: int) -> pd.
 def _probe_plan(
     manifest: pd.DataFrame | Path | str, label: str | Sequence[str], sources: Sequence[str] | None, model: str,
     preset: str, seed: int, image_size: int | None, epochs: int | None, balance: bool, max_per_group: int | None,
-    preprocess: dict[str, Any] | None, overrides: dict[str, Any],
+    preprocess: dict[str, Any] | None, overrides: dict[str, Any], by: str = "source",
 ):
     """The probe's manifest, groups and :class:`nbhelpers.train.RunPlan` (nothing trained or cached)."""
     from nbhelpers.train import plan_run
 
-    table, groups = probe_manifest(_read_table(manifest, "manifest"), label, sources, balance, max_per_group, seed=seed)
+    table, groups = probe_manifest(_read_table(manifest, "manifest"), label, sources, balance, max_per_group, seed=seed,
+                                   by=by)
     sizes = {"size": image_size} if image_size is not None else {}
     plan = plan_run(model, table, preset, seed, None, {**sizes, **(preprocess or {})}, epochs=epochs, **overrides)
-    plan.provenance["task"] = "source probe"  # a two-output model: never the same run as a diagnosis one
+    plan.provenance["task"] = f"{by} probe"  # a two-output model: never the same run as a diagnosis one
     return table, groups, plan
 
 
@@ -414,13 +549,14 @@ def probe_provenance(
     balance: bool = True,
     max_per_group: int | None = None,
     preprocess: dict[str, Any] | None = None,
+    by: str = "source",
     **overrides: Any,
 ) -> dict[str, Any]:
     """The :func:`nbhelpers.train.run_provenance` record of the probe :func:`source_probe` with
     these arguments would train (its manifest hash covers the label, groups, balancing, cap and
     seed), plus ``task``; nothing is trained.  Raises as :func:`source_probe` before training."""
     return _probe_plan(manifest, label, sources, model, preset, seed, image_size, epochs, balance, max_per_group,
-                       preprocess, overrides)[2].provenance
+                       preprocess, overrides, by)[2].provenance
 
 
 def source_probe(
@@ -441,9 +577,12 @@ def source_probe(
     level: float = CI_LEVEL,
     progress: bool = True,
     preprocess: dict[str, Any] | None = None,
+    by: str = "source",
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train ``model`` to tell the source groups of class ``label`` apart; report balanced accuracy.
+
+    With ``by="view"`` (and ``sources=["PA"]``) the groups are views instead: the view probe.
 
     Builds :func:`probe_manifest` (``sources``, ``balance``, ``max_per_group``, ``seed``), caches
     its images at ``image_size`` (default: the preset's; ``preprocess`` sets other
@@ -468,7 +607,7 @@ def source_probe(
     from nbhelpers.train import BEST_NAME, _jsonable, fit, load_checkpoint, predict, seed_everything
 
     table, groups, plan = _probe_plan(manifest, label, sources, model, preset, seed, image_size, epochs, balance,
-                                      max_per_group, preprocess, dict(overrides))
+                                      max_per_group, preprocess, dict(overrides), by)
     cfg, extras, pcfg = plan.cfg, plan.extras, plan.preprocess
     if cfg.loss not in PROBE_LOSSES:
         raise ValueError(f"the source probe trains two outputs; loss {cfg.loss!r} is not supported, use one of {PROBE_LOSSES}")
@@ -481,7 +620,7 @@ def source_probe(
     for name in (PROBE_JSON, PROBE_PREDICTIONS):  # an earlier probe's results must not outlive this one's start
         (out_dir / name).unlink(missing_ok=True)
     cache = build_cache(table, source_dir, out_dir / PROBE_CACHE_DIR, pcfg, progress=progress)
-    meta = {"model": model, "task": "source probe", "label": label, "groups": groups}
+    meta = {"model": model, "task": f"{by} probe", "label": label, "groups": groups}
     fit(net, cache.split("train"), cache.split("val"), cfg, out_dir / PROBE_RUN_DIR, torch_device, meta=meta,
         progress=progress, provenance=plan.provenance)
     best = load_checkpoint(out_dir / PROBE_RUN_DIR / BEST_NAME, net, torch_device)
@@ -497,7 +636,7 @@ def source_probe(
     atomic.write_with(out_dir / PROBE_PREDICTIONS, lambda tmp: predictions.to_csv(tmp, index=False))
     names = list(groups)
     result = {
-        "label": label if isinstance(label, str) else "+".join(label),
+        "label": label if isinstance(label, str) else "+".join(label), "by": by,
         "groups": {str(i): {"name": n, "sources": groups[n]} for i, n in enumerate(names)},
         "counts": {s: {names[g]: int(((table["split"] == s) & (table["group"] == g)).sum()) for g in (0, 1)}
                    for s in ("train", "val", "test")},

@@ -41,20 +41,27 @@ GROUP = "shortcut"
 #: The probe's classes by default: every non-COVID image, NIH against the other archives.
 PROBE_LABELS = ("normal", "pneumonia")
 PROBE_ROOT = "probes"
+#: Where the view probes live, and the classes and view they probe within (COVID-19 films come
+#: in both AP and PA views; the other classes of the curated set mostly in one).
+VIEW_PROBE_ROOT = "view_probes"
+VIEW_PROBE_LABELS = ("covid",)
+VIEW_GROUP0 = ("PA",)
 
 
-def probe_dir(grid_root: Path, row: ablation.Row, seed: int) -> Path:
-    """Where the source probe of ``row`` with ``seed`` lives (beside the grid's runs)."""
-    return Path(grid_root) / PROBE_ROOT / row.group / row.name / f"seed{seed}"
+def probe_dir(grid_root: Path, row: ablation.Row, seed: int, root: str = PROBE_ROOT) -> Path:
+    """Where the source probe of ``row`` with ``seed`` lives (beside the grid's runs; the view
+    probes under ``root="view_probes"``)."""
+    return Path(grid_root) / root / row.group / row.name / f"seed{seed}"
 
 
 def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame | Path | str,
                data_dir: Path | str | None, seeds: Sequence[int], labels: Sequence[str] = PROBE_LABELS,
-               model: str = "densenet121", preset: str = "smoke", device: str = "cpu",
-               **overrides: Any) -> pd.DataFrame:
+               model: str = "densenet121", preset: str = "smoke", device: str = "cpu", by: str = "source",
+               group0: Sequence[str] | None = None, root: str = PROBE_ROOT, **overrides: Any) -> pd.DataFrame:
     """Train the source probe of every row and seed with the row's preprocessing and return one
     line per probe: group, name, seed, n, balanced_accuracy with its interval (low, high),
-    accuracy, auc.
+    accuracy, auc.  ``by="view"`` with ``group0=["PA"]`` and ``root=VIEW_PROBE_ROOT`` trains the
+    view probe instead (AP against PA within ``labels``).
 
     A finished probe (its ``probe.json``) is reused only when the record it stored matches
     :func:`nbhelpers.audit.probe_provenance` for this row and seed (model, preprocessing,
@@ -66,9 +73,9 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
     todo = []
     for row in rows:
         for seed in seeds:
-            folder = probe_dir(grid_root, row, seed)
-            expected = audit.probe_provenance(pool, label=list(labels), model=model, preset=preset, seed=seed,
-                                              preprocess=dict(row.preprocess), **overrides)
+            folder = probe_dir(grid_root, row, seed, root)
+            expected = audit.probe_provenance(pool, label=list(labels), sources=group0, model=model, preset=preset,
+                                              seed=seed, preprocess=dict(row.preprocess), by=by, **overrides)
             reasons = ablation.stale_reasons(folder, expected, audit.PROBE_JSON)
             if reasons:
                 print(f"{folder}: retraining, the finished probe differs from what would be trained now: "
@@ -77,19 +84,20 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
                 todo.append((row, seed))
     print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} probes already finished with these "
           f"settings; {len(todo)} to train")
-    for row, seed in tqdm(todo, desc="source probes"):
-        audit.source_probe(pool, data_dir, probe_dir(grid_root, row, seed), label=list(labels), model=model,
-                           preset=preset, seed=seed, device=device, progress=False, preprocess=dict(row.preprocess),
-                           **overrides)
-    return collect_probes(rows, grid_root, seeds)
+    for row, seed in tqdm(todo, desc=f"{by} probes"):
+        audit.source_probe(pool, data_dir, probe_dir(grid_root, row, seed, root), label=list(labels), sources=group0,
+                           model=model, preset=preset, seed=seed, device=device, progress=False,
+                           preprocess=dict(row.preprocess), by=by, **overrides)
+    return collect_probes(rows, grid_root, seeds, root)
 
 
-def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int]) -> pd.DataFrame:
+def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
+                   root: str = PROBE_ROOT) -> pd.DataFrame:
     """The finished probes' test results, one line per (row, seed); FileNotFoundError names a missing one."""
     lines = []
     for row in rows:
         for seed in seeds:
-            path = probe_dir(grid_root, row, seed) / audit.PROBE_JSON
+            path = probe_dir(grid_root, row, seed, root) / audit.PROBE_JSON
             if not path.is_file():
                 raise FileNotFoundError(f"no source probe at {path}; run python -m nbhelpers.shortcut to train it")
             test = json.loads(path.read_text())["test"]
@@ -209,8 +217,10 @@ def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Seque
     return out.rename_axis("name").reset_index()
 
 
-#: The blackout group of ``ablations.toml`` (Maguolo & Nanni 2021).
+#: The blackout group of ``ablations.toml`` (Maguolo & Nanni 2021) and the external-source group
+#: (DeGrave et al. 2021).
 BLACKOUT_GROUP = "blackout"
+EXTERNAL_GROUP = "external"
 
 
 def blackout_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
@@ -374,6 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="preset overrides for the probes")
     p.add_argument("--cam-table", type=Path, help="cam_lung_energy.csv of python -m nbhelpers.explain for this group")
     p.add_argument("--out", type=Path, required=True, help="folder for the tables")
+    p.add_argument("--external", action="store_true",
+                   help=f"also report the {EXTERNAL_GROUP!r} group's runs under --grid-root (train them with python -m "
+                        f"nbhelpers.ablation --groups {EXTERNAL_GROUP} --manifest POOL)")
+    p.add_argument("--view-probe", action="store_true",
+                   help="also train the view probe (AP against PA COVID-19 films of the pool) with the baseline row's "
+                        "preprocessing, and report accuracy per view")
     p.add_argument("--blackout", action="store_true",
                    help=f"also report the {BLACKOUT_GROUP!r} group's runs under --grid-root (train them with "
                         f"python -m nbhelpers.ablation --groups {BLACKOUT_GROUP})")
@@ -382,6 +398,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = ablation.load_grid(groups=[args.group])
         blacked = (blackout_table(ablation.load_grid(groups=[BLACKOUT_GROUP]), args.grid_root, args.seeds)
                    if args.blackout else None)
+        external = None
+        if args.external:
+            row = ablation.load_grid(groups=[EXTERNAL_GROUP])[0]
+            external = audit.external_table([ablation.run_dir(args.grid_root, row, s) for s in args.seeds])
+        views = per_view = None
+        if args.view_probe:
+            base = [r for r in rows if r.baseline]
+            views = run_probes(base, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, VIEW_PROBE_LABELS,
+                               args.probe_model, args.preset, args.device, by="view", group0=VIEW_GROUP0,
+                               root=VIEW_PROBE_ROOT, **parse_set(args.set))
+            per_view = pd.concat([audit.per_source_table(
+                args.manifest, [ablation.run_dir(args.grid_root, r, s) / "test_predictions.csv" for s in args.seeds],
+                by="view").assign(name=r.name) for r in rows], ignore_index=True)
         probes = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
                             args.probe_model, args.preset, args.device, **parse_set(args.set))
         within = within_source(rows, args.grid_root, args.seeds, args.manifest)
@@ -396,8 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from data_prep.atomic import write_text, write_with
 
     tables = [("shortcut_probe", probes), ("shortcut_within_source", within), ("shortcut_mitigations", table)]
-    if blacked is not None:
-        tables.append(("shortcut_blackout", blacked))
+    for name, extra in (("shortcut_blackout", blacked), ("shortcut_external", external),
+                        ("shortcut_view_probe", views), ("shortcut_per_view", per_view)):
+        if extra is not None:
+            tables.append((name, extra))
     for name, frame in tables:
         write_with(args.out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
         write_text(args.out / f"{name}.md", f"{header}\n\n{markdown_table(frame, digits=3)}\n")

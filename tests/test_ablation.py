@@ -171,3 +171,24 @@ def test_a_finished_run_is_reused_only_while_it_is_what_would_be_trained(data_di
     out = capsys.readouterr().out
     assert "retraining" in out and "manifest_hash" in out
     assert load_run(metrics.parent).metrics["data"]["counts"]["train"] == 6
+
+
+def test_an_external_row_trains_on_its_archives_and_scores_the_others(monkeypatch, tmp_path):
+    row = ablation.load_grid(groups=["external"])[0]
+    assert row.train_sources == {"covid": ["ieee8023"], "pneumonia": ["nih"], "normal": ["nih"]}
+    manifest = pd.DataFrame([{"image_id": f"{src}:{lab}{k}", "source": src, "label": lab, "path": "x", "split": "train",
+                              "patient_id": f"{src}:{lab}{k}"}
+                             for src, lab in (("ieee8023", "covid"), ("figure1", "covid"), ("nih", "normal"),
+                                              ("ieee8023", "normal"), ("nih", "pneumonia")) for k in range(20)])
+    seen = {}
+
+    def fake_train(model, table, *args, **kwargs):
+        seen["internal"] = table
+        raise RuntimeError("stop after planning")
+
+    monkeypatch.setattr("nbhelpers.train.train_run", fake_train)
+    with pytest.raises(RuntimeError, match="stop after planning"):
+        ablation.run_grid([row], manifest, None, tmp_path, [0], "smoke", device="cpu")
+    internal = seen["internal"]
+    assert set(zip(internal["source"], internal["label"])) == {("ieee8023", "covid"), ("nih", "normal"), ("nih", "pneumonia")}
+    assert set(internal["split"]) == {"train", "val", "test"}

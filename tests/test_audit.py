@@ -241,3 +241,85 @@ def test_probe_record_matches_the_probe_that_trains(real_manifest, data_dir, tmp
                             max_per_group=12)["manifest_hash"] != expected["manifest_hash"]
     state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert state["provenance"] == expected
+
+
+# --------------------------------------------------------------------------- external sources
+
+
+def _external_manifest() -> pd.DataFrame:
+    rows = []
+    for source, label, n in (("ieee8023", "covid", 30), ("figure1", "covid", 12), ("nih", "normal", 30),
+                             ("actualmed", "normal", 4), ("nih", "pneumonia", 30), ("ieee8023", "pneumonia", 12)):
+        rows += [{"image_id": f"{source}:{label}{k}", "source": source, "label": label, "path": "x",
+                  "patient_id": f"{source}:{label}{k // 2}"} for k in range(n)]
+    table = pd.DataFrame(rows)
+    # one COVID film of figure1 is a copy of an ieee8023 patient's: that patient stays internal only
+    table.loc[table["image_id"] == "figure1:covid0", "patient_id"] = "ieee8023:covid0"
+    return table
+
+
+def test_external_split_keeps_each_archive_on_one_side():
+    from nbhelpers.audit import external_split
+
+    internal, external = external_split(_external_manifest(),
+                                        {"covid": ["ieee8023"], "pneumonia": ["nih"], "normal": ["nih"]})
+    assert set(internal["source"]) == {"ieee8023", "nih"} and set(internal["split"]) == {"train", "val", "test"}
+    assert not ((internal["source"] == "ieee8023") & (internal["label"] == "pneumonia")).any()
+    assert set(external["split"]) == {"test"} and set(external["source"]) == {"figure1", "actualmed", "ieee8023"}
+    assert "figure1:covid0" not in set(external["image_id"])  # its patient is internal
+    assert not set(internal["patient_id"]) & set(external["patient_id"])
+    with pytest.raises(ProbeError, match="no 'covid' images"):
+        external_split(_external_manifest(), {"covid": ["rsna"]})
+
+
+def _external_runs(root, n_external: int, seeds=(0, 1)) -> list:
+    from nbhelpers.audit import EXTERNAL_PREDICTIONS
+
+    rng = np.random.default_rng(0)
+    folders = []
+    for seed in seeds:
+        folder = root / f"seed{seed}"
+        folder.mkdir()
+        for name, n, right in (("test_predictions.csv", 60, 0.95), (EXTERNAL_PREDICTIONS, n_external, 0.2)):
+            labels = np.repeat([0, 1, 2], n // 3)
+            pred = np.where(rng.random(len(labels)) < right, labels, (labels + 1) % 3)
+            frame = pd.DataFrame({"image_id": [f"{name}{k}" for k in range(len(labels))],
+                                  "patient_id": [f"p{name}{k // 2}" for k in range(len(labels))],
+                                  "source": "s", "label": labels, "pred": pred})
+            for c, cls in enumerate(CLASSES):
+                frame[f"p_{cls}"] = (pred == c).astype(float)
+            frame.to_csv(folder / name, index=False)
+        folders.append(folder)
+    return folders
+
+
+def test_external_table_shows_a_model_that_learnt_the_archive(tmp_path):
+    from nbhelpers.audit import external_table
+
+    table = external_table(_external_runs(tmp_path, 60)).set_index("class")
+    assert (table["internal_accuracy"] > 0.85).all() and (table["external_accuracy"] < 0.4).all()
+    assert (table["drop"] > 0.4).all() and table.loc["covid", "internal_n"] == 20  # distinct images, not x seeds
+    assert table.loc["covid", "external_high"] < table.loc["covid", "internal_low"]
+    assert table["conclusive"].all()
+
+
+def test_a_thin_external_cell_is_called_inconclusive(tmp_path):
+    from nbhelpers.audit import external_table
+
+    table = external_table(_external_runs(tmp_path, 12))  # four external images per class
+    assert not table["conclusive"].any() and (table["external_n"] == 4).all()
+
+
+def test_accuracy_by_view_and_the_view_probe_manifest():
+    from nbhelpers.audit import probe_manifest
+
+    manifest, preds = _synthetic()
+    manifest = manifest.assign(view=["PA", "AP"] * (len(manifest) // 2) + ["PA"] * (len(manifest) % 2))
+    by_view = per_source_table(manifest, preds, by="view")
+    assert "view" in by_view.columns and set(by_view["view"]) == {"AP", "PA"}
+    assert by_view.loc[by_view["class"] == "all", "n"].sum() == len(preds)
+    rows = [{"image_id": f"i{k}", "source": "ieee8023", "path": "x", "patient_id": f"p{k}", "label": "covid",
+             "view": "PA" if k % 2 else ("AP" if k % 4 else "AP Supine")} for k in range(40)]
+    table, groups = probe_manifest(pd.DataFrame(rows), "covid", ["PA"], by="view")
+    assert groups == {"PA": ["PA"], "AP+AP Supine": ["AP", "AP Supine"]}
+    assert table.groupby("group").size().tolist() == [20, 20]

@@ -354,11 +354,12 @@ def marker_attention(net, cache, manifest: pd.DataFrame, data_dir: Path | str, n
     return images, cams, table
 
 
-def committed_table(folder: Path | None = None) -> pd.DataFrame | None:
-    """The committed ``shortcut_mitigations.csv`` (default: ``results/tables``), or None when absent."""
+def committed_table(folder: Path | None = None, name: str = "shortcut_mitigations") -> pd.DataFrame | None:
+    """A committed table of the reduced CPU run, ``<name>.csv`` (default: the mitigation table in
+    ``results/tables``), or None when absent."""
     from nbhelpers.config import RESULTS_DIR
 
-    path = (folder or RESULTS_DIR / "tables") / "shortcut_mitigations.csv"
+    path = (folder or RESULTS_DIR / "tables") / f"{name}.csv"
     return pd.read_csv(path) if path.is_file() else None
 
 

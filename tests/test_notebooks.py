@@ -164,6 +164,8 @@ def test_08_shortcut_audit(workbook):
     assert list(by_variant.index) == ["none", "all"]
     assert by_variant.loc["none", "balanced_accuracy"] == probe["balanced_accuracy"]
     assert by_variant["balanced_accuracy"].between(0, 1).all()
+    per_view = _table(workbook, "08_per_view")
+    assert "view" in per_view.columns and (per_view["n"] > 0).all()
     markers = _table(workbook, "08_marker_attention")
     assert len(markers) >= 1 and (markers["marker_area"] > 0).all() and markers["marker_energy"].between(0, 1).all()
     assert markers["padding_area"].between(0, 1).all() and markers["padding_energy"].between(0, 1).all()

@@ -138,6 +138,28 @@ def stale_reasons(folder: Path, expected: dict[str, Any], record_file: str) -> l
     return [text for _, text in provenance_differences(saved["provenance"], expected)]
 
 
+#: The files of a finished run that a row with the same record can take over instead of training.
+RUN_FILES = ("metrics.json", "test_predictions.csv", "log.csv", "best.pt", "train_config.json", "curves.png")
+
+
+def _twin_run(out_root: Path, expected: dict[str, Any], folder: Path) -> Path | None:
+    """A finished run elsewhere under ``out_root`` (another group's row with the same model,
+    options, preprocessing, settings, manifest and cache key) whose record matches ``expected``."""
+    for path in sorted(Path(out_root).glob("*/*/seed*/metrics.json")):
+        if path.parent != folder and stale_reasons(path.parent, expected, "metrics.json") == []:
+            return path.parent
+    return None
+
+
+def _take_over(twin: Path, folder: Path) -> None:
+    """Copy a twin run's result files into ``folder`` (atomically, the record last)."""
+    from data_prep.atomic import write_bytes
+
+    for name in sorted(RUN_FILES, key=lambda n: n == "metrics.json"):
+        if (twin / name).is_file():
+            write_bytes(folder / name, (twin / name).read_bytes())
+
+
 def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir: Path | str | None,
              out_root: Path, seeds: Sequence[int], preset: str, device: str = "auto", **overrides: Any) -> pd.DataFrame:
     """Train every row for every seed (reusing finished runs that match) and return :func:`collect`'s table.
@@ -146,7 +168,9 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
     share one preprocessing cache under ``out_root/cache``.  A finished run is reused only when
     the :func:`nbhelpers.train.run_provenance` record in its ``metrics.json`` matches this
     row's model, options, preprocessing, effective settings, manifest and cache key; otherwise
-    what differs is printed and the run is trained afresh.  Every row's settings are checked
+    what differs is printed and the run is trained afresh, unless another row's finished run
+    under ``out_root`` has the very same record: its results are then copied.  Every row's
+    settings are checked
     (types included) before the first run trains.  Raises what
     :func:`nbhelpers.train.train_run` raises.
     """
@@ -167,6 +191,11 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
         if reasons:
             print(f"{folder}: retraining, the finished run differs from what would be trained now: {'; '.join(reasons)}")
         if reasons is None or reasons:
+            twin = _twin_run(out_root, expected, folder)
+            if twin is not None:  # e.g. the blackout group's whole-image row is the shortcut group's baseline
+                print(f"{folder}: the same run finished in {twin}; its results are copied, not trained again")
+                _take_over(twin, folder)
+                continue
             todo.append((row, seed))
     print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} runs already finished with these "
           f"settings; {len(todo)} to train")

@@ -192,3 +192,20 @@ def test_an_external_row_trains_on_its_archives_and_scores_the_others(monkeypatc
     internal = seen["internal"]
     assert set(zip(internal["source"], internal["label"])) == {("ieee8023", "covid"), ("nih", "normal"), ("nih", "pneumonia")}
     assert set(internal["split"]) == {"train", "val", "test"}
+
+
+def test_a_row_with_the_record_of_a_finished_run_takes_it_over(monkeypatch, tmp_path, capsys):
+    import json
+
+    row_a, row_b = Row("a", "base", "m", baseline=True), Row("b", "same", "m", baseline=True)
+    record = {"model": "m"}
+    monkeypatch.setattr("nbhelpers.train.run_provenance", lambda *a, **k: record)
+    folder = ablation.run_dir(tmp_path, row_a, 0)
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"provenance": record, "config": {}, "test": {"accuracy": 0.5}}))
+    (folder / "test_predictions.csv").write_text("image_id,label,pred\nx,0,0\n")
+    monkeypatch.setattr("nbhelpers.train.train_run", lambda *a, **k: pytest.fail("must not train"))
+    ablation.run_grid([row_a, row_b], pd.DataFrame(), None, tmp_path, [0], "smoke", device="cpu")
+    copied = ablation.run_dir(tmp_path, row_b, 0)
+    assert (copied / "test_predictions.csv").read_text() == (folder / "test_predictions.csv").read_text()
+    assert "copied, not trained again" in capsys.readouterr().out

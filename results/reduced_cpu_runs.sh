@@ -3,7 +3,7 @@
 # Run from the repository root with the sources in $CXR_DATA_DIR (or ../shared/data/cxr-sources):
 #   bash results/reduced_cpu_runs.sh
 # Finished runs whose recorded inputs match are reused, so a rerun after a change to the
-# statistics only rewrites the tables.  About 1.5 hours on 2 CPU cores.
+# statistics only rewrites the tables.  About 2 hours on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -28,6 +28,12 @@ $PY -m nbhelpers.ablation --manifest $S/data/manifest.csv --data-dir "$DATA" --o
     --groups shortcut "${TRAIN[@]}" --tables results/tables --figures results/figures --prefix shortcut
 $PY -m nbhelpers.explain --ablation-root $S --manifest $S/data/manifest.csv --data-dir "$DATA" --groups shortcut \
     --seed 0 --out results/tables --figures results/figures --prefix shortcut_cam
+# The field's shortcut tests: lungs blacked out (Maguolo & Nanni 2021) on the same set, one archive
+# per class with the others external (DeGrave et al. 2021) on the pool, and the view probe.
+$PY -m nbhelpers.ablation --manifest $S/data/manifest.csv --data-dir "$DATA" --out $S --seeds 0 1 2 \
+    --groups blackout "${TRAIN[@]}"
+$PY -m nbhelpers.ablation --manifest $S/pool/manifest.csv --data-dir "$DATA" --out $S --seeds 0 1 2 \
+    --groups external "${TRAIN[@]}"
 $PY -m nbhelpers.shortcut --grid-root $S --manifest $S/data/manifest.csv --pool-manifest $S/pool/manifest.csv \
     --data-dir "$DATA" --seeds 0 1 2 --set epochs=6 --set batch_size=16 \
-    --cam-table results/tables/shortcut_cam_lung_energy.csv --out results/tables
+    --cam-table results/tables/shortcut_cam_lung_energy.csv --blackout --external --view-probe --out results/tables

@@ -208,14 +208,17 @@ MIN_GRID = 7
 
 def feature_grids(model: nn.Module, size: int, in_chans: int = 3) -> list[tuple[str, int, int]]:
     """Every module whose output is a (B, C, H, W) map, in execution order, with its grid (H, W)
-    for a ``size`` px input: where a CAM could be drawn, and how coarse it would be."""
+    for a ``size`` px input: where a CAM could be drawn, and how coarse it would be.  Modules
+    called more than once in a forward pass are left out."""
     seen: list[tuple[str, int, int]] = []
+    calls: dict[str, int] = {}
     hooks = []
     for name, module in model.named_modules():
         if not name:
             continue
 
         def record(_m, _i, out, name=name):
+            calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor) and out.ndim == 4:
                 seen.append((name, int(out.shape[2]), int(out.shape[3])))
 
@@ -226,7 +229,9 @@ def feature_grids(model: nn.Module, size: int, in_chans: int = 3) -> list[tuple[
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    # A module called more than once (torchvision's Bottleneck reuses one ReLU three times) has no
+    # single grid: a CAM hook keeps its last call, which may be coarser than its first.
+    return [entry for entry in seen if calls[entry[0]] == 1]
 
 
 def cam_grid(model: nn.Module, size: int, target_layers: Sequence[nn.Module] | None = None) -> tuple[int, int]:

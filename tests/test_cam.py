@@ -362,3 +362,10 @@ def test_every_registered_models_gradcam_follows_the_definition(name, x):
     assert cams.shape == (2, SIZE, SIZE) and np.isfinite(cams).all()
     if len(model.cam_layer_names) == 1:  # several layers are averaged by grad-cam: no single definition
         np.testing.assert_allclose(cams, hand_gradcam(model, model.cam_layer_names[0], x, [0, 1]), atol=1e-4)
+
+
+def test_a_module_called_twice_is_never_chosen_as_the_cam_layer():
+    # torchvision's Bottleneck applies one ReLU three times; its last call is coarser than its first.
+    nets = {"resnet50_plain": models.create("resnet50_fpn_attn", num_classes=3, fpn=False, attention=False)}
+    layers, side = layers_for_grid(nets, SIZE)
+    assert side == 8 and cam_grid(nets["resnet50_plain"], SIZE, layers["resnet50_plain"]) == (8, 8)

@@ -114,7 +114,7 @@ def test_config_key_is_stable_and_covers_every_field() -> None:
     assert base.key() == PreprocessConfig().key() == PreprocessConfig(clip_limit=2).key()
     changed = {
         "size": 64, "clahe": False, "clip_limit": 3.0, "tile_grid": 4, "resize": "stretch",
-        "clahe_stage": "after_resize", "mask_markers": True, "lung_crop": True, "hist_match": True,
+        "clahe_stage": "after_resize", "mask_markers": True, "lung_crop": True, "hist_match": True, "blackout": "center",
     }
     assert set(changed) == {f.name for f in dataclasses.fields(PreprocessConfig)}
     keys = {dataclasses.replace(base, **{name: value}).key() for name, value in changed.items()}

@@ -209,7 +209,8 @@ def test_cache_reused_when_unchanged(real_manifest, data_dir, tmp_path, count_lo
 
 
 PARAMETER_CHANGES = {"size": 24, "clahe": False, "clip_limit": 4.0, "tile_grid": 4, "resize": "stretch",
-                     "clahe_stage": "after_resize", "mask_markers": True, "lung_crop": True, "hist_match": True}
+                     "clahe_stage": "after_resize", "mask_markers": True, "lung_crop": True, "hist_match": True,
+                     "blackout": "center"}
 
 
 def test_parameter_changes_cover_every_field() -> None:

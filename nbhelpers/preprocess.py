@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from data_prep.atomic import write_text
 from data_prep.schema import CLASSES, SPLITS, label_index
+from data_prep.sources import sha256_file
 from nbhelpers.images import ImageReadError, load_gray
 from nbhelpers.mitigate import (
     BLACKOUTS,
@@ -96,8 +97,6 @@ ResizeMode = Literal["letterbox", "stretch", "crop"]
 ClaheStage = Literal["before_resize", "after_resize"]
 
 
-#: Bytes read at a time when hashing cache files.
-HASH_CHUNK_BYTES = 1 << 22
 # Cache folders verified in this process: resolved path -> (name, size, mtime, inode) of its files
 # at that moment.  A file rewritten since then has another signature and is checked again.
 _VERIFIED: dict[str, tuple[tuple[str, int, int, int], ...]] = {}
@@ -361,14 +360,6 @@ def _split_files(split: str) -> dict[str, str]:
     return {"images": f"{split}_images.npy", "labels": f"{split}_labels.npy", "ids": f"{split}_ids.json"}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _npy_layout(path: Path) -> tuple[list[int], str, int]:
     """Shape, dtype and expected file size from a .npy header; ValueError when it is not one."""
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -389,9 +380,9 @@ def _describe_files(folder: Path, splits: list[str]) -> dict[str, dict[str, dict
         entry: dict[str, dict[str, Any]] = {}
         for part in ("images", "labels"):
             shape, dtype, _ = _npy_layout(folder / files[part])
-            entry[part] = {"file": files[part], "shape": shape, "dtype": dtype, "sha256": _sha256(folder / files[part])}
+            entry[part] = {"file": files[part], "shape": shape, "dtype": dtype, "sha256": sha256_file(folder / files[part])}
         ids = json.loads((folder / files["ids"]).read_text(encoding="utf-8"))
-        entry["ids"] = {"file": files["ids"], "count": len(ids), "sha256": _sha256(folder / files["ids"])}
+        entry["ids"] = {"file": files["ids"], "count": len(ids), "sha256": sha256_file(folder / files["ids"])}
         out[split] = entry
     return out
 
@@ -432,7 +423,7 @@ def _problem(folder: Path, meta: dict[str, Any]) -> str:
                     return f"{path.name} holds shape {shape}, but {n} images of {size} px make {expected[part]}"
                 if path.stat().st_size != length:
                     return f"{path.name} is truncated or padded ({path.stat().st_size} bytes, its header needs {length})"
-            if _sha256(path) != info.get("sha256"):
+            if sha256_file(path) != info.get("sha256"):
                 return f"{path.name} does not match its SHA-256 in {META_FILE} (its bytes changed)"
         if entry["ids"].get("count") != n:
             return f"{_split_files(split)['ids']} lists {entry['ids'].get('count')} ids, counts say {n}"

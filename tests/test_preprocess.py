@@ -343,7 +343,7 @@ def test_meta_records_shapes_dtypes_and_checksums(real_manifest, data_dir, tmp_p
     assert files["train"]["labels"]["shape"] == [3] and files["train"]["labels"]["dtype"] == "<i8"
     assert files["val"]["ids"]["count"] == 1
     for entry in files["train"].values():
-        assert entry["sha256"] == pp._sha256(cache.path / entry["file"])
+        assert entry["sha256"] == pp.sha256_file(cache.path / entry["file"])
 
 
 def test_intact_cache_is_verified_and_reused(real_manifest, data_dir, tmp_path, count_loads) -> None:
@@ -423,8 +423,8 @@ def test_cache_without_checksums_is_rebuilt(real_manifest, data_dir, tmp_path, c
 def test_verification_is_cheap_once_done(real_manifest, data_dir, tmp_path, monkeypatch) -> None:
     cache = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
     hashed: list[Path] = []
-    real_sha = pp._sha256
-    monkeypatch.setattr(pp, "_sha256", lambda path: hashed.append(path) or real_sha(path))
+    real_sha = pp.sha256_file
+    monkeypatch.setattr(pp, "sha256_file", lambda path: hashed.append(path) or real_sha(path))
     for _ in range(3):
         ImageCache.open(cache.path)
         build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)

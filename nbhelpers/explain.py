@@ -8,8 +8,8 @@ independent) per model; :func:`verdict_sentences` says in words what passed and 
 command explains every ablation row at one common CAM grid of at least 7x7 cells
 (:func:`nbhelpers.cam.layers_for_grid`), since a 2x2 map (DenseNet at 64 px) cannot localise.  Notebook 07 and the command line below share them:
 
-``python -m nbhelpers.explain --ablation-root results/runs/ablation-cpu64 --manifest M --seed 0 --out results/tables``
-explains the ablation rows' runs of one seed and writes ``cam_lung_energy.{csv,md}`` and
+``python -m nbhelpers.explain --ablation-root results/runs/ablation-cpu64 --manifest M --seeds 0 1 2 --out results/tables``
+explains the ablation rows' runs of those seeds and writes ``cam_lung_energy.{csv,md}`` and
 ``cam_randomisation.{csv,md}``.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from data_prep.atomic import write_text, write_with
 from nbhelpers import lungs
@@ -92,6 +93,10 @@ def lung_energy_report(models: Mapping[str, nn.Module], cache: ImageCache, manif
                                       target_layers=chosen)[0]
         grids[label] = "x".join(map(str, cam_grid(net, cfg.size, chosen)))
     per_image = lungs.lung_energy_table(cams, masks)
+    patients = manifest.drop_duplicates("image_id").set_index("image_id")["patient_id"] \
+        if {"image_id", "patient_id"} <= set(manifest.columns) else None
+    if patients is not None:
+        per_image.insert(2, "patient_id", per_image["image_id"].map(patients))
     per_image.insert(1, "grid", per_image["model"].map(grids))
     per_image.insert(2, "target", "true class")
     return per_image, lungs.summarise_lung_energy(per_image), masks
@@ -127,11 +132,23 @@ def verdict_sentences(energy: pd.DataFrame, randomisation: pd.DataFrame) -> list
     table = energy.reset_index() if "model" not in energy.columns else energy
     for row in table.itertuples(index=False):
         above = row.excess_ci_low > 0 if np.isfinite(row.excess_ci_low) else row.excess_mean > 0
+        seeds = getattr(row, "seeds", 1)
         lines.append(
             f"{row.model}: lung energy {row.energy_mean:.2f} against {row.area_mean:.2f} for a uniform map on the film "
             f"({'passed: its maps favour the lungs' if above else 'failed: its maps favour the lungs no more than a uniform map would'}); "
-            f"pointing game {row.pointing_hits}/{row.images} (chance {row.pointing_chance:.2f})"
+            f"pointing game {row.pointing_rate:.2f} [{row.pointing_low:.2f}, {row.pointing_high:.2f}] "
+            f"(chance {row.pointing_chance:.2f}) over {row.images} images"
+            + (f" of {row.patients} patients" if hasattr(row, "patients") else "")
+            + (f", each averaged over {seeds} seeds" if seeds > 1 else "")
             + (f"; {row.blank_maps} blank map(s)" if row.blank_maps else "") + ".")
+    if "seed" in randomisation.columns:
+        for model, runs in randomisation.groupby("model", sort=False):
+            passed = int(runs["passed"].sum())
+            failed = runs.loc[~runs["passed"].astype(bool), "reason"]
+            lines.append(f"{model}: randomisation check passed in {passed} of {len(runs)} seeds' runs"
+                         + (f"; failed: {failed.iloc[0]}" if len(failed) else f" (mean Spearman "
+                            f"{runs['spearman_full'].mean():.2f} after full randomisation)") + ".")
+        return lines
     for row in randomisation.itertuples(index=False):
         lines.append(f"{row.model}: randomisation check {'passed' if row.passed else 'failed'}: {row.reason}.")
     return lines
@@ -148,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--data-dir", help="folder of the upstream sources (default: $CXR_DATA_DIR)")
     parser.add_argument("--groups", nargs="+", help="only these ablation groups")
-    parser.add_argument("--seed", type=int, default=0, help="which seed's runs to explain")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="which seeds' runs to explain (each image's values are averaged over them)")
     parser.add_argument("--randomisation-images", type=int, default=24, help="held-out images for the sanity check")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables")
     parser.add_argument("--figures", type=Path, help="also draw each group's CAMs on the same test images here")
@@ -161,42 +179,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     figure_images: dict[str, dict[str, np.ndarray]] = {}  # group -> row name -> images (rows may crop differently)
     figure_titles: dict[str, list[str]] = {}
     rows = ablation.load_grid(groups=args.groups)
-    trained = {f"{row.group}/{row.name}": load_trained(ablation.run_dir(args.ablation_root, row, args.seed))
-               for row in rows}
-    size = PreprocessConfig(**next(iter(trained.values()))[1].metrics["data"]["preprocess"]).size
-    # One CAM grid for every row, at least MIN_GRID cells per side: coarser maps cannot be compared.
-    layers, side = layers_for_grid({label: net for label, (net, _) in trained.items()}, size)
-    for row in rows:
-        label = f"{row.group}/{row.name}"
-        net, run = trained[label]
-        cache = run_cache(run, manifest, data, args.ablation_root / "cache")
-        cfg = cache.cfg
-        per_image, _, masks = lung_energy_report({label: net}, cache, manifest, data, cfg, target_layers=layers)
-        energy.append(per_image)
-        sample = np.stack(list(held_out_images(cache).values())[: args.randomisation_images])
-        verdict, curve = randomisation_report({label: net}, sample, target_layers=layers)
-        randomised.append(verdict)
-        curves.append(curve)
-        n_sample = len(sample)
-        if args.figures:
-            test = cache.split("test")
-            picked = examples_per_class(test.labels, args.figure_images)
-            shown = np.asarray(test.images[picked])
-            figure_cams.setdefault(row.group, {})[row.name] = cams_for_images(
-                net, shown, targets=list(test.labels[picked]), progress=False, target_layers=layers.get(label))[0]
-            figure_images.setdefault(row.group, {})[row.name] = shown
-            figure_titles[row.group] = [f"true {CLASSES[t]}" for t in test.labels[picked]]
+    size, side = None, None
+    for seed in args.seeds:
+        trained = {f"{row.group}/{row.name}": load_trained(ablation.run_dir(args.ablation_root, row, seed))
+                   for row in rows}
+        size = PreprocessConfig(**next(iter(trained.values()))[1].metrics["data"]["preprocess"]).size
+        # One CAM grid for every row, at least MIN_GRID cells per side: coarser maps cannot be compared.
+        layers, side = layers_for_grid({label: net for label, (net, _) in trained.items()}, size)
+        for row in tqdm(rows, desc=f"explaining seed {seed}", disable=None):
+            label = f"{row.group}/{row.name}"
+            net, run = trained[label]
+            cache = run_cache(run, manifest, data, args.ablation_root / "cache")
+            cfg = cache.cfg
+            per_image, _, masks = lung_energy_report({label: net}, cache, manifest, data, cfg, target_layers=layers)
+            energy.append(per_image.assign(seed=seed))
+            sample = np.stack(list(held_out_images(cache).values())[: args.randomisation_images])
+            verdict, curve = randomisation_report({label: net}, sample, target_layers=layers)
+            randomised.append(verdict.assign(seed=seed))
+            curves.append(curve.assign(seed=seed))
+            n_sample = len(sample)
+            if args.figures and seed == args.seeds[0]:
+                test = cache.split("test")
+                picked = examples_per_class(test.labels, args.figure_images)
+                shown = np.asarray(test.images[picked])
+                figure_cams.setdefault(row.group, {})[row.name] = cams_for_images(
+                    net, shown, targets=list(test.labels[picked]), progress=False, target_layers=layers.get(label))[0]
+                figure_images.setdefault(row.group, {})[row.name] = shown
+                figure_titles[row.group] = [f"true {CLASSES[t]}" for t in test.labels[picked]]
     summary, randomised = lungs.summarise_lung_energy(pd.concat(energy)).reset_index(), pd.concat(randomised)
     curves = pd.concat(curves, ignore_index=True)
     grid = f"{side}x{side} CAM grid for every row (the deepest layers giving at least {MIN_GRID} cells a side at {size} px)" \
         if side else f"each row's registered CAM layer (no common grid of {MIN_GRID}+ cells at {size} px)"
     header = (f"Made by `python -m nbhelpers.explain {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}, CPU; Grad-CAM of each row's seed-{args.seed} run, {grid}, each "
-              f"image explained for its true class; lung energy and pointing game on {len(masks.image_ids)} held-out "
+              f"{datetime.now(timezone.utc):%Y-%m-%d}, CPU; Grad-CAM of each row's runs with seeds "
+              f"{', '.join(map(str, args.seeds))}, {grid}, each image explained for its true class; lung energy and "
+              f"pointing game on {len(masks.image_ids)} distinct held-out "
               f"ieee8023 COVID-19 images with lung masks ({masks.kinds.count('boxes')} with lung boxes only), the uniform "
-              f"baseline over the film area (padding and blank borders excluded); randomisation check (Adebayo et al. "
+              f"baseline over the film area (padding and blank borders excluded), each image's values averaged over "
+              f"the seeds and intervals resampling patients; randomisation check (Adebayo et al. "
               f"2018: raw maps, cascading and independent re-initialisation, Spearman of absolute values, SSIM, HOG) on "
-              f"{n_sample} held-out images, passed when the fully randomised model's Spearman < {PASS_SPEARMAN} and no map is blank.")
+              f"{n_sample} held-out images per run, one verdict per row and seed, passed when the fully randomised model's Spearman < {PASS_SPEARMAN} and no map is blank.")
     args.out.mkdir(parents=True, exist_ok=True)
     for name, table in ((f"{args.prefix}_lung_energy", summary), (f"{args.prefix}_randomisation", randomised),
                         (f"{args.prefix}_randomisation_stages", curves)):

@@ -36,7 +36,6 @@ import json
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy import stats
 from tqdm.auto import tqdm
 
 from data_prep.sources import SOURCES
@@ -358,38 +357,51 @@ def lung_energy_table(cams: Mapping[str, np.ndarray], masks: LungMasks | np.ndar
 
 
 def summarise_lung_energy(per_image: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std of lung energy per model, beside the uniform baseline, from :func:`lung_energy_table`.
+    """Lung energy per model beside the uniform baseline, from :func:`lung_energy_table`.
 
-    Columns: ``images``, ``energy_mean``, ``energy_std``, ``area_mean`` (uniform-map share),
-    ``excess_mean`` with its :data:`CONFIDENCE` t-interval ``excess_ci_low``/``excess_ci_high``,
-    ``outside_share`` (share of images flagged), ``looks_outside`` (mean excess <=
-    :data:`OUTSIDE_MARGIN`: on average no more on the lungs than a uniform map), the pointing
-    game's hits and rate with a Wilson interval over the images (``pointing_chance``: the rate
-    of a random point on the film, the mean lung area share), ``blank_maps`` (images whose CAM
-    was all zero: counted, left out of the means), and ``grid`` / ``target`` when the per-image
-    table has them.  One row per model, in first-seen order.
+    The statistical unit is the distinct image, and intervals resample patients: with a ``seed``
+    column (several seeds' runs of one model) each image's values are first averaged over the
+    seeds, so no image counts twice; with a ``patient_id`` column the bootstrap draws patients
+    with all their images (:func:`nbhelpers.stats.mean_ci`), otherwise images.
+
+    Columns: ``images`` (distinct, with a map), ``patients``, ``seeds``, ``energy_mean``,
+    ``energy_std`` (over the images), ``area_mean`` (uniform-map share), ``excess_mean`` with its
+    :data:`CONFIDENCE` interval ``excess_ci_low``/``excess_ci_high``, ``outside_share`` (share of
+    images flagged), ``looks_outside`` (mean excess <= :data:`OUTSIDE_MARGIN`: on average no more
+    on the lungs than a uniform map), the pointing game's hits (seed-averaged) and rate with the
+    wider of the patient bootstrap and the Wilson interval (``pointing_chance``: the rate of a
+    random point on the film, the mean lung area share), ``blank_maps`` (maps that were all zero,
+    counted over images and seeds and left out of the means), and ``grid`` / ``target`` when the
+    per-image table has them.  One row per model, in first-seen order.
     """
-    from nbhelpers.stats import wilson
+    from nbhelpers.stats import mean_ci, proportion_ci
 
     out = []
     blanks = per_image.groupby("model", sort=False)["lung_energy"].apply(lambda v: int(v.isna().sum())) \
         if len(per_image) else pd.Series(dtype=int)
     extra = [c for c in ("grid", "target") if c in per_image.columns]
     for label, group in per_image.dropna(subset=["lung_energy"]).groupby("model", sort=False):
-        n = len(group)
-        excess = group["excess"].to_numpy()
-        half = (stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * excess.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
-        hits = group["pointing_hit"].dropna().astype(bool) if "pointing_hit" in group else pd.Series(dtype=bool)
-        hit_low, hit_high = wilson(float(hits.sum()), len(hits), CONFIDENCE)
+        seeds = group["seed"].nunique() if "seed" in group else 1
+        keys = ["image_id"] + (["patient_id"] if "patient_id" in group else [])
+        group = group.assign(pointing_hit=group["pointing_hit"].astype(float), outside=group["outside"].astype(float))
+        images = group.groupby(keys, sort=False)[["lung_energy", "lung_area", "excess", "outside",
+                                                  "pointing_hit"]].mean().reset_index()
+        patients = images["patient_id"].to_numpy() if "patient_id" in images else None
+        excess = images["excess"].to_numpy()
+        mean, low, high = mean_ci(excess, patients, level=CONFIDENCE)
+        hits = images.dropna(subset=["pointing_hit"])
+        pointing = proportion_ci(hits["pointing_hit"].to_numpy(),
+                                 hits["patient_id"].to_numpy() if patients is not None else None, level=CONFIDENCE)
         out.append({
-            "model": label, **{c: group[c].iloc[0] for c in extra}, "images": n,
+            "model": label, **{c: group[c].iloc[0] for c in extra}, "images": len(images),
+            "patients": int(len(set(map(str, patients)))) if patients is not None else len(images), "seeds": seeds,
             "blank_maps": int(blanks.get(label, 0)),
-            "energy_mean": group["lung_energy"].mean(), "energy_std": group["lung_energy"].std(ddof=1),
-            "area_mean": group["lung_area"].mean(),
-            "excess_mean": excess.mean(), "excess_ci_low": excess.mean() - half, "excess_ci_high": excess.mean() + half,
-            "outside_share": group["outside"].mean(), "looks_outside": bool(excess.mean() <= OUTSIDE_MARGIN),
-            "pointing_hits": int(hits.sum()), "pointing_rate": float(hits.mean()) if len(hits) else np.nan,
-            "pointing_low": hit_low, "pointing_high": hit_high,
-            "pointing_chance": group["lung_area"].mean(),
+            "energy_mean": images["lung_energy"].mean(), "energy_std": images["lung_energy"].std(ddof=1),
+            "area_mean": images["lung_area"].mean(),
+            "excess_mean": mean, "excess_ci_low": low, "excess_ci_high": high,
+            "outside_share": images["outside"].mean(), "looks_outside": bool(mean <= OUTSIDE_MARGIN),
+            "pointing_hits": float(pointing["correct"]), "pointing_rate": pointing["accuracy"],
+            "pointing_low": pointing["low"], "pointing_high": pointing["high"],
+            "pointing_chance": images["lung_area"].mean(),
         })
     return pd.DataFrame(out).set_index("model") if out else pd.DataFrame()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from pytorch_grad_cam import GradCAM
@@ -369,3 +370,22 @@ def test_a_module_called_twice_is_never_chosen_as_the_cam_layer():
     nets = {"resnet50_plain": models.create("resnet50_fpn_attn", num_classes=3, fpn=False, attention=False)}
     layers, side = layers_for_grid(nets, SIZE)
     assert side == 8 and cam_grid(nets["resnet50_plain"], SIZE, layers["resnet50_plain"]) == (8, 8)
+
+
+def test_verdict_sentences_count_seeds_and_name_a_failure():
+    from nbhelpers import explain
+
+    energy = pd.DataFrame([{"model": "g/a", "images": 4, "patients": 3, "seeds": 3, "blank_maps": 0,
+                            "energy_mean": 0.5, "area_mean": 0.3, "excess_mean": 0.2, "excess_ci_low": 0.1,
+                            "excess_ci_high": 0.3, "pointing_rate": 0.75, "pointing_low": 0.3,
+                            "pointing_high": 0.95, "pointing_chance": 0.3}])
+    verdicts = pd.DataFrame([
+        {"model": "g/a", "seed": 0, "spearman_full": 0.1, "passed": True, "reason": "maps change"},
+        {"model": "g/a", "seed": 1, "spearman_full": 0.7, "passed": False, "reason": "they explain the image"},
+        {"model": "g/b", "seed": 0, "spearman_full": 0.2, "passed": True, "reason": "maps change"},
+    ])
+    lines = explain.verdict_sentences(energy, verdicts)
+    assert "passed: its maps favour the lungs" in lines[0] and "4 images of 3 patients" in lines[0]
+    assert "averaged over 3 seeds" in lines[0]
+    assert lines[1] == "g/a: randomisation check passed in 1 of 2 seeds' runs; failed: they explain the image."
+    assert lines[2].startswith("g/b: randomisation check passed in 1 of 1 seeds' runs (mean Spearman 0.20")

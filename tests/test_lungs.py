@@ -253,3 +253,22 @@ def test_boxes_fill_in_where_masks_are_missing(data_dir, ieee):
     assert filled.image_ids == ids and filled.kinds == ["mask", "boxes", "boxes"] and not filled.missing
     np.testing.assert_array_equal(filled.masks[0], plain.masks[0])
     assert all(0.1 < m.mean() < 0.8 for m in filled.masks[1:])
+
+
+def test_summary_counts_each_image_once_over_seeds_and_resamples_patients():
+    mask = square_mask()
+    masks = np.stack([mask] * 4)
+    inside, outside = mask * 1.0, ~mask * 1.0
+    seeds = []
+    for seed, cams in enumerate(([inside, inside, outside, outside], [inside, outside, outside, outside])):
+        table = lungs.lung_energy_table({"m": np.stack(cams)}, masks, ["a", "b", "c", "d"])
+        seeds.append(table.assign(seed=seed, patient_id=["p1", "p1", "p2", "p3"]))
+    summary = lungs.summarise_lung_energy(pd.concat(seeds)).loc["m"]
+    assert summary["images"] == 4 and summary["patients"] == 3 and summary["seeds"] == 2
+    # a is lung-bound in both seeds (excess 0.75), b in one (0.75 and -0.25), c and d in none (-0.25)
+    assert summary["excess_mean"] == pytest.approx((0.75 + 0.25 - 0.25 - 0.25) / 4)
+    assert summary["pointing_hits"] == pytest.approx(1.0 + 0.5) and summary["pointing_rate"] == pytest.approx(1.5 / 4)
+    assert summary["excess_ci_low"] <= summary["excess_mean"] <= summary["excess_ci_high"]
+    # four distinct images, not eight seed-image pairs: the interval is that of the seed-averaged values
+    pairs = pd.concat(seeds).assign(image_id=lambda t: t["image_id"] + "/" + t["seed"].astype(str))
+    assert lungs.summarise_lung_energy(pairs).loc["m", "images"] == 8

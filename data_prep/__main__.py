@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nbhelpers.config import DataNotFoundError, data_dir as resolve_data_dir
+from data_prep.datadir import DataNotFoundError, data_dir as resolve_data_dir
 from data_prep.atomic import WriteError
 from data_prep.curate import (
     BALANCE_MODES,

@@ -28,11 +28,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from data_prep.pins import PINNED
 from data_prep.sources import SOURCES, sha256_file
 
 #: Seconds a connection or a single read may stall before the download gives up.
@@ -48,35 +48,6 @@ USER_AGENT = "cxr-workbook data_prep.download"
 class DownloadError(RuntimeError):
     """A source could not be fetched or verified; the message says why and what to do."""
 
-
-@dataclass(frozen=True)
-class GitSnapshot:
-    """A GitHub repository at a pinned commit, and the file whose hash (and data row count) proves
-    the right version; the row count tells a truncated copy from a newer one."""
-
-    repo: str
-    commit: str
-    check_file: str
-    check_sha256: str
-    check_rows: int | None = None
-
-
-#: The commits of the development mirror (see its SOURCES.md), the SHA-256 of their metadata and its
-#: number of data rows (data_prep.sources warns when a metadata file differs from its pin).
-PINNED: dict[str, GitSnapshot] = {
-    "ieee8023": GitSnapshot(
-        "ieee8023/covid-chestxray-dataset", "584034aa", "metadata.csv",
-        "e46ffab4cdeb4866491d32afe466baefd7acbcf268a75c260f81d8520b8664a0", 751,
-    ),
-    "figure1": GitSnapshot(
-        "agchung/Figure1-COVID-chestxray-dataset", "95bb569e", "metadata.csv",
-        "c4a6313343797ed8f052d2887e451013f93ecc8ebec4b05d0f1bb6d2eee42db7", 55,
-    ),
-    "actualmed": GitSnapshot(
-        "agchung/Actualmed-COVID-chestxray-dataset", "27240dd8", "metadata.csv",
-        "df7d0b406282d9b8e7163316c9028410f50502ea55159863d798bc6e0c35e10e", 238,
-    ),
-}
 
 RSNA_COMPETITION = "rsna-pneumonia-detection-challenge"
 NIH_PAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from nbhelpers.images import ImageReadError
-from nbhelpers.images import load_gray as decode_gray
+from data_prep.images import ImageReadError
+from data_prep.images import load_gray as decode_gray
 
 #: Side of the square hash grid: 16 gives a 256-bit perceptual hash.  64 bits (8) is too coarse
 #: for chest X-rays, which all look alike at that scale: on the mirror, different patients' films
@@ -36,7 +36,7 @@ class UnreadableImageError(ImageReadError):
 
 
 def load_gray(path: Path) -> Image.Image:
-    """Decode ``path`` (any format :func:`nbhelpers.images.load_gray` reads) to a greyscale PIL image.
+    """Decode ``path`` (any format :func:`data_prep.images.load_gray` reads) to a greyscale PIL image.
 
     Curation and training decode with the same function, so a film the hash saw is the film the
     model sees.  Raises FileNotFoundError when the file does not exist and

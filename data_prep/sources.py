@@ -12,7 +12,7 @@ image is absent (``missing_image``).
 
 Metadata must be non-empty text in its upstream encoding (UTF-8; Latin-1 for Figure1), else
 :class:`SourceFormatError` names the file and the source.  A file that looks truncated, or that
-differs from the version pinned in :data:`data_prep.download.PINNED` (SHA-256 and row count), is
+differs from the version pinned in :data:`data_prep.pins.PINNED` (SHA-256 and row count), is
 read anyway and listed under ``Report.warnings``.
 """
 
@@ -32,7 +32,8 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from tqdm.auto import tqdm
 
-from nbhelpers.config import DataNotFoundError
+from data_prep.datadir import DataNotFoundError
+from data_prep.pins import PINNED
 from data_prep.schema import CLASSES, TABLE_COLUMNS
 
 #: Columns of every "skipped" / "dropped" frame: which image, why, and the specifics.
@@ -214,8 +215,6 @@ def _check_pin(path: Path, raw: bytes, n_rows: int, log: MetadataLog, where: str
     """Warn when ``path`` is the pinned check file of its source but not the pinned bytes; the
     warning gives both hashes and ``n_rows`` (rows read, a cut-off last one not counted) against
     the pinned row count."""
-    from data_prep.download import PINNED  # imported here: data_prep.download imports this module
-
     snap = PINNED.get(log.source)
     if snap is None or snap.check_file != path.name:
         return
@@ -304,7 +303,7 @@ def _read_csv(
     if missing:
         raise SourceFormatError(
             f"{path} lacks column(s) {missing}; found {list(frame.columns)}. "
-            "Is this the upstream file at the pinned version (see data_prep.download.PINNED)?"
+            "Is this the upstream file at the pinned version (see data_prep.pins.PINNED)?"
         )
     return frame
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from nbhelpers.config import DATA_ENV, REPO_ROOT
+from data_prep.datadir import DATA_ENV
+from nbhelpers.settings.config import REPO_ROOT
 
 # Developers and CI keep the real-source mirror beside the project checkout.
 MIRROR = REPO_ROOT.parent / "shared" / "data" / "cxr-sources"

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from conftest import real_manifest
 
-from nbhelpers import ablation
-from nbhelpers.ablation import GridError, Row
+from nbhelpers.experiments import ablation
+from nbhelpers.experiments.ablation import GridError, Row
 
 
 def test_the_grid_declares_the_papers_rows():
@@ -91,7 +91,7 @@ def test_p_values_are_holm_adjusted_within_a_group(tmp_path):
     for k, row in enumerate(variants):
         _fake_run(tmp_path, row, 0, reference | (rng.random(120) < 0.1 * k))
     tests = ablation.paired_tests([base, *variants], tmp_path, [0])
-    from nbhelpers.stats import holm
+    from nbhelpers.evaluation.stats import holm
 
     assert np.allclose(tests["p_holm"], holm(tests["p_value"].to_numpy()))
     assert (tests["p_holm"] >= tests["p_value"]).all()
@@ -151,7 +151,7 @@ def _real_manifest(data_dir, per_class: int = 3) -> pd.DataFrame:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_finished_run_is_reused_only_while_it_is_what_would_be_trained(data_dir, tmp_path, capsys):
-    from nbhelpers.train import load_run
+    from nbhelpers.training.train import load_run
 
     rows = [Row("g", "base", "mobilenetv2", baseline=True)]
     grid = dict(data_dir=data_dir, out_root=tmp_path, seeds=[0], preset="smoke", device="cpu", image_size=32)
@@ -186,7 +186,7 @@ def test_an_external_row_trains_on_its_archives_and_scores_the_others(monkeypatc
         seen["internal"] = table
         raise RuntimeError("stop after planning")
 
-    monkeypatch.setattr("nbhelpers.train.train_run", fake_train)
+    monkeypatch.setattr("nbhelpers.training.train.train_run", fake_train)
     with pytest.raises(RuntimeError, match="stop after planning"):
         ablation.run_grid([row], manifest, None, tmp_path, [0], "smoke", device="cpu")
     internal = seen["internal"]
@@ -199,12 +199,12 @@ def test_a_row_with_the_record_of_a_finished_run_takes_it_over(monkeypatch, tmp_
 
     row_a, row_b = Row("a", "base", "m", baseline=True), Row("b", "same", "m", baseline=True)
     record = {"model": "m"}
-    monkeypatch.setattr("nbhelpers.train.run_provenance", lambda *a, **k: record)
+    monkeypatch.setattr("nbhelpers.training.train.run_provenance", lambda *a, **k: record)
     folder = ablation.run_dir(tmp_path, row_a, 0)
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({"provenance": record, "config": {}, "test": {"accuracy": 0.5}}))
     (folder / "test_predictions.csv").write_text("image_id,label,pred\nx,0,0\n")
-    monkeypatch.setattr("nbhelpers.train.train_run", lambda *a, **k: pytest.fail("must not train"))
+    monkeypatch.setattr("nbhelpers.training.train.train_run", lambda *a, **k: pytest.fail("must not train"))
     ablation.run_grid([row_a, row_b], pd.DataFrame(), None, tmp_path, [0], "smoke", device="cpu")
     copied = ablation.run_dir(tmp_path, row_b, 0)
     assert (copied / "test_predictions.csv").read_text() == (folder / "test_predictions.csv").read_text()

@@ -11,7 +11,7 @@ import torch
 from data_prep.schema import CLASSES
 from data_prep.sources import load_table
 from data_prep.split import check_no_leak, split_by_patient
-from nbhelpers.audit import (
+from nbhelpers.experiments.audit import (
     CHANCE,
     PROBE_CARRIERS,
     ProbeError,
@@ -209,7 +209,7 @@ def test_probe_command_names_a_setup_mistake(real_manifest, data_dir, tmp_path, 
 
 
 def test_probe_command_types_set_and_preprocess_values(monkeypatch, tmp_path, capsys):
-    import nbhelpers.audit as audit
+    import nbhelpers.experiments.audit as audit
 
     seen = {}
 
@@ -230,7 +230,7 @@ def test_probe_command_types_set_and_preprocess_values(monkeypatch, tmp_path, ca
 
 
 def test_probe_record_matches_the_probe_that_trains(real_manifest, data_dir, tmp_path):
-    from nbhelpers.audit import probe_provenance
+    from nbhelpers.experiments.audit import probe_provenance
 
     result = source_probe(real_manifest, data_dir, tmp_path, label="normal", model=TINY, preset="smoke",
                           image_size=32, epochs=1, max_per_group=16, n_boot=50, progress=False)
@@ -259,7 +259,7 @@ def _external_manifest() -> pd.DataFrame:
 
 
 def test_external_split_keeps_each_archive_on_one_side():
-    from nbhelpers.audit import external_split
+    from nbhelpers.experiments.audit import external_split
 
     internal, external = external_split(_external_manifest(),
                                         {"covid": ["ieee8023"], "pneumonia": ["nih"], "normal": ["nih"]})
@@ -273,7 +273,7 @@ def test_external_split_keeps_each_archive_on_one_side():
 
 
 def _external_runs(root, n_external: int, seeds=(0, 1)) -> list:
-    from nbhelpers.audit import EXTERNAL_PREDICTIONS
+    from nbhelpers.experiments.audit import EXTERNAL_PREDICTIONS
 
     rng = np.random.default_rng(0)
     folders = []
@@ -294,7 +294,7 @@ def _external_runs(root, n_external: int, seeds=(0, 1)) -> list:
 
 
 def test_external_table_shows_a_model_that_learnt_the_archive(tmp_path):
-    from nbhelpers.audit import external_table
+    from nbhelpers.experiments.audit import external_table
 
     table = external_table(_external_runs(tmp_path, 60)).set_index("class")
     assert (table["internal_accuracy"] > 0.85).all() and (table["external_accuracy"] < 0.4).all()
@@ -304,14 +304,14 @@ def test_external_table_shows_a_model_that_learnt_the_archive(tmp_path):
 
 
 def test_a_thin_external_cell_is_called_inconclusive(tmp_path):
-    from nbhelpers.audit import external_table
+    from nbhelpers.experiments.audit import external_table
 
     table = external_table(_external_runs(tmp_path, 12))  # four external images per class
     assert not table["conclusive"].any() and (table["external_n"] == 4).all()
 
 
 def test_accuracy_by_view_and_the_view_probe_manifest():
-    from nbhelpers.audit import probe_manifest
+    from nbhelpers.experiments.audit import probe_manifest
 
     manifest, preds = _synthetic()
     manifest = manifest.assign(view=["PA", "AP"] * (len(manifest) // 2) + ["PA"] * (len(manifest) % 2))

@@ -12,7 +12,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from nbhelpers import models
-from nbhelpers.cam import (
+from nbhelpers.evaluation.cam import (
     METHODS,
     CamError,
     cam_similarity,
@@ -31,7 +31,7 @@ from nbhelpers.cam import (
     road_scores,
     tokens_to_grid,
 )
-from nbhelpers.data import to_model_input
+from nbhelpers.pipeline.data import to_model_input
 from nbhelpers.models.registry import set_cam_layers
 
 SIZE = 64
@@ -373,7 +373,7 @@ def test_a_module_called_twice_is_never_chosen_as_the_cam_layer():
 
 
 def test_verdict_sentences_count_seeds_and_name_a_failure():
-    from nbhelpers import explain
+    from nbhelpers.experiments import explain
 
     energy = pd.DataFrame([{"model": "g/a", "images": 4, "patients": 3, "seeds": 3, "blank_maps": 0,
                             "energy_mean": 0.5, "area_mean": 0.3, "excess_mean": 0.2, "excess_ci_low": 0.1,

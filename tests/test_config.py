@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nbhelpers import config
-from nbhelpers.ablation import load_grid
-from nbhelpers.device import DeviceError, pick_device
-from nbhelpers.presets import load_preset
+from nbhelpers.settings import config
+from data_prep import datadir
+from nbhelpers.experiments.ablation import load_grid
+from nbhelpers.settings.device import DeviceError, pick_device
+from nbhelpers.settings.presets import load_preset
 
 
 def test_profiles_have_the_same_settings():
@@ -47,26 +48,26 @@ def test_resolve_overrides_and_rejects_typos(tmp_path):
 
 
 def test_data_dir_errors_name_the_setting(monkeypatch, tmp_path):
-    monkeypatch.delenv(config.DATA_ENV, raising=False)
-    with pytest.raises(config.DataNotFoundError, match=config.DATA_ENV):
-        config.data_dir()
-    monkeypatch.setenv(config.DATA_ENV, str(tmp_path / "absent"))
-    with pytest.raises(config.DataNotFoundError, match="absent"):
-        config.data_dir()
-    assert config.data_dir(tmp_path) == tmp_path.resolve()
+    monkeypatch.delenv(datadir.DATA_ENV, raising=False)
+    with pytest.raises(datadir.DataNotFoundError, match=datadir.DATA_ENV):
+        datadir.data_dir()
+    monkeypatch.setenv(datadir.DATA_ENV, str(tmp_path / "absent"))
+    with pytest.raises(datadir.DataNotFoundError, match="absent"):
+        datadir.data_dir()
+    assert datadir.data_dir(tmp_path) == tmp_path.resolve()
 
 
 def test_data_dir_finds_the_mirror(data_dir, monkeypatch):
-    monkeypatch.setenv(config.DATA_ENV, str(data_dir))
-    assert (config.data_dir() / "covid-chestxray-dataset" / "metadata.csv").is_file()
+    monkeypatch.setenv(datadir.DATA_ENV, str(data_dir))
+    assert (datadir.data_dir() / "covid-chestxray-dataset" / "metadata.csv").is_file()
 
 
 def test_auto_device_falls_back_in_order(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("nbhelpers.device._mps_available", lambda: False)
+    monkeypatch.setattr("nbhelpers.settings.device._mps_available", lambda: False)
     assert pick_device("auto").type == "cpu"
     assert "cpu" in capsys.readouterr().out
-    monkeypatch.setattr("nbhelpers.device._mps_available", lambda: True)
+    monkeypatch.setattr("nbhelpers.settings.device._mps_available", lambda: True)
     assert pick_device("auto", verbose=False).type == "mps"
 
 
@@ -81,8 +82,8 @@ def test_absent_gpu_is_a_clear_error(monkeypatch):
 def test_a_file_given_as_the_data_folder_is_named(tmp_path):
     csv = tmp_path / "metadata.csv"
     csv.write_text("x\n")
-    with pytest.raises(config.DataNotFoundError, match=r"is a file, not a folder"):
-        config.data_dir(csv)
+    with pytest.raises(datadir.DataNotFoundError, match=r"is a file, not a folder"):
+        datadir.data_dir(csv)
 
 
 def test_resolve_checks_the_type_of_every_override(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data_prep.schema import CLASSES
-from nbhelpers.data import (
+from nbhelpers.pipeline.data import (
     GRAY_MEAN,
     GRAY_STD,
     IMAGENET_MEAN,
@@ -25,7 +25,7 @@ from nbhelpers.data import (
     num_batches,
     to_model_input,
 )
-from nbhelpers.preprocess import CachedSplit, PreprocessConfig, build_cache
+from nbhelpers.pipeline.preprocess import CachedSplit, PreprocessConfig, build_cache
 
 N_IMAGES = 10
 SIZE = 16
@@ -213,9 +213,9 @@ def test_augmentation_runs_on_the_gpu_like_on_the_cpu() -> None:
 
 
 def test_preview_arrays(data_dir: Path) -> None:
-    from nbhelpers.images import load_gray
-    from nbhelpers.preprocess import clahe, prepare
-    from nbhelpers.preview import augment_examples, clahe_variants, resize_variants
+    from data_prep.images import load_gray
+    from nbhelpers.pipeline.preprocess import clahe, prepare
+    from nbhelpers.evaluation.preview import augment_examples, clahe_variants, resize_variants
 
     img = load_gray(data_dir / "nih-cxr14-subset/images/00000061_012.png")
     variants = clahe_variants(img, (1.0, 3.0), tile_grid=4)
@@ -237,8 +237,13 @@ def test_preview_figures(data_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nbhelpers.images import load_gray
-    from nbhelpers.preview import plot_augment_examples, plot_clahe_grid, plot_histograms, plot_resize_variants
+    from data_prep.images import load_gray
+    from nbhelpers.evaluation.preview import (
+        plot_augment_examples,
+        plot_clahe_grid,
+        plot_histograms,
+        plot_resize_variants,
+    )
 
     img = load_gray(data_dir / "nih-cxr14-subset/images/00000061_012.png")[::4, ::4].copy()
     figures = [

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from data_prep import download as dl
-from data_prep.download import DownloadError, GitSnapshot, download_github, download_rsna, fetch, main
+from data_prep.pins import GitSnapshot
+from data_prep.download import DownloadError, download_github, download_rsna, fetch, main
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from nbhelpers.config import REPO_ROOT
+from nbhelpers.settings.config import REPO_ROOT
 
 
 def _pins(*files: str) -> dict[str, str]:

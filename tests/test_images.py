@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
-from nbhelpers.images import IMAGE_SUFFIXES, ImageReadError, load_gray, stretch_to_uint8
+from data_prep.images import IMAGE_SUFFIXES, ImageReadError, load_gray, stretch_to_uint8
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from nbhelpers.keyvalue import AssignmentError, check_fields, parse_assignments, parse_value
+from nbhelpers.settings.keyvalue import AssignmentError, check_fields, parse_assignments, parse_value
 
 SCHEMA = {"epochs": 50, "lr": 2e-4, "pretrained": True, "model": "densenet121", "seeds": [0, 1],
           "views": ["PA"], "split": [0.7, 0.1, 0.2], "loss_options": {}}

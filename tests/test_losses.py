@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbhelpers.losses import ClassBalancedFocalLoss, class_balanced_weights, make_loss
+from nbhelpers.training.losses import ClassBalancedFocalLoss, class_balanced_weights, make_loss
 
 GEN = torch.Generator().manual_seed(0)
 LOGITS = torch.randn(16, 3, generator=GEN)

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from data_prep.sources import load_table
-from nbhelpers import lungs
-from nbhelpers.preprocess import PreprocessConfig, RESIZE_MODES, prepare
+from nbhelpers.evaluation import lungs
+from data_prep import annotations
+from nbhelpers.pipeline import lungmasks
+from nbhelpers.pipeline.preprocess import PreprocessConfig, RESIZE_MODES, prepare
 
 # ieee8023 images: one whose mask upstream named "<stem>_mask.png.png", one without a mask, one plain.
 DOUBLE_SUFFIX = "post-intubuation-pneumomediastium-and-pneumothorax-background-covid-19-pneumonia-day1"
@@ -27,7 +29,7 @@ def ieee(data_dir: Path) -> pd.DataFrame:
 
 
 def test_masks_are_indexed_by_image_stem_with_both_upstream_namings(data_dir):
-    index = lungs.mask_index(data_dir)
+    index = annotations.mask_index(data_dir)
     assert len(index) > 200
     assert index[DOUBLE_SUFFIX].name == f"{DOUBLE_SUFFIX}_mask.png.png"
     assert index[PLAIN].name == f"{PLAIN}_mask.png"
@@ -35,13 +37,13 @@ def test_masks_are_indexed_by_image_stem_with_both_upstream_namings(data_dir):
 
 
 def test_manifest_rows_find_their_masks_and_the_rest_are_reported(data_dir, ieee):
-    found = lungs.find_masks(ieee, data_dir)
+    found = annotations.find_masks(ieee, data_dir)
     assert list(found.index) == list(ieee["image_id"])
     matched = found.dropna()
     assert 150 < len(matched) < len(ieee)
     for image_id, mask in matched.items():  # every match is named after its own image
         assert mask.name.startswith(Path(image_id.split(":", 1)[1]).stem + "_mask.png")
-    without = lungs.rows_without_mask(ieee, data_dir)
+    without = annotations.rows_without_mask(ieee, data_dir)
     assert len(without) == len(ieee) - len(matched)
     assert LATERAL_WITHOUT_MASK in {Path(p).name for p in without["path"]}
 
@@ -50,25 +52,25 @@ def test_other_sources_never_borrow_an_ieee8023_mask(data_dir):
     # An NIH file that happened to share an ieee8023 image's stem must not get its mask.
     rows = pd.DataFrame({"image_id": ["nih:x", "ieee8023:y"], "source": ["nih", "ieee8023"],
                          "path": [f"nih-cxr14-subset/images/{PLAIN}.png", f"covid-chestxray-dataset/images/{PLAIN}.jpg"]})
-    found = lungs.find_masks(rows, data_dir)
+    found = annotations.find_masks(rows, data_dir)
     assert found["nih:x"] is None and found["ieee8023:y"] is not None
     # Without a source column the path's folder decides.
-    assert lungs.find_masks(rows.drop(columns="source"), data_dir)["nih:x"] is None
+    assert annotations.find_masks(rows.drop(columns="source"), data_dir)["nih:x"] is None
 
 
 def test_missing_mask_folder_is_named(tmp_path):
     (tmp_path / "covid-chestxray-dataset").mkdir()
-    with pytest.raises(lungs.LungMaskError, match="lungVAE-masks"):
-        lungs.mask_index(tmp_path)
+    with pytest.raises(annotations.LungMaskError, match="lungVAE-masks"):
+        annotations.mask_index(tmp_path)
     with pytest.raises(KeyError, match="path"):
-        lungs.find_masks(pd.DataFrame({"image_id": ["a"]}), tmp_path)
+        annotations.find_masks(pd.DataFrame({"image_id": ["a"]}), tmp_path)
 
 
 def test_real_masks_in_training_geometry(data_dir, ieee):
     cfg = PreprocessConfig(size=64)
-    found = lungs.find_masks(ieee, data_dir)
+    found = annotations.find_masks(ieee, data_dir)
     ids = list(found.dropna().index[:4]) + [f"ieee8023:covid-chestxray-dataset/images/{LATERAL_WITHOUT_MASK}"]
-    result = lungs.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False)
+    result = lungmasks.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False)
     assert result.image_ids == ids[:4] and result.missing == ids[4:]
     assert result.masks.shape == (4, 64, 64) and result.masks.dtype == bool
     areas = result.masks.reshape(4, -1).mean(axis=1)
@@ -80,7 +82,7 @@ def test_real_masks_in_training_geometry(data_dir, ieee):
         body = image > 0  # leave the letterbox padding out
         assert image[mask].mean() < image[body & ~mask].mean()
     with pytest.raises(KeyError, match="not in the manifest"):
-        lungs.lung_masks(ieee, data_dir, cfg, image_ids=["ieee8023:nowhere.png"], progress=False)
+        lungmasks.lung_masks(ieee, data_dir, cfg, image_ids=["ieee8023:nowhere.png"], progress=False)
 
 
 # --------------------------------------------------------------------------- geometry on synthetic files
@@ -94,7 +96,7 @@ def test_mask_lands_on_the_pixels_it_marks_in_every_resize_mode(mode, shape):
     mask[60:240, 80:200] = True  # a block off-centre, so a flip or shift would show
     image[mask] = 220
     cfg = PreprocessConfig(size=48, clahe=False, resize=mode)
-    prepared, small = prepare(image, cfg), lungs.prepare_mask(mask, cfg)
+    prepared, small = prepare(image, cfg), lungmasks.prepare_mask(mask, cfg)
     assert small.shape == (48, 48)
     bright = prepared > 130
     agreement = (bright == small).mean()
@@ -107,17 +109,17 @@ def test_load_mask_thresholds_and_resizes_to_its_image(tmp_path):
     grey[:, 20:30] = 128
     path = tmp_path / "a_mask.png"
     Image.fromarray(grey).save(path)
-    mask = lungs.load_mask(path)
+    mask = annotations.load_mask(path)
     assert mask.dtype == bool and mask[:, 20:30].all() and not mask[:, :20].any()
-    bigger = lungs.load_mask(path, shape=(40, 80))
+    bigger = annotations.load_mask(path, shape=(40, 80))
     assert bigger.shape == (40, 80) and abs(bigger.mean() - mask.mean()) < 0.05
     (tmp_path / "broken_mask.png").write_bytes(b"not a png")
-    with pytest.raises(lungs.LungMaskError, match="broken_mask.png"):
-        lungs.load_mask(tmp_path / "broken_mask.png")
+    with pytest.raises(annotations.LungMaskError, match="broken_mask.png"):
+        annotations.load_mask(tmp_path / "broken_mask.png")
 
 
 def test_positions_in_a_split():
-    masks = lungs.LungMasks(image_ids=["b", "d"], masks=np.zeros((2, 4, 4), bool), missing=["c"])
+    masks = lungmasks.LungMasks(image_ids=["b", "d"], masks=np.zeros((2, 4, 4), bool), missing=["c"])
     assert masks.positions_in(["a", "b", "c", "d"]) == [1, 3]
     with pytest.raises(KeyError, match="not among"):
         masks.positions_in(["a", "b"])
@@ -171,7 +173,7 @@ def test_table_and_summary_flag_a_model_that_looks_outside():
 
 
 def test_table_takes_lung_masks_and_std_reflects_spread():
-    masks = lungs.LungMasks(image_ids=["a", "b"], masks=np.stack([square_mask()] * 2))
+    masks = lungmasks.LungMasks(image_ids=["a", "b"], masks=np.stack([square_mask()] * 2))
     one = np.ones((10, 10))
     cams = {"m": np.stack([one, square_mask() * 1.0])}  # energy 0.25 and 1.0
     summary = lungs.summarise_lung_energy(lungs.lung_energy_table(cams, masks))
@@ -211,7 +213,7 @@ def test_pointing_game_counts_hits_and_blank_maps():
 def test_film_mask_leaves_out_blank_borders():
     img = np.zeros((20, 30), np.uint8)
     img[3:17, 5:25] = np.random.default_rng(0).integers(0, 255, (14, 20))
-    film = lungs.film_mask(img)
+    film = lungmasks.film_mask(img)
     assert film[3:17, 5:25].all() and film.sum() == 14 * 20
 
 
@@ -219,37 +221,37 @@ def test_film_mask_leaves_out_blank_borders():
 
 
 def test_boxes_are_scaled_to_the_image_and_hold_its_mask(data_dir):
-    boxes, masks = lungs.box_index(data_dir), lungs.mask_index(data_dir)
+    boxes, masks = annotations.box_index(data_dir), annotations.mask_index(data_dir)
     images = {p.stem: p for p in (data_dir / "covid-chestxray-dataset" / "images").iterdir()}
     assert all(len(b) == 2 for _, b in boxes.values())  # a right and a left lung box each
     both = sorted(s for s in boxes if s in masks and s in images)[:15]
     assert len(both) == 15
     for stem in both:
         shape = np.asarray(Image.open(images[stem])).shape[:2]
-        box = lungs.box_mask(boxes[stem][1], boxes[stem][0], shape)
+        box = annotations.box_mask(boxes[stem][1], boxes[stem][0], shape)
         if box is None:  # drawn on another version of the image
             continue
-        mask = lungs.load_mask(masks[stem], shape)
+        mask = annotations.load_mask(masks[stem], shape)
         assert (mask & box).sum() / mask.sum() > 0.85, stem  # the lungs lie inside their boxes
         assert box.mean() > mask.mean()  # and the boxes are looser
 
 
 def test_box_mask_scales_and_refuses_another_aspect_ratio():
-    mask = lungs.box_mask([[10, 20, 30, 40]], drawn_on=(200, 100), shape=(100, 50))
+    mask = annotations.box_mask([[10, 20, 30, 40]], drawn_on=(200, 100), shape=(100, 50))
     assert mask.shape == (100, 50) and mask.sum() == 15 * 20 and mask[10:30, 5:20].all()
-    assert lungs.box_mask([[10, 20, 30, 40]], drawn_on=(200, 100), shape=(100, 100)) is None
+    assert annotations.box_mask([[10, 20, 30, 40]], drawn_on=(200, 100), shape=(100, 100)) is None
 
 
 def test_boxes_fill_in_where_masks_are_missing(data_dir, ieee):
-    boxes, masks = lungs.box_index(data_dir), lungs.mask_index(data_dir)
+    boxes, masks = annotations.box_index(data_dir), annotations.mask_index(data_dir)
     stem_of = {Path(p).stem: i for i, p in zip(ieee["image_id"], ieee["path"])}
     box_only = [stem_of[s] for s in sorted(boxes) if s not in masks and s in stem_of][:2]
     with_mask = [stem_of[s] for s in sorted(masks) if s in stem_of][:1]
     ids = with_mask + box_only
     cfg = PreprocessConfig(size=32)
-    plain = lungs.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False)
+    plain = lungmasks.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False)
     assert plain.image_ids == with_mask and plain.missing == box_only
-    filled = lungs.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False, boxes=True)
+    filled = lungmasks.lung_masks(ieee, data_dir, cfg, image_ids=ids, progress=False, boxes=True)
     assert filled.image_ids == ids and filled.kinds == ["mask", "boxes", "boxes"] and not filled.missing
     np.testing.assert_array_equal(filled.masks[0], plain.masks[0])
     assert all(0.1 < m.mean() < 0.8 for m in filled.masks[1:])

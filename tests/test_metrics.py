@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
-from nbhelpers import metrics
+from nbhelpers.evaluation import metrics
 
 RNG = np.random.default_rng(7)
 Y_TRUE = RNG.integers(0, 3, 200)

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nbhelpers import mitigate
-from nbhelpers.images import load_gray
-from nbhelpers.lungs import lung_masks, prepare_mask
-from nbhelpers.mitigate import (
+from nbhelpers.pipeline import mitigate
+from data_prep.images import load_gray
+from nbhelpers.pipeline.lungmasks import lung_masks, prepare_mask
+from nbhelpers.pipeline.mitigate import (
     Box,
     crop,
     histogram,
@@ -23,7 +23,7 @@ from nbhelpers.mitigate import (
     reference_histogram,
     summarise_check,
 )
-from nbhelpers.preprocess import META_FILE, PreprocessConfig, build_cache, prepare, source_content
+from nbhelpers.pipeline.preprocess import META_FILE, PreprocessConfig, build_cache, prepare, source_content
 
 NIH_IMAGE = "nih-cxr14-subset/images/00000061_012.png"
 
@@ -161,7 +161,7 @@ def test_masks_follow_the_lung_crop(data_dir: Path) -> None:
 
 
 def test_lung_masks_are_cut_like_the_images(data_dir: Path) -> None:
-    from nbhelpers.lungs import mask_index
+    from data_prep.annotations import mask_index
 
     stem = sorted(mask_index(data_dir))[0]
     path = next((data_dir / "covid-chestxray-dataset/images").glob(f"{stem}.*")).relative_to(data_dir).as_posix()
@@ -192,9 +192,9 @@ def test_a_lung_crop_fills_the_square_without_letterbox_bars(data_dir: Path) -> 
 
 
 def test_blackout_variants_on_a_real_film(data_dir):
-    from nbhelpers.images import load_gray
-    from nbhelpers.mitigate import blackout, center_box, lung_box
-    from nbhelpers.preprocess import PreprocessConfig
+    from data_prep.images import load_gray
+    from nbhelpers.pipeline.mitigate import blackout, center_box, lung_box
+    from nbhelpers.pipeline.preprocess import PreprocessConfig
 
     img = load_gray(next((data_dir / "nih-cxr14-subset" / "images").glob("*.png")))
     box = center_box(img.shape)

@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from nbhelpers import complexity as cx
+from nbhelpers.models import complexity as cx
 from nbhelpers.models import (
     PretrainedWeightsError,
     UnknownModelError,
@@ -270,7 +270,7 @@ def test_complexity_table_and_command_line(tmp_path):
     csv = (tmp_path / "cx.csv").read_text()
     assert "lgfnet" in csv and "paper_params_m" in csv
     md = (tmp_path / "cx.md").read_text()
-    assert "python -m nbhelpers.complexity --models lgfnet" in md and torch.__version__ in md
+    assert "python -m nbhelpers.models.complexity --models lgfnet" in md and torch.__version__ in md
 
 
 def test_latency_returns_a_positive_rate():

@@ -15,7 +15,7 @@ import papermill
 import pytest
 
 from data_prep.schema import CLASSES
-from nbhelpers import run
+from nbhelpers.tools import run
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from nbhelpers import plots  # noqa: E402
+from nbhelpers.evaluation import plots  # noqa: E402
 
 
 def test_figures_draw_what_they_are_given():

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import nbhelpers.preprocess as pp
-from nbhelpers.config import load_profile, resolve
-from nbhelpers.images import ImageReadError, load_gray
-from nbhelpers.preprocess import (
+import nbhelpers.pipeline.preprocess as pp
+from nbhelpers.settings.config import load_profile, resolve
+from data_prep.images import ImageReadError, load_gray
+from nbhelpers.pipeline.preprocess import (
     CacheError,
     ImageCache,
     PreprocessConfig,
@@ -296,7 +296,7 @@ def test_open_incomplete_cache(tmp_path: Path) -> None:
 
 
 def test_loader_benchmark_reports_both_paths(data_dir: Path, tmp_path: Path, capsys) -> None:
-    from nbhelpers import bench
+    from nbhelpers.tools import bench
 
     out = tmp_path / "loader.txt"
     argv = ["loader", "--data-dir", str(data_dir), "--n", "6", "--size", "32", "--batch-size", "4",
@@ -304,7 +304,7 @@ def test_loader_benchmark_reports_both_paths(data_dir: Path, tmp_path: Path, cap
     assert bench.main(argv) == 0
     text = out.read_text()
     assert text == capsys.readouterr().out
-    assert text.startswith("$ python -m nbhelpers.bench loader")
+    assert text.startswith("$ python -m nbhelpers.tools.bench loader")
     rates = {line[:3]: float(line.split(":")[-1].split()[0]) for line in text.splitlines() if line[:3] in
              ("(a)", "(b)")}
     assert set(rates) == {"(a)", "(b)"} and all(r > 0 for r in rates.values())
@@ -312,7 +312,7 @@ def test_loader_benchmark_reports_both_paths(data_dir: Path, tmp_path: Path, cap
 
 
 def test_benchmark_sample_skips_masks_and_empty_folders(data_dir: Path, tmp_path: Path) -> None:
-    from nbhelpers import bench
+    from nbhelpers.tools import bench
 
     paths = bench.sample_images(data_dir, 50, seed=1)
     assert len(paths) == 50 and not any("annotations" in p.parts for p in paths)

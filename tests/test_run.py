@@ -5,7 +5,8 @@ import json
 import nbformat
 import pytest
 
-from nbhelpers import config, keyvalue, run
+from nbhelpers.settings import config, keyvalue
+from nbhelpers.tools import run
 
 
 def _notebook(path, *sources, params="x = 1"):
@@ -84,7 +85,7 @@ def test_profile_overrides_reach_every_notebook_and_notebook_parameters_those_de
 def test_a_session_started_from_the_run_settings_sees_every_override(tmp_path, declared):
     resolved = run.resolve_overrides("smoke", ["clahe=False", "image_size=32"], declared)
     path = config.write_settings(tmp_path, "smoke", resolved.values, resolved.overrides)
-    from nbhelpers.notebook import start
+    from nbhelpers.tools.notebook import start
 
     s = start("smoke", run_dir=str(tmp_path), need_data=False, settings_file=str(path), model=None)
     assert (s.clahe, s.image_size) == (False, 32)
@@ -113,7 +114,7 @@ def test_an_override_reaches_a_notebook_that_does_not_declare_it(tmp_path):
     folder = tmp_path / "nbs"
     folder.mkdir()
     params = ('profile = "smoke"\ndata_dir = None\nrun_dir = None\nsettings_file = None\n')
-    body = ("import json, pathlib\nfrom nbhelpers.notebook import start\n"
+    body = ("import json, pathlib\nfrom nbhelpers.tools.notebook import start\n"
             "s = start(profile, data_dir, run_dir, settings_file=settings_file{extra})\n"
             "pathlib.Path(run_dir, '{name}.json').write_text(json.dumps([s.clahe, s.image_size]))")
     _notebook(folder / "01_declares.ipynb", body.format(extra=", clahe=clahe, image_size=image_size", name="01"),

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nbhelpers import ablation, audit, shortcut
-from nbhelpers.ablation import Row
-from nbhelpers.preprocess import MITIGATIONS, PreprocessConfig
+from nbhelpers.experiments import ablation, audit, shortcut
+from nbhelpers.experiments.ablation import Row
+from nbhelpers.pipeline.preprocess import MITIGATIONS, PreprocessConfig
 
 
 def test_the_shortcut_group_switches_one_mitigation_per_row_and_all_at_once():
@@ -90,7 +90,7 @@ def test_cli_names_a_missing_pool_manifest(tmp_path, capsys):
 
 
 def test_marker_and_padding_masks_follow_the_training_geometry(data_dir):
-    from nbhelpers.preprocess import PreprocessConfig
+    from nbhelpers.pipeline.preprocess import PreprocessConfig
 
     wide = sorted((data_dir / "Actualmed-COVID-chestxray-dataset/images").glob("*.png"))[0]
     manifest = pd.DataFrame({"image_id": ["w"], "path": [wide.relative_to(data_dir).as_posix()]})
@@ -172,7 +172,7 @@ def test_a_label_written_in_a_corner_survives_the_central_blackout():
     # so the blackout test calls it a shortcut.
     from sklearn.linear_model import LogisticRegression
 
-    from nbhelpers.mitigate import blackout
+    from nbhelpers.pipeline.mitigate import blackout
 
     rng = np.random.default_rng(0)
     train, y_train = _corner_images(200, rng)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from nbhelpers import metrics as M
-from nbhelpers.stats import holm, mcnemar_exact, sign_flip_test, wilson
+from nbhelpers.evaluation import metrics as M
+from nbhelpers.evaluation.stats import holm, mcnemar_exact, sign_flip_test, wilson
 
 
 def test_mcnemar_matches_the_binomial_test():
@@ -77,7 +77,7 @@ def test_without_repeated_patients_both_bootstraps_agree():
 def test_seed_averaging_counts_each_image_once():
     import pandas as pd
 
-    from nbhelpers.stats import per_image, proportion_ci
+    from nbhelpers.evaluation.stats import per_image, proportion_ci
 
     seed0 = pd.DataFrame({"image_id": ["a", "b", "c"], "patient_id": ["p", "p", "q"], "correct": [1, 0, 1]})
     seed1 = seed0.assign(correct=[1, 1, 1])

@@ -12,9 +12,9 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_scor
 
 from data_prep.schema import CLASSES
 from nbhelpers import models
-from nbhelpers.preprocess import CachedSplit, PreprocessConfig, build_cache
-from nbhelpers.presets import PresetError, list_presets
-from nbhelpers.train import (
+from nbhelpers.pipeline.preprocess import CachedSplit, PreprocessConfig, build_cache
+from nbhelpers.settings.presets import PresetError, list_presets
+from nbhelpers.training.train import (
     TrainConfig,
     amp_dtype,
     config_from_preset,
@@ -216,21 +216,21 @@ def test_command_line_run_evaluates_the_test_split_once_and_matches_sklearn(data
     assert load_checkpoint(out / "best.pt", net)["epoch"] == m["best_epoch"]
     table = runs_table([out])
     assert table.loc[0, "model"] == TINY and table.loc[0, "accuracy"] == pytest.approx(test["accuracy"])
-    from nbhelpers.metrics import aggregate
+    from nbhelpers.evaluation.metrics import aggregate
 
     summary = aggregate(table)
     assert summary.loc[0, "runs"] == 1 and "macro_auc" in summary.columns and "best_epoch_mean" not in summary.columns
 
 
 def test_training_benchmark_reports_both_paths_and_their_ratio(data_dir, tmp_path):
-    from nbhelpers import bench_train
+    from nbhelpers.tools import bench_train
 
     out = tmp_path / "train_cpu.txt"
     argv = ["--models", "squeezenet", "--size", "32", "--batch-size", "4", "--steps", "2", "--repeats", "1", "--threads", "1", "--device", "cpu",
             "--data-dir", str(data_dir), "--out", str(out)]
     assert bench_train.main(argv) == 0
     text = out.read_text()
-    assert text.startswith("$ python -m nbhelpers.bench_train --models squeezenet")
+    assert text.startswith("$ python -m nbhelpers.tools.bench_train --models squeezenet")
     assert "device: cpu" in text and "torch " + torch.__version__ in text
     header = next(line for line in text.splitlines() if line.lstrip().startswith("model"))
     row = next(line for line in text.splitlines() if line.lstrip().startswith("squeezenet")).split()

@@ -18,10 +18,11 @@ from conftest import real_manifest
 import torch
 
 from data_prep import atomic
-from nbhelpers import models, train
-from nbhelpers.keyvalue import AssignmentError
-from nbhelpers.preprocess import CachedSplit
-from nbhelpers.train import (
+from nbhelpers import models
+from nbhelpers.training import train
+from nbhelpers.settings.keyvalue import AssignmentError
+from nbhelpers.pipeline.preprocess import CachedSplit
+from nbhelpers.training.train import (
     CheckpointError,
     RunFolderInUse,
     TrainConfig,
@@ -118,7 +119,7 @@ def test_command_line_types_set_preprocess_and_option_values(monkeypatch, tmp_pa
     filelock.Timeout("run/.lock"),
 ])
 def test_command_line_reports_setup_errors_in_one_line_and_exits_2(monkeypatch, tmp_path, capsys, error):
-    from nbhelpers.preprocess import CacheError
+    from nbhelpers.pipeline.preprocess import CacheError
 
     for raised in (error, CacheError("cache incomplete\nrebuild it")):
         monkeypatch.setattr(train, "train_run", lambda *a, raised=raised, **k: (_ for _ in ()).throw(raised))
@@ -144,8 +145,8 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from data_prep import atomic
     from nbhelpers import models
-    from nbhelpers.preprocess import CachedSplit
-    from nbhelpers.train import TrainConfig, fit
+    from nbhelpers.pipeline.preprocess import CachedSplit
+    from nbhelpers.training.train import TrainConfig, fit
 
     out, kill_at = Path(sys.argv[1]), int(sys.argv[2])
     writes = []

@@ -2,18 +2,18 @@
 
 For each row of a group of ``ablations.toml`` (by default ``shortcut``: no mitigation, marker
 filling, lung crop, histogram matching, all three), trained for several seeds by
-:mod:`nbhelpers.ablation`, this module puts side by side:
+:mod:`nbhelpers.experiments.ablation`, this module puts side by side:
 
 * the diagnosis accuracy over all test images (mean over seeds, t-interval);
 * the **within-source** accuracy: test images of sources that mix classes
-  (:data:`nbhelpers.audit.COVID_MIXED_SOURCES`), pooled over seeds, with a Wilson interval —
+  (:data:`nbhelpers.experiments.audit.COVID_MIXED_SOURCES`), pooled over seeds, with a Wilson interval —
   where the archive gives no hint, so a mitigation should not lower it;
-* the **source probe** (:func:`nbhelpers.audit.source_probe`) trained *with the row's
+* the **source probe** (:func:`nbhelpers.experiments.audit.source_probe`) trained *with the row's
   preprocessing*, one per seed, on a pool of images (curated, not balanced) — a mitigation that
   removes the archive's cues brings its balanced accuracy towards chance (0.5);
-* CAM lung energy, when a table from ``python -m nbhelpers.explain --groups shortcut`` is given.
+* CAM lung energy, when a table from ``python -m nbhelpers.experiments.explain --groups shortcut`` is given.
 
-``python -m nbhelpers.shortcut --grid-root R --manifest M --pool-manifest P --out T`` trains the
+``python -m nbhelpers.experiments.shortcut --grid-root R --manifest M --pool-manifest P --out T`` trains the
 missing probes (a finished one, with its ``probe.json``, is reused only when the record it stored
 matches the probe that would be trained now: model, preprocessing, settings, probe manifest and
 cache key) and writes
@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from nbhelpers import ablation, audit
-from nbhelpers import metrics as M
+from nbhelpers.experiments import ablation, audit
+from nbhelpers.evaluation import metrics as M
 
 GROUP = "shortcut"
 #: The probe's classes by default: every non-COVID image, NIH against the other archives.
@@ -64,10 +64,10 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
     view probe instead (AP against PA within ``labels``).
 
     A finished probe (its ``probe.json``) is reused only when the record it stored matches
-    :func:`nbhelpers.audit.probe_provenance` for this row and seed (model, preprocessing,
+    :func:`nbhelpers.experiments.audit.probe_provenance` for this row and seed (model, preprocessing,
     effective settings, probe manifest, cache key); otherwise what differs is printed and the
     probe is trained afresh.  Every probe's settings are checked before the first one trains.
-    Raises what :func:`nbhelpers.audit.source_probe` raises.
+    Raises what :func:`nbhelpers.experiments.audit.source_probe` raises.
     """
     pool = audit._read_table(pool, "pool manifest")  # read once, hashed per probe
     todo = []
@@ -99,7 +99,7 @@ def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequenc
         for seed in seeds:
             path = probe_dir(grid_root, row, seed, root) / audit.PROBE_JSON
             if not path.is_file():
-                raise FileNotFoundError(f"no source probe at {path}; run python -m nbhelpers.shortcut to train it")
+                raise FileNotFoundError(f"no source probe at {path}; run python -m nbhelpers.experiments.shortcut to train it")
             test = json.loads(path.read_text())["test"]
             lines.append({"group": row.group, "name": row.name, "seed": seed,
                           **{k: test[k] for k in ("n", "balanced_accuracy", "low", "high", "accuracy", "auc")}})
@@ -109,7 +109,7 @@ def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequenc
 def _probe_images(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """The probes' test predictions of several seeds as one row per distinct image: group,
     patient and correctness averaged over the seeds that tested it."""
-    from nbhelpers.stats import per_image
+    from nbhelpers.evaluation.stats import per_image
 
     parts = [f.assign(correct=(f["group"] == f["pred"]).astype(float))[
         ["image_id", "group", "correct", *(["patient_id"] if "patient_id" in f.columns else [])]] for f in frames]
@@ -158,9 +158,9 @@ def within_source(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence
                   n_boot: int = M.N_BOOTSTRAP) -> pd.DataFrame:
     """Per row and mixed source: the diagnosis accuracy on that source's test images over the
     seeds, each image counted once (its correctness averaged over seeds), with an interval over
-    patients (:func:`nbhelpers.stats.proportion_ci`), plus an ``all`` line per row pooling the
+    patients (:func:`nbhelpers.evaluation.stats.proportion_ci`), plus an ``all`` line per row pooling the
     sources.  ``n`` / ``patients`` count distinct images and patients."""
-    from nbhelpers.stats import per_image, proportion_ci
+    from nbhelpers.evaluation.stats import per_image, proportion_ci
 
     table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
     out = []
@@ -192,9 +192,9 @@ def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Seque
                      manifest: pd.DataFrame | Path | str, cam_table: pd.DataFrame | None = None) -> pd.DataFrame:
     """One line per row: overall accuracy (mean, t-interval over seeds), within-source accuracy
     (each image once, interval over patients) and its difference from the baseline row on the
-    same images (patient bootstrap interval and Holm-adjusted p, :func:`nbhelpers.ablation.paired_tests`),
+    same images (patient bootstrap interval and Holm-adjusted p, :func:`nbhelpers.experiments.ablation.paired_tests`),
     pooled probe balanced accuracy (patient bootstrap interval) and, with ``cam_table``
-    (the ``cam_lung_energy`` table of :mod:`nbhelpers.explain`), the CAM lung-energy excess."""
+    (the ``cam_lung_energy`` table of :mod:`nbhelpers.experiments.explain`), the CAM lung-energy excess."""
     summary = ablation.summarise(ablation.collect(rows, grid_root, seeds), rows).set_index("name")
     within = within_source(rows, grid_root, seeds, manifest)
     within = within[within["source"] == audit.ALL_CLASSES].set_index("name")
@@ -278,12 +278,12 @@ def mitigation_preview(manifest: pd.DataFrame, data_dir: Path | str, cfg, split:
                        progress: bool = True) -> tuple[list[np.ndarray], list[str]]:
     """One image of ``split`` per source, prepared with every :data:`VARIANTS` entry on top of
     ``cfg``: a list of images (row by row: source, then variant) and their titles, for
-    :func:`nbhelpers.plots.image_grid` with ``ncols=len(VARIANTS)``.  Histogram matching uses
+    :func:`nbhelpers.evaluation.plots.image_grid` with ``ncols=len(VARIANTS)``.  Histogram matching uses
     the reference of the manifest's training split (prepared like the variant)."""
     from dataclasses import replace
 
-    from nbhelpers.images import load_gray
-    from nbhelpers.preprocess import prepare, training_reference
+    from data_prep.images import load_gray
+    from nbhelpers.pipeline.preprocess import prepare, training_reference
 
     rows = manifest[manifest["split"] == split]
     picked = rows.groupby("source", sort=True).sample(1, random_state=seed)
@@ -300,14 +300,14 @@ def mitigation_preview(manifest: pd.DataFrame, data_dir: Path | str, cfg, split:
 
 def marker_masks(manifest: pd.DataFrame, data_dir: Path | str, cfg,
                  image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Where :func:`nbhelpers.mitigate.marker_mask` finds burnt-in markers on each image, and
+    """Where :func:`nbhelpers.pipeline.mitigate.marker_mask` finds burnt-in markers on each image, and
     where the letterbox padding lies, both in ``cfg``'s training geometry (lung crop included),
     as two bool (N, size, size) stacks.  The marker masks say where markers *were* also when
     ``cfg.mask_markers`` filled them."""
-    from nbhelpers.images import load_gray
-    from nbhelpers.lungs import prepare_mask
-    from nbhelpers.mitigate import marker_mask
-    from nbhelpers.preprocess import source_content
+    from data_prep.images import load_gray
+    from nbhelpers.pipeline.lungmasks import prepare_mask
+    from nbhelpers.pipeline.mitigate import marker_mask
+    from nbhelpers.pipeline.preprocess import source_content
 
     paths = manifest.set_index(manifest["image_id"].astype(str))["path"]
     markers, padding = [], []
@@ -333,8 +333,8 @@ def marker_attention(net, cache, manifest: pd.DataFrame, data_dir: Path | str, n
     the letters and arrows, or at the image's format.  Images without any marker are not chosen.
     """
     from data_prep.schema import CLASSES
-    from nbhelpers.cam import cams_for_images
-    from nbhelpers.lungs import lung_energy
+    from nbhelpers.evaluation.cam import cams_for_images
+    from nbhelpers.evaluation.lungs import lung_energy
 
     part = cache.split(split)
     masks, padding = marker_masks(manifest, data_dir, cache.cfg, part.image_ids)
@@ -357,7 +357,7 @@ def marker_attention(net, cache, manifest: pd.DataFrame, data_dir: Path | str, n
 def committed_table(folder: Path | None = None, name: str = "shortcut_mitigations") -> pd.DataFrame | None:
     """A committed table of the reduced CPU run, ``<name>.csv`` (default: the mitigation table in
     ``results/tables``), or None when absent."""
-    from nbhelpers.config import RESULTS_DIR
+    from nbhelpers.settings.config import RESULTS_DIR
 
     path = (folder or RESULTS_DIR / "tables") / f"{name}.csv"
     return pd.read_csv(path) if path.is_file() else None
@@ -365,13 +365,13 @@ def committed_table(folder: Path | None = None, name: str = "shortcut_mitigation
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train the missing or stale probes and write the three tables; 0, or 2 with one line on
-    stderr for a setup error (a grid or probe error, or one of :func:`nbhelpers.train.setup_errors`).
+    stderr for a setup error (a grid or probe error, or one of :func:`nbhelpers.training.train.setup_errors`).
     ``--set`` values are typed by the setting they change (``pretrained=false`` is False)."""
-    from nbhelpers.complexity import markdown_table
-    from nbhelpers.train import EXIT_SETUP_ERROR, one_line, parse_set, setup_errors
+    from nbhelpers.models.complexity import markdown_table
+    from nbhelpers.training.train import EXIT_SETUP_ERROR, one_line, parse_set, setup_errors
 
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.shortcut", description=__doc__.splitlines()[0])
-    p.add_argument("--grid-root", type=Path, required=True, help="the --out folder of python -m nbhelpers.ablation")
+    p = argparse.ArgumentParser(prog="python -m nbhelpers.experiments.shortcut", description=__doc__.splitlines()[0])
+    p.add_argument("--grid-root", type=Path, required=True, help="the --out folder of python -m nbhelpers.experiments.ablation")
     p.add_argument("--manifest", type=Path, required=True, help="the manifest the grid was trained on")
     p.add_argument("--pool-manifest", type=Path, required=True,
                    help="curated images for the probes (e.g. python -m data_prep --per-class 1000 --balance down)")
@@ -383,17 +383,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default="smoke")
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="preset overrides for the probes")
-    p.add_argument("--cam-table", type=Path, help="cam_lung_energy.csv of python -m nbhelpers.explain for this group")
+    p.add_argument("--cam-table", type=Path, help="cam_lung_energy.csv of python -m nbhelpers.experiments.explain for this group")
     p.add_argument("--out", type=Path, required=True, help="folder for the tables")
     p.add_argument("--external", action="store_true",
                    help=f"also report the {EXTERNAL_GROUP!r} group's runs under --grid-root (train them with python -m "
-                        f"nbhelpers.ablation --groups {EXTERNAL_GROUP} --manifest POOL)")
+                        f"nbhelpers.experiments.ablation --groups {EXTERNAL_GROUP} --manifest POOL)")
     p.add_argument("--view-probe", action="store_true",
                    help="also train the view probe (AP against PA COVID-19 films of the pool) with the baseline row's "
                         "preprocessing, and report accuracy per view")
     p.add_argument("--blackout", action="store_true",
                    help=f"also report the {BLACKOUT_GROUP!r} group's runs under --grid-root (train them with "
-                        f"python -m nbhelpers.ablation --groups {BLACKOUT_GROUP})")
+                        f"python -m nbhelpers.experiments.ablation --groups {BLACKOUT_GROUP})")
     args = p.parse_args(argv)
     try:
         rows = ablation.load_grid(groups=[args.group])
@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ablation.GridError, audit.ProbeError, KeyError, *setup_errors()) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_SETUP_ERROR
-    header = (f"Made by `python -m nbhelpers.shortcut {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
+    header = (f"Made by `python -m nbhelpers.experiments.shortcut {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
               f"{datetime.now(timezone.utc):%Y-%m-%d}; group {args.group}, seeds {args.seeds}; probes: "
               f"{args.probe_model}, classes {args.probe_labels}, preset {args.preset} {args.set}, device {args.device}.")
     from data_prep.atomic import write_text, write_with

@@ -1,8 +1,8 @@
 """Shortcut mitigations applied to the grey image before CLAHE and resizing.
 
-Three options of :class:`nbhelpers.preprocess.PreprocessConfig` call these functions; each is
+Three options of :class:`nbhelpers.pipeline.preprocess.PreprocessConfig` call these functions; each is
 meant to remove a cue that tells the archive apart rather than the disease (see
-:mod:`nbhelpers.audit`):
+:mod:`nbhelpers.experiments.audit`):
 
 * ``lung_crop`` — :func:`lung_box` finds a box around both lung fields by a fixed rule that
   treats every source alike, and the image is cut to it: borders, arms, neck, abdomen and most
@@ -14,7 +14,7 @@ meant to remove a cue that tells the archive apart rather than the disease (see
   region qualifies the rule retries with larger openings; if it still fails, or the box is
   implausibly small, it returns None and the image stays uncropped — the cache counts and lists
   those images.  Measured against the ieee8023 lungVAE masks by
-  ``python -m nbhelpers.mitigate lung-box`` (``results/benchmarks/lung_box.txt``).  The ieee8023
+  ``python -m nbhelpers.pipeline.mitigate lung-box`` (``results/benchmarks/lung_box.txt``).  The ieee8023
   masks themselves are not used for cropping: they exist for one source only, and cropping one
   source by masks and the others by a rule would be a new source cue.
 * ``mask_markers`` — :func:`marker_mask` finds burnt-in text, side letters, arrows and similar
@@ -272,12 +272,12 @@ def lung_box_check(data_dir: Path | str, progress: bool = True) -> pd.DataFrame:
 
     One row per image: ``found``, ``iou`` (box vs mask box), ``lung_covered`` (share of mask
     pixels inside the box), ``box_share`` / ``mask_box_share`` (areas as shares of the image).
-    Raises :class:`nbhelpers.lungs.LungMaskError` when the masks are missing.
+    Raises :class:`data_prep.annotations.LungMaskError` when the masks are missing.
     """
     from tqdm.auto import tqdm
 
-    from nbhelpers.images import load_gray
-    from nbhelpers.lungs import load_mask, mask_folder, mask_index
+    from data_prep.images import load_gray
+    from data_prep.annotations import load_mask, mask_folder, mask_index
 
     masks = mask_index(data_dir)
     images = {p.stem: p for p in (mask_folder(data_dir).parent.parent / "images").iterdir()}
@@ -307,7 +307,7 @@ def lung_box_check(data_dir: Path | str, progress: bool = True) -> pd.DataFrame:
 
 def found_rates(paths_by_source: Mapping[str, Iterable[Path]]) -> pd.DataFrame:
     """Share of images per source for which :func:`lung_box` finds a box, and the median box share."""
-    from nbhelpers.images import load_gray
+    from data_prep.images import load_gray
 
     rows = []
     for source, paths in paths_by_source.items():
@@ -330,14 +330,14 @@ def summarise_check(table: pd.DataFrame) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nbhelpers.mitigate lung-box --data-dir D [--out FILE]``: measure :func:`lung_box`."""
+    """``python -m nbhelpers.pipeline.mitigate lung-box --data-dir D [--out FILE]``: measure :func:`lung_box`."""
     import shlex
     from datetime import datetime, timezone
 
-    from nbhelpers.config import data_dir as resolve_data_dir
-    from nbhelpers.lungs import LungMaskError
+    from data_prep.datadir import data_dir as resolve_data_dir
+    from data_prep.annotations import LungMaskError
 
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.mitigate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m nbhelpers.pipeline.mitigate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     check = sub.add_parser("lung-box", help="compare the lung-box rule with the ieee8023 lung masks")
     check.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
@@ -357,9 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     frontal = sources[(sources["modality"] == "X-ray") & (sources["view"].isin(FRONTAL_VIEWS) | (sources["view"] == "")) & (sources["label"] != "")]
     paths = {name: [root / rel for rel in part["path"].head(args.per_source)]
              for name, part in frontal.groupby("source", sort=True)}
-    lines = [f"$ python -m nbhelpers.mitigate {shlex.join(sys.argv[1:] if argv is None else list(argv))}",
+    lines = [f"$ python -m nbhelpers.pipeline.mitigate {shlex.join(sys.argv[1:] if argv is None else list(argv))}",
              f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-             f"data: {root}; lung-box rule of nbhelpers.mitigate against the ieee8023 lungVAE masks",
+             f"data: {root}; lung-box rule of nbhelpers.pipeline.mitigate against the ieee8023 lungVAE masks",
              "", "against the masks (IoU, coverage and box share over images where a box was found):"]
     lines += [f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in summarise_check(table).items()]
     lines += ["", f"found per source (first {args.per_source} frontal X-rays with a class label of each):",

@@ -6,9 +6,9 @@ of CAM energy inside the lungs against the uniform-map baseline over the film, a
 game; :func:`randomisation_report` runs the Adebayo et al. sanity check (cascading and
 independent) per model; :func:`verdict_sentences` says in words what passed and failed.  The
 command explains every ablation row at one common CAM grid of at least 7x7 cells
-(:func:`nbhelpers.cam.layers_for_grid`), since a 2x2 map (DenseNet at 64 px) cannot localise.  Notebook 07 and the command line below share them:
+(:func:`nbhelpers.evaluation.cam.layers_for_grid`), since a 2x2 map (DenseNet at 64 px) cannot localise.  Notebook 07 and the command line below share them:
 
-``python -m nbhelpers.explain --ablation-root results/runs/ablation-cpu64 --manifest M --seeds 0 1 2 --out results/tables``
+``python -m nbhelpers.experiments.explain --ablation-root results/runs/ablation-cpu64 --manifest M --seeds 0 1 2 --out results/tables``
 explains the ablation rows' runs of those seeds and writes ``cam_lung_energy.{csv,md}`` and
 ``cam_randomisation.{csv,md}``.
 """
@@ -29,9 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data_prep.atomic import write_text, write_with
-from nbhelpers import lungs
+from nbhelpers.evaluation import lungs
+from nbhelpers.pipeline import lungmasks
 from data_prep.schema import CLASSES
-from nbhelpers.cam import (
+from nbhelpers.evaluation.cam import (
     cam_grid,
     cams_for_images,
     examples_per_class,
@@ -39,17 +40,17 @@ from nbhelpers.cam import (
     randomisation_check,
     randomisation_verdict,
 )
-from nbhelpers.cam import MIN_GRID, PASS_SPEARMAN
-from nbhelpers.data import to_model_input
-from nbhelpers.preprocess import ImageCache, PreprocessConfig
+from nbhelpers.evaluation.cam import MIN_GRID, PASS_SPEARMAN
+from nbhelpers.pipeline.data import to_model_input
+from nbhelpers.pipeline.preprocess import ImageCache, PreprocessConfig
 
 HELD_OUT = ("val", "test")
 
 
 def run_cache(run, manifest: pd.DataFrame, data_dir: Path, cache_root: Path) -> ImageCache:
     """The image cache with the preprocessing that the finished run ``run`` (a
-    :class:`nbhelpers.train.RunResult`) was trained on: a model is explained on the images it saw."""
-    from nbhelpers.preprocess import build_cache
+    :class:`nbhelpers.training.train.RunResult`) was trained on: a model is explained on the images it saw."""
+    from nbhelpers.pipeline.preprocess import build_cache
 
     cfg = PreprocessConfig(**run.metrics["data"]["preprocess"])
     return build_cache(manifest, data_dir, cache_root, cfg, progress=False)
@@ -68,18 +69,18 @@ def held_out_labels(cache: ImageCache, splits: Sequence[str] = HELD_OUT) -> dict
 def lung_energy_report(models: Mapping[str, nn.Module], cache: ImageCache, manifest: pd.DataFrame,
                        data_dir: Path, cfg: PreprocessConfig, device: torch.device | str = "cpu",
                        method: str = "gradcam", target_layers: Mapping[str, Sequence[nn.Module] | None] | None = None,
-                       ) -> tuple[pd.DataFrame, pd.DataFrame, lungs.LungMasks]:
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, lungmasks.LungMasks]:
     """Lung energy and pointing game of every model on the held-out images that have lung masks
     (or boxes), each image explained for its **true** class (the COVID-19 films upstream drew
     masks for), not for whatever the model predicted.
 
-    ``target_layers`` (per model label, e.g. from :func:`nbhelpers.cam.layers_for_grid`) choose
+    ``target_layers`` (per model label, e.g. from :func:`nbhelpers.evaluation.cam.layers_for_grid`) choose
     the CAM layer; each row records its CAM ``grid``.  Returns ``(per_image, summary, masks)``:
-    :func:`nbhelpers.lungs.lung_energy_table` and :func:`nbhelpers.lungs.summarise_lung_energy`
+    :func:`nbhelpers.evaluation.lungs.lung_energy_table` and :func:`nbhelpers.evaluation.lungs.summarise_lung_energy`
     (both empty when no held-out image has a mask).
     """
     images, labels = held_out_images(cache), held_out_labels(cache)
-    masks = lungs.lung_masks(manifest, data_dir, cfg, image_ids=list(images), progress=False, boxes=True)
+    masks = lungmasks.lung_masks(manifest, data_dir, cfg, image_ids=list(images), progress=False, boxes=True)
     if not masks.image_ids:
         empty = lungs.lung_energy_table({}, masks)
         return empty, lungs.summarise_lung_energy(empty), masks
@@ -105,10 +106,10 @@ def lung_energy_report(models: Mapping[str, nn.Module], cache: ImageCache, manif
 def randomisation_report(models: Mapping[str, nn.Module], images: np.ndarray, device: torch.device | str = "cpu",
                          target_layers: Mapping[str, Sequence[nn.Module] | None] | None = None,
                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The cascading and independent randomisation check (:func:`nbhelpers.cam.randomisation_check`)
+    """The cascading and independent randomisation check (:func:`nbhelpers.evaluation.cam.randomisation_check`)
     of every model on ``images`` (uint8 (N, H, W)).
 
-    Returns ``(verdicts, stages)``: one row per model with :func:`nbhelpers.cam.randomisation_verdict`
+    Returns ``(verdicts, stages)``: one row per model with :func:`nbhelpers.evaluation.cam.randomisation_verdict`
     (the fully randomised model's mean Spearman / SSIM / HOG, blank maps, passed, reason), and
     one row per model, mode and stage with the mean similarities (the cascade's curve).
     """
@@ -126,7 +127,7 @@ def randomisation_report(models: Mapping[str, nn.Module], images: np.ndarray, de
 
 def verdict_sentences(energy: pd.DataFrame, randomisation: pd.DataFrame) -> list[str]:
     """One sentence per model and diagnostic saying whether it passed and what that means, from
-    :func:`nbhelpers.lungs.summarise_lung_energy` (indexed by model or with a model column) and the
+    :func:`nbhelpers.evaluation.lungs.summarise_lung_energy` (indexed by model or with a model column) and the
     verdicts of :func:`randomisation_report`."""
     lines = []
     table = energy.reset_index() if "model" not in energy.columns else energy
@@ -155,13 +156,13 @@ def verdict_sentences(energy: pd.DataFrame, randomisation: pd.DataFrame) -> list
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from nbhelpers import ablation
-    from nbhelpers.complexity import markdown_table
-    from nbhelpers.config import data_dir as resolve_data_dir
-    from nbhelpers.train import load_trained
+    from nbhelpers.experiments import ablation
+    from nbhelpers.models.complexity import markdown_table
+    from data_prep.datadir import data_dir as resolve_data_dir
+    from nbhelpers.training.train import load_trained
 
-    parser = argparse.ArgumentParser(prog="python -m nbhelpers.explain", description=__doc__.splitlines()[0])
-    parser.add_argument("--ablation-root", type=Path, required=True, help="the --out folder of nbhelpers.ablation")
+    parser = argparse.ArgumentParser(prog="python -m nbhelpers.experiments.explain", description=__doc__.splitlines()[0])
+    parser.add_argument("--ablation-root", type=Path, required=True, help="the --out folder of nbhelpers.experiments.ablation")
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--data-dir", help="folder of the upstream sources (default: $CXR_DATA_DIR)")
     parser.add_argument("--groups", nargs="+", help="only these ablation groups")
@@ -210,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     curves = pd.concat(curves, ignore_index=True)
     grid = f"{side}x{side} CAM grid for every row (the deepest layers giving at least {MIN_GRID} cells a side at {size} px)" \
         if side else f"each row's registered CAM layer (no common grid of {MIN_GRID}+ cells at {size} px)"
-    header = (f"Made by `python -m nbhelpers.explain {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
+    header = (f"Made by `python -m nbhelpers.experiments.explain {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
               f"{datetime.now(timezone.utc):%Y-%m-%d}, CPU; Grad-CAM of each row's runs with seeds "
               f"{', '.join(map(str, args.seeds))}, {grid}, each image explained for its true class; lung energy and "
               f"pointing game on {len(masks.image_ids)} distinct held-out "
@@ -228,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in verdict_sentences(summary, randomised):
         print(line)
     for group, cams in figure_cams.items():
-        from nbhelpers.plots import cam_comparison
+        from nbhelpers.evaluation.plots import cam_comparison
 
         images, titles = figure_images[group], figure_titles[group]
         args.figures.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Run the workbook: execute the ordered notebooks headlessly with papermill under one profile.
 
-``python -m nbhelpers.run --profile smoke --data-dir /path/to/cxr-sources`` (or the ``workbook``
+``python -m nbhelpers.tools.run --profile smoke --data-dir /path/to/cxr-sources`` (or the ``workbook``
 console script) executes ``notebooks/NN_*.ipynb`` in order, writes executed copies to
 ``results/runs/<profile>/`` and stops at the first failing notebook, naming it and the failing
 cell's error.
@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data_prep.atomic import write_text
-from nbhelpers import config, keyvalue
+from nbhelpers.settings import config, keyvalue
+from data_prep import datadir
 
 NOTEBOOK_DIR = config.REPO_ROOT / "notebooks"
 #: Per-cell limit in seconds: generous for a GPU epoch loop, yet a hung kernel ends the run.
@@ -77,7 +78,7 @@ def ensure_kernel(name: str = config.KERNEL_NAME) -> None:
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """Turn ``["epochs=3", "model=resnet50"]`` into a dict without checking the keys (see
-    :func:`nbhelpers.keyvalue.parse_value` for how values read); :func:`resolve_overrides`
+    :func:`nbhelpers.settings.keyvalue.parse_value` for how values read); :func:`resolve_overrides`
     is the checked form the runner uses."""
     return keyvalue.parse_assignments(pairs, flag="-p")
 
@@ -110,7 +111,7 @@ def resolve_overrides(profile: str, pairs: Sequence[str], declared: dict[str, di
     """Resolve ``-p KEY=VALUE`` items for ``profile`` and the selected notebooks (``declared``,
     from :func:`declared_parameters`), before anything runs.
 
-    Raises :class:`nbhelpers.keyvalue.AssignmentError` for a key that neither the profile nor any
+    Raises :class:`nbhelpers.settings.keyvalue.AssignmentError` for a key that neither the profile nor any
     selected notebook knows (naming close matches), for a runner option given as a parameter
     (``profile``, ``data_dir``, ...) and for a value of the wrong type.
     """
@@ -192,7 +193,7 @@ def run_workbook(
     notebooks = ordered_notebooks(notebook_dir, only=only)
     declared = declared_parameters(notebooks)
     resolved = resolve_overrides(profile, overrides, declared)
-    data = config.data_dir(data_dir)
+    data = datadir.data_dir(data_dir)
     run_dir = (out_dir or config.RESULTS_DIR / "runs" / profile).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock, Timeout
@@ -250,8 +251,8 @@ def _run_locked(profile: str, data: Path, run_dir: Path, notebooks: Sequence[Pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbook", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="full", help="run profile from nbhelpers/profiles.toml (default: full)")
-    parser.add_argument("--data-dir", help=f"folder of the upstream sources (default: ${config.DATA_ENV})")
+    parser.add_argument("--profile", default="full", help="run profile from nbhelpers/settings/profiles.toml (default: full)")
+    parser.add_argument("--data-dir", help=f"folder of the upstream sources (default: ${datadir.DATA_ENV})")
     parser.add_argument("--out", type=Path, help="where executed notebooks and results go (default: results/runs/<profile>)")
     parser.add_argument("--only", nargs="+", default=(), metavar="NN", help="run only notebooks starting with these numbers")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
@@ -270,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotebookFailed as error:
         print(f"workbook: {error}", file=sys.stderr)
         return 1
-    except (config.DataNotFoundError, config.ProfileError, FileNotFoundError, ValueError, RunFolderBusy) as error:
+    except (datadir.DataNotFoundError, config.ProfileError, FileNotFoundError, ValueError, RunFolderBusy) as error:
         print(f"workbook: {error}", file=sys.stderr)
         return EXIT_SETUP_ERROR
     print(f"workbook: {len(results)} notebooks ran in {sum(r.seconds for r in results):.0f} s")

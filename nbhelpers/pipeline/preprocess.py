@@ -2,7 +2,7 @@
 
 **CLAHE before resizing.**  :func:`prepare` enhances the grey image at its source resolution,
 then resizes it, and only then pads a letterbox.  Measured on 100 real mirror images (about
-500 px; ``python -m nbhelpers.bench clahe-order``, ``results/benchmarks/clahe_order.txt``):
+500 px; ``python -m nbhelpers.tools.bench clahe-order``, ``results/benchmarks/clahe_order.txt``):
 
 * the two orders differ visibly — by 9.4 grey levels on average at 64 px (36% of pixels by more
   than 10 levels) and 5.1 at 224 px (12%);
@@ -17,7 +17,7 @@ then resizes it, and only then pads a letterbox.  Measured on 100 real mirror im
 
 ``clahe_stage="after_resize"`` remains for the comparison.
 
-**Shortcut mitigations** (off by default; :mod:`nbhelpers.mitigate`): ``mask_markers`` fills
+**Shortcut mitigations** (off by default; :mod:`nbhelpers.pipeline.mitigate`): ``mask_markers`` fills
 burnt-in text and arrows, ``lung_crop`` cuts the image to a box around the lungs, and
 ``hist_match`` maps grey levels onto the source-balanced mean histogram of the training split.
 A lung crop is stretched to fill the square: black letterbox bars would tell its shape.
@@ -61,8 +61,8 @@ from tqdm.auto import tqdm
 from data_prep.atomic import write_text
 from data_prep.schema import CLASSES, SPLITS, label_index
 from data_prep.sources import sha256_file
-from nbhelpers.images import ImageReadError, load_gray
-from nbhelpers.mitigate import (
+from data_prep.images import ImageReadError, load_gray
+from nbhelpers.pipeline.mitigate import (
     BLACKOUTS,
     Box,
     blackout,
@@ -116,7 +116,7 @@ class PreprocessConfig:
     square) or ``crop`` (fill the square, cut the long side centrally).  ``clahe_stage``:
     enhance at source resolution (``before_resize``, the default; see the module docstring)
     or after resizing.  ``mask_markers`` / ``lung_crop`` / ``hist_match``: the shortcut
-    mitigations of :mod:`nbhelpers.mitigate` (see the module docstring); ``blackout``
+    mitigations of :mod:`nbhelpers.pipeline.mitigate` (see the module docstring); ``blackout``
     (``none``, ``center``, ``lungs``, ``lungs_only``): the shortcut *test* of Maguolo & Nanni,
     black over the central box, the lung box, or all but the lung box; with ``lung_crop`` the
     crop is stretched to the square whatever ``resize`` says (:attr:`fit`).  Raises ValueError
@@ -153,7 +153,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | Any, **overrides: Any) -> "PreprocessConfig":
-        """Build a config from profile settings (a dict or :class:`nbhelpers.config.Settings`).
+        """Build a config from profile settings (a dict or :class:`nbhelpers.settings.config.Settings`).
 
         Reads ``image_size``, ``clahe``, ``clip_limit``, ``tile_grid`` and, when present,
         ``resize``, ``clahe_stage`` and the mitigation switches; ``overrides`` (config field names) win.
@@ -263,7 +263,7 @@ def source_content(img: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, 
     """The part of a loaded grey image that ``cfg`` keeps, at source resolution: markers filled
     (``mask_markers``) and cut to the lung box (``lung_crop``).  Returns it with the box (None
     when ``lung_crop`` is off or no box was found), so masks can be cut the same way.  With
-    ``blackout`` part of the film is set to black first (:func:`nbhelpers.mitigate.blackout`)."""
+    ``blackout`` part of the film is set to black first (:func:`nbhelpers.pipeline.mitigate.blackout`)."""
     if cfg.mask_markers:
         img = mask_markers(img)
     if cfg.blackout != "none":

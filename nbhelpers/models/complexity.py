@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 
 from data_prep.atomic import write_text, write_with
-from nbhelpers.config import RESULTS_DIR
+from nbhelpers.settings.config import RESULTS_DIR
 from nbhelpers.models import create, list_models, model_spec
 
 GIGA, MEGA = 1e9, 1e6
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="model names (default: all, plus ablations and 448 px rows)")
     parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency benchmark")
     args = parser.parse_args(argv)
-    command = "python -m nbhelpers.complexity " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m nbhelpers.models.complexity " + " ".join(argv if argv is not None else sys.argv[1:])
     latency_on = not args.no_latency
     if args.models:
         table = complexity_table(args.models, with_latency=latency_on)

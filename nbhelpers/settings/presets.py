@@ -1,7 +1,7 @@
 """Training protocol presets, read from ``presets.toml`` next to this module.
 
 A preset is a plain table of settings (see the comments at the top of ``presets.toml``);
-:func:`nbhelpers.train.config_from_preset` turns one into a :class:`~nbhelpers.train.TrainConfig`.
+:func:`nbhelpers.training.train.config_from_preset` turns one into a :class:`~nbhelpers.training.train.TrainConfig`.
 """
 
 from __future__ import annotations

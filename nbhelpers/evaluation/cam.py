@@ -43,7 +43,7 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from nbhelpers.data import to_model_input
+from nbhelpers.pipeline.data import to_model_input
 from nbhelpers.models import cam_reshape_transform, cam_target_layers
 
 METHODS = {
@@ -176,7 +176,7 @@ def cams_for_images(model: nn.Module, images: np.ndarray, targets: Sequence[int]
                     target_layers: Sequence[nn.Module] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """CAMs of cached uint8 images (N, H, W), in batches, each explained for its target class.
 
-    Images go through :func:`nbhelpers.data.to_model_input` (no augmentation) on ``device``.
+    Images go through :func:`nbhelpers.pipeline.data.to_model_input` (no augmentation) on ``device``.
     ``targets`` default to the predicted classes; ``target_layers`` to the registered ones
     (see :func:`layers_for_grid`).  Returns ``(cams float32 (N, H, W), predicted
     int (N,))``, so the same images can be explained by several models side by side.  Raises

@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from nbhelpers import keyvalue
+from data_prep.datadir import DATA_ENV, DataNotFoundError, data_dir
+from nbhelpers.settings import keyvalue
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "results"
 PROFILES_FILE = Path(__file__).with_name("profiles.toml")
 REPORTED_FILE = Path(__file__).with_name("reported.toml")
 
-#: The environment variable that says where the upstream sources live.
-DATA_ENV = "CXR_DATA_DIR"
 #: The Jupyter kernel the notebooks declare and the runner executes them with.
 KERNEL_NAME = "cxr-workbook"
 #: The file in a run folder holding the settings the runner resolved once for every notebook.
@@ -49,47 +48,11 @@ NOTEBOOK_PARAMETERS: dict[str, Any] = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
-    """The source-data folder is not set or does not exist."""
-
-
 class ProfileError(KeyError):
     """An unknown profile or profile setting was asked for, or a setting of the wrong type."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0])
-
-
-def data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """Return the folder holding the upstream sources, checked to exist.
-
-    ``explicit`` wins; otherwise ``$CXR_DATA_DIR`` is used.  Raises :class:`DataNotFoundError`
-    naming the setting and how to fix it when neither is set or the folder is missing.
-    """
-    raw = explicit if explicit is not None else os.environ.get(DATA_ENV)
-    if not raw:
-        raise DataNotFoundError(
-            f"No source-data folder given: set the environment variable {DATA_ENV} "
-            f"(e.g. `export {DATA_ENV}=/path/to/cxr-sources`) or pass data_dir=... to the notebook. "
-            "The folder holds the upstream datasets in their own layouts "
-            "(covid-chestxray-dataset/, Figure1-COVID-chestxray-dataset/, ...); "
-            "`python -m data_prep.download` fetches them."
-        )
-    path = Path(raw).expanduser().resolve()
-    origin = "data_dir parameter" if explicit is not None else f"${DATA_ENV}"
-    if path.is_file():
-        raise DataNotFoundError(
-            f"Source-data folder {path} (from the {origin}) is a file, not a folder. "
-            f"Point {DATA_ENV} at the folder that holds covid-chestxray-dataset/, "
-            "Figure1-COVID-chestxray-dataset/, ... (the parent of each source folder)."
-        )
-    if not path.is_dir():
-        raise DataNotFoundError(
-            f"Source-data folder {path} (from the {origin}) does not exist. "
-            f"Point {DATA_ENV} at the folder holding the upstream sources, "
-            "or fetch them with `python -m data_prep.download`."
-        )
-    return path
 
 
 def load_profiles(path: Path = PROFILES_FILE) -> dict[str, dict[str, Any]]:
@@ -107,7 +70,7 @@ def load_profile(name: str, path: Path = PROFILES_FILE) -> dict[str, Any]:
 
 
 def profile_schema(values: Mapping[str, Any]) -> dict[str, Any]:
-    """What each setting of a profile holds, read off its values (see :mod:`nbhelpers.keyvalue`);
+    """What each setting of a profile holds, read off its values (see :mod:`nbhelpers.settings.keyvalue`);
     ``min_age`` may also be None (keep every age) and a number where the profile has an integer."""
     schema = {key: keyvalue.expected_type(value) for key, value in values.items()}
     for key, kind in list(schema.items()):
@@ -152,7 +115,7 @@ def read_settings(path: str | os.PathLike, profile: str) -> dict[str, Any]:
         values = payload["values"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ProfileError(f"settings file {path} is missing or unreadable ({err}); rerun the workbook "
-                           "(python -m nbhelpers.run) or pass settings_file=None") from None
+                           "(python -m nbhelpers.tools.run) or pass settings_file=None") from None
     if payload.get("profile") != profile:
         raise ProfileError(f"settings file {path} was written for profile {payload.get('profile')!r}, not {profile!r}; "
                            "pass settings_file=None or the matching profile")

@@ -133,7 +133,7 @@ def mean_ci(values: Sequence[float] | np.ndarray, groups: Sequence | np.ndarray 
     """Mean of per-image ``values`` with a percentile bootstrap interval that resamples
     ``groups`` (patients) with all their images, or the images when no groups are given.
     Returns (mean, low, high); NaNs for no values."""
-    from nbhelpers.metrics import resample_indices
+    from nbhelpers.evaluation.metrics import resample_indices
 
     v = np.asarray(values, dtype=float)
     if len(v) == 0:

@@ -2,8 +2,8 @@
 
 Rows live in ``ablations.toml`` (model + options + preprocessing + preset overrides, grouped, one
 baseline per group).  :func:`run_grid` trains every row for every seed through
-:func:`nbhelpers.train.train_run`, reusing a finished run (its ``metrics.json``) only when the
-record it stored (:func:`nbhelpers.train.run_provenance`: model, options, preprocessing,
+:func:`nbhelpers.training.train.train_run`, reusing a finished run (its ``metrics.json``) only when the
+record it stored (:func:`nbhelpers.training.train.run_provenance`: model, options, preprocessing,
 effective TrainConfig, manifest hash, cache key) matches what would be trained now, so an
 interrupted grid resumes and a changed setting or manifest retrains the runs it touches.
 :func:`summarise` gives mean ± std over seeds with a 95 % interval of the mean;
@@ -14,7 +14,7 @@ and McNemar's exact test per seed.  p-values are Holm-adjusted within each group
 counts as distinguishable only when the adjusted p is below 0.05 and the seed interval excludes
 zero.
 
-``python -m nbhelpers.ablation --manifest M --data-dir D --preset smoke --seeds 0 1 2`` runs it.
+``python -m nbhelpers.experiments.ablation --manifest M --data-dir D --preset smoke --seeds 0 1 2`` runs it.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from nbhelpers import metrics as M
+from nbhelpers.evaluation import metrics as M
 
-GRID_FILE = Path(__file__).with_name("ablations.toml")
+GRID_FILE = Path(__file__).parents[1] / "settings" / "ablations.toml"
 ROW_KEYS = {"group", "name", "model", "options", "preprocess", "overrides", "baseline", "paper_accuracy",
             "paper_metric", "train_sources"}
 #: Metrics summarised per row.  ``macro_ovr_accuracy`` is paper 000's ACC (its eq. 12: the mean
@@ -79,7 +79,7 @@ class Row:
     paper_metric: str = "accuracy"
     #: The external-source test (DeGrave et al. 2021): per class, the archives the row trains and is
     #: tested on (internal); every other image of the class is scored as external
-    #: (:func:`nbhelpers.audit.external_split`).  Empty: the grid's manifest as it is.
+    #: (:func:`nbhelpers.experiments.audit.external_split`).  Empty: the grid's manifest as it is.
     train_sources: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -122,9 +122,9 @@ def run_dir(out_root: Path, row: Row, seed: int) -> Path:
 
 def stale_reasons(folder: Path, expected: dict[str, Any], record_file: str) -> list[str] | None:
     """Why the finished run in ``folder`` (its ``record_file``: ``metrics.json`` or ``probe.json``)
-    is not the run ``expected`` (a :func:`nbhelpers.train.run_provenance` record) describes: a
+    is not the run ``expected`` (a :func:`nbhelpers.training.train.run_provenance` record) describes: a
     list of differences, empty when it can be reused, ``None`` when nothing finished there."""
-    from nbhelpers.train import provenance_differences
+    from nbhelpers.training.train import provenance_differences
 
     path = Path(folder) / record_file
     if not path.is_file():
@@ -166,16 +166,16 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
 
     ``overrides`` change preset settings for every row (a row's own ``overrides`` win).  All rows
     share one preprocessing cache under ``out_root/cache``.  A finished run is reused only when
-    the :func:`nbhelpers.train.run_provenance` record in its ``metrics.json`` matches this
+    the :func:`nbhelpers.training.train.run_provenance` record in its ``metrics.json`` matches this
     row's model, options, preprocessing, effective settings, manifest and cache key; otherwise
     what differs is printed and the run is trained afresh, unless another row's finished run
     under ``out_root`` has the very same record: its results are then copied.  Every row's
     settings are checked
     (types included) before the first run trains.  Raises what
-    :func:`nbhelpers.train.train_run` raises.
+    :func:`nbhelpers.training.train.train_run` raises.
     """
-    from nbhelpers.audit import EXTERNAL_PREDICTIONS, _read_table, external_split, score_external
-    from nbhelpers.train import METRICS_NAME, run_provenance, train_run
+    from nbhelpers.experiments.audit import EXTERNAL_PREDICTIONS, _read_table, external_split, score_external
+    from nbhelpers.training.train import METRICS_NAME, run_provenance, train_run
 
     out_root = Path(out_root)
     table = _read_table(manifest, "manifest") if any(row.train_sources for row in rows) else None
@@ -215,7 +215,7 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
 def collect(rows: Sequence[Row], out_root: Path, seeds: Sequence[int]) -> pd.DataFrame:
     """One line per finished (row, seed): group, name, seed and the test metrics; raises
     FileNotFoundError naming the first run that has not finished."""
-    from nbhelpers.train import load_run
+    from nbhelpers.training.train import load_run
 
     lines = []
     for row, seed in product(rows, seeds):
@@ -279,7 +279,7 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     95 % t-interval over seeds (seed noise), a 95 % bootstrap interval resampling **patients**
     with all their images (test-set noise), the images on which the variant is right more often
     or less often than the baseline (``variant_better`` / ``variant_worse``, distinct images), a
-    paired sign-flip permutation p-value over patients (:func:`nbhelpers.stats.sign_flip_test`;
+    paired sign-flip permutation p-value over patients (:func:`nbhelpers.evaluation.stats.sign_flip_test`;
     with one seed and one image per patient it is McNemar's exact test), McNemar's exact p-value
     of each seed on its own (``mcnemar_p_seeds``), and the p-value adjusted by Holm within the
     group (``p_holm``, the family being the group's comparisons with its baseline).
@@ -287,7 +287,7 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     are two or more seeds) excludes zero.  Raises ValueError when the two runs of a seed were
     scored on different images.
     """
-    from nbhelpers.stats import holm, mcnemar_exact, sign_flip_test
+    from nbhelpers.evaluation.stats import holm, mcnemar_exact, sign_flip_test
 
     rng = np.random.default_rng(boot_seed)
     baselines = {r.group: r for r in rows if r.baseline}
@@ -331,9 +331,9 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
 def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manifest: pd.DataFrame | Path | str) -> pd.DataFrame:
     """Test accuracy per (row, source, true class) over the seeds, each test image counted once
     (its correctness averaged over seeds), with patient-level intervals
-    (:func:`nbhelpers.audit.per_source_table`): a variant that gains only on one archive's images
+    (:func:`nbhelpers.experiments.audit.per_source_table`): a variant that gains only on one archive's images
     is learning the archive."""
-    from nbhelpers.audit import per_source_table
+    from nbhelpers.experiments.audit import per_source_table
 
     table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
     out = []
@@ -346,7 +346,7 @@ def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manife
 
 def write_tables(folder: Path, header: str, prefix: str = "ablation", **tables: pd.DataFrame) -> list[Path]:
     """Write each table as ``<prefix>_<name>.csv`` and ``.md`` (with ``header`` on top) in ``folder``."""
-    from nbhelpers.complexity import markdown_table
+    from nbhelpers.models.complexity import markdown_table
 
     from data_prep.atomic import write_text, write_with
 
@@ -364,19 +364,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``--set`` values are typed by the setting they change (``pretrained=false`` is False).
     Returns 0, or 2 with one line on stderr for a setup mistake (a grid error or one of
-    :func:`nbhelpers.train.setup_errors`: unknown group, preset or setting, a value of the wrong
+    :func:`nbhelpers.training.train.setup_errors`: unknown group, preset or setting, a value of the wrong
     type, a missing manifest, a run folder in use, a full disk).
     """
-    from nbhelpers.train import EXIT_SETUP_ERROR, one_line, parse_set, setup_errors
+    from nbhelpers.training.train import EXIT_SETUP_ERROR, one_line, parse_set, setup_errors
 
-    parser = argparse.ArgumentParser(prog="python -m nbhelpers.ablation", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nbhelpers.experiments.ablation", description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, type=Path, help="curated manifest.csv (notebook 01 / python -m data_prep)")
     parser.add_argument("--data-dir", help="folder of the upstream sources (default: $CXR_DATA_DIR)")
     parser.add_argument("--out", type=Path, default=Path("results/runs/ablation"), help="where the runs go")
     parser.add_argument("--tables", type=Path, help="also write the summary tables to this folder")
     parser.add_argument("--figures", type=Path, help="also draw the summary as PREFIX_summary.png in this folder")
     parser.add_argument("--prefix", default="ablation", help="file name prefix of the tables and the figure")
-    parser.add_argument("--preset", default="seed001", help="training protocol from nbhelpers/presets.toml")
+    parser.add_argument("--preset", default="seed001", help="training protocol from nbhelpers/settings/presets.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--groups", nargs="+", help="only these groups of ablations.toml")
     parser.add_argument("--device", default="auto")
@@ -396,17 +396,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary.round(4).to_string(index=False))
         print(tests.round(4).to_string(index=False))
     if args.tables:
-        from nbhelpers.train import load_run
+        from nbhelpers.training.train import load_run
 
         first = load_run(run_dir(args.out, rows[0], args.seeds[0])).metrics
-        header = (f"Made by `python -m nbhelpers.ablation {shlex.join(argv if argv is not None else sys.argv[1:])}` "
+        header = (f"Made by `python -m nbhelpers.experiments.ablation {shlex.join(argv if argv is not None else sys.argv[1:])}` "
                   f"on {datetime.now(timezone.utc):%Y-%m-%d}; preset {args.preset}, seeds {args.seeds}, "
                   f"device {first['device']}, data {first['data']['counts']} (manifest {first['data']['manifest_hash']}). "
                   f"{STATISTICS_NOTE}")
         for path in write_tables(args.tables, header, args.prefix, runs=runs, summary=summary, tests=tests, per_source=sources):
             print(f"wrote {path}")
     if args.figures:
-        from nbhelpers.plots import ablation_bars
+        from nbhelpers.evaluation.plots import ablation_bars
 
         args.figures.mkdir(parents=True, exist_ok=True)
         figure = args.figures / f"{args.prefix}_summary.png"

@@ -13,8 +13,8 @@ Three measurements make that visible:
   source group from the rest and report its balanced accuracy with a bootstrap interval; chance
   (0.5) is the bar for "no source signal".
 
-``python -m nbhelpers.audit probe --manifest M --data-dir D --out O`` runs the probe and
-``python -m nbhelpers.audit tables --manifest M --run R --out O`` writes both tables of a run.
+``python -m nbhelpers.experiments.audit probe --manifest M --data-dir D --out O`` runs the probe and
+``python -m nbhelpers.experiments.audit tables --manifest M --run R --out O`` writes both tables of a run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from scipy import stats
 from data_prep import atomic
 from data_prep.schema import CLASSES, label_index
 from data_prep.split import DEFAULT_RATIOS, split_by_patient
-from nbhelpers import metrics as M
+from nbhelpers.evaluation import metrics as M
 
 #: Two-sided confidence level of every interval here.
 CI_LEVEL = M.CI_LEVEL
@@ -186,8 +186,8 @@ def _read_table(table: pd.DataFrame | Path | str, what: str) -> pd.DataFrame:
 
 def _proportion_row(images: pd.DataFrame, level: float, n_boot: int, seed: int) -> dict[str, Any]:
     """Seed-averaged accuracy of one cell over its distinct images, interval over patients
-    (:func:`nbhelpers.stats.proportion_ci`)."""
-    from nbhelpers.stats import proportion_ci
+    (:func:`nbhelpers.evaluation.stats.proportion_ci`)."""
+    from nbhelpers.evaluation.stats import proportion_ci
 
     row = proportion_ci(images["correct"].to_numpy(), images["patient_id"].to_numpy(), n_boot, seed, level)
     return {**row, "level": level}
@@ -209,14 +209,14 @@ def per_source_table(
     is the number of distinct images (``patients`` distinct patients, ``seeds`` the runs) and
     ``correct`` the seed-averaged count.  The interval (low, high) is the wider of a bootstrap
     that resamples patients with all their images and the Wilson interval over the distinct
-    images (:func:`nbhelpers.stats.proportion_ci`).  One row per source and class present in
+    images (:func:`nbhelpers.evaluation.stats.proportion_ci`).  One row per source and class present in
     the predictions (``accuracy`` there is the class's sensitivity within that source) plus one
     ``class == "all"`` row per source.  ``by`` groups by another manifest column instead of the
     source, e.g. ``view`` (AP against PA films: the view is a confounder where classes differ in
     their view mix); the first column is then named after it.  Inputs and errors as
     :func:`join_predictions`.
     """
-    from nbhelpers.stats import per_image
+    from nbhelpers.evaluation.stats import per_image
 
     joined = _joined(manifest, predictions)
     if by != "source":
@@ -259,7 +259,7 @@ def within_source_table(
     from ``seed``), level.  An empty table (same columns) means no test source mixes classes.
     Inputs and errors as :func:`join_predictions`.
     """
-    from nbhelpers.stats import per_image
+    from nbhelpers.evaluation.stats import per_image
 
     joined = _joined(manifest, predictions)
     if sources is not None:
@@ -311,7 +311,7 @@ def balanced_accuracy_ci(y: np.ndarray, correct: np.ndarray, groups: Sequence | 
 
 # --------------------------------------------------------------------------- external sources (DeGrave et al. 2021)
 
-#: A finished run's test predictions (written by :func:`nbhelpers.train.train_run`).
+#: A finished run's test predictions (written by :func:`nbhelpers.training.train.train_run`).
 PREDICTIONS_NAME = "test_predictions.csv"
 #: A run's predictions for the images of archives it never saw (:func:`score_external`).
 EXTERNAL_PREDICTIONS = "external_predictions.csv"
@@ -350,9 +350,9 @@ def score_external(run_folder: Path | str, external: pd.DataFrame, data_dir: Pat
     """Score the external images with the finished run in ``run_folder`` (its best checkpoint,
     on images preprocessed as it was trained) and write ``external_predictions.csv`` there:
     image_id, patient_id, source, label, pred, p_<class>."""
-    from nbhelpers.config import data_dir as resolve_data_dir
-    from nbhelpers.preprocess import PreprocessConfig, build_cache
-    from nbhelpers.train import load_trained, predict
+    from data_prep.datadir import data_dir as resolve_data_dir
+    from nbhelpers.pipeline.preprocess import PreprocessConfig, build_cache
+    from nbhelpers.training.train import load_trained, predict
 
     net, run = load_trained(run_folder)
     cfg = PreprocessConfig(**run.metrics["data"]["preprocess"])
@@ -398,12 +398,12 @@ def external_table(folders: Sequence[Path], n_boot: int = M.N_BOOTSTRAP, seed: i
     one external-source row (each holding ``test_predictions.csv`` and ``external_predictions.csv``).
 
     Each image counts once (its correctness and probabilities averaged over seeds); accuracy is
-    the class's sensitivity with an interval over patients (:func:`nbhelpers.stats.proportion_ci`),
+    the class's sensitivity with an interval over patients (:func:`nbhelpers.evaluation.stats.proportion_ci`),
     AUROC one-vs-rest on the set's images with a patient bootstrap interval (NaN when the set
     holds no negatives).  ``conclusive`` is false where either side has fewer than
     :data:`MIN_CELL_IMAGES` images or :data:`MIN_CELL_PATIENTS` patients: too few to say whether
     the model transfers.  ``drop`` is internal minus external accuracy."""
-    from nbhelpers.stats import proportion_ci
+    from nbhelpers.evaluation.stats import proportion_ci
 
     sides = {name: _seed_averaged([pd.read_csv(Path(f) / file, keep_default_na=False) for f in folders])
              for name, file in (("internal", PREDICTIONS_NAME), ("external", EXTERNAL_PREDICTIONS))}
@@ -453,7 +453,7 @@ def probe_manifest(
     source of that class.  With ``balance`` the larger group is cut (seeded sample) to the size of
     the smaller, so accuracy and balanced accuracy agree; ``max_per_group`` caps both groups.
     The ``label`` column then holds :data:`PROBE_CARRIERS` (group 0 -> ``covid``, 1 ->
-    ``pneumonia``) so :func:`nbhelpers.preprocess.build_cache` can store it, ``group`` the group
+    ``pneumonia``) so :func:`nbhelpers.pipeline.preprocess.build_cache` can store it, ``group`` the group
     index, and ``split`` a new patient-grouped split stratified by group
     (:func:`data_prep.split.split_by_patient`).  Returns the table and ``{group name: sources}``.
     Raises ProbeError when the class is absent, has a single source, a named source holds no
@@ -526,8 +526,8 @@ def _probe_plan(
     preset: str, seed: int, image_size: int | None, epochs: int | None, balance: bool, max_per_group: int | None,
     preprocess: dict[str, Any] | None, overrides: dict[str, Any], by: str = "source",
 ):
-    """The probe's manifest, groups and :class:`nbhelpers.train.RunPlan` (nothing trained or cached)."""
-    from nbhelpers.train import plan_run
+    """The probe's manifest, groups and :class:`nbhelpers.training.train.RunPlan` (nothing trained or cached)."""
+    from nbhelpers.training.train import plan_run
 
     table, groups = probe_manifest(_read_table(manifest, "manifest"), label, sources, balance, max_per_group, seed=seed,
                                    by=by)
@@ -552,7 +552,7 @@ def probe_provenance(
     by: str = "source",
     **overrides: Any,
 ) -> dict[str, Any]:
-    """The :func:`nbhelpers.train.run_provenance` record of the probe :func:`source_probe` with
+    """The :func:`nbhelpers.training.train.run_provenance` record of the probe :func:`source_probe` with
     these arguments would train (its manifest hash covers the label, groups, balancing, cap and
     seed), plus ``task``; nothing is trained.  Raises as :func:`source_probe` before training."""
     return _probe_plan(manifest, label, sources, model, preset, seed, image_size, epochs, balance, max_per_group,
@@ -586,11 +586,11 @@ def source_probe(
 
     Builds :func:`probe_manifest` (``sources``, ``balance``, ``max_per_group``, ``seed``), caches
     its images at ``image_size`` (default: the preset's; ``preprocess`` sets other
-    :class:`~nbhelpers.preprocess.PreprocessConfig` fields, e.g. ``{"lung_crop": True}`` to probe
+    :class:`~nbhelpers.pipeline.preprocess.PreprocessConfig` fields, e.g. ``{"lung_crop": True}`` to probe
     a mitigation) under ``out_dir/cache``, trains a
     two-output ``model`` from preset ``preset`` (``epochs`` and ``overrides`` change single
-    settings, checked for type, as in :func:`nbhelpers.train.train_run`) with
-    :func:`nbhelpers.train.fit` into ``out_dir/run`` (afresh: an earlier probe's results there
+    settings, checked for type, as in :func:`nbhelpers.training.train.train_run`) with
+    :func:`nbhelpers.training.train.fit` into ``out_dir/run`` (afresh: an earlier probe's results there
     are removed first), and scores the best-validation checkpoint once on the probe's test split.
     Returns (and writes atomically as ``probe.json``) the groups, split counts, settings,
     ``provenance`` (:func:`probe_provenance`), and ``test``: n (images), patients,
@@ -601,10 +601,10 @@ def source_probe(
     type, and the trainer's and model zoo's errors for an unknown preset, setting or model.
     """
     from nbhelpers import models
-    from nbhelpers.config import data_dir as resolve_data_dir
-    from nbhelpers.device import describe, pick_device
-    from nbhelpers.preprocess import build_cache
-    from nbhelpers.train import BEST_NAME, _jsonable, fit, load_checkpoint, predict, seed_everything
+    from data_prep.datadir import data_dir as resolve_data_dir
+    from nbhelpers.settings.device import describe, pick_device
+    from nbhelpers.pipeline.preprocess import build_cache
+    from nbhelpers.training.train import BEST_NAME, _jsonable, fit, load_checkpoint, predict, seed_everything
 
     table, groups, plan = _probe_plan(manifest, label, sources, model, preset, seed, image_size, epochs, balance,
                                       max_per_group, preprocess, dict(overrides), by)
@@ -690,7 +690,7 @@ def probe_pool_from_sources(data_dir: Path | str, per_class: int, views: Sequenc
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see :func:`main`)."""
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.audit", description="Shortcut audit: source probe and "
+    p = argparse.ArgumentParser(prog="python -m nbhelpers.experiments.audit", description="Shortcut audit: source probe and "
                                 "per-source / within-source tables of a finished run.")
     sub = p.add_subparsers(dest="command", required=True)
     probe = sub.add_parser("probe", help="train the architecture to predict the source within one class")
@@ -721,10 +721,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the probe or write a run's audit tables, print the result; return 0, or
     :data:`EXIT_SETUP_ERROR` with a one-line message for a setup mistake (those of
-    :func:`nbhelpers.train.setup_errors` and ProbeError).  ``--set`` values are typed by the
+    :func:`nbhelpers.training.train.setup_errors` and ProbeError).  ``--set`` values are typed by the
     setting they change (``pretrained=false`` is False), ``--preprocess`` values by the
     PreprocessConfig field."""
-    from nbhelpers.train import PREDICTIONS_NAME, one_line, parse_preprocess, parse_set, setup_errors
+    from nbhelpers.training.train import PREDICTIONS_NAME, one_line, parse_preprocess, parse_set, setup_errors
 
     args = parse_args(argv)
     try:

@@ -1,16 +1,16 @@
 """Training throughput and inference speed per model on the current device, printed as a table.
 
-``python -m nbhelpers.bench_train --models densenet121 densenet121_cbam resnet50 --size 224
+``python -m nbhelpers.tools.bench_train --models densenet121 densenet121_cbam resnet50 --size 224
 --batch-size 32 --device auto --data-dir D [--steps N --compile --out FILE]``
 
-For every model, with the training settings of :func:`nbhelpers.train.fit` (Adam, autocast and
-channels_last as :class:`~nbhelpers.train.TrainConfig` chooses them on this device):
+For every model, with the training settings of :func:`nbhelpers.training.train.fit` (Adam, autocast and
+channels_last as :class:`~nbhelpers.training.train.TrainConfig` chooses them on this device):
 
 * ``train_bare``: images/s of optimisation steps (forward, backward, optimizer) on random
   tensors already on the device — the model's own ceiling, no input pipeline;
-* ``train_data``: images/s of the trainer's real epoch loop (:func:`nbhelpers.train.run_epoch`):
+* ``train_data``: images/s of the trainer's real epoch loop (:func:`nbhelpers.training.train.run_epoch`):
   shuffled uint8 batches from a preprocessing cache of real images, copied to the device,
-  augmented there with the ``paper`` policy and normalised by :func:`nbhelpers.data.to_model_input`;
+  augmented there with the ``paper`` policy and normalised by :func:`nbhelpers.pipeline.data.to_model_input`;
 * ``data/bare``: their ratio — the target on one H100 is at least 0.80 (the input pipeline is
   not the bottleneck);
 * ``infer_b1`` / ``infer_b64``: inference images/s (FPS) at batch 1 and 64, ``bare`` on random
@@ -42,12 +42,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nbhelpers import models
-from nbhelpers.bench import emit, sample_images, sample_manifest
-from nbhelpers.config import data_dir as resolve_data_dir
-from nbhelpers.data import AugmentPolicy, batches, to_model_input
-from nbhelpers.device import describe, pick_device
-from nbhelpers.preprocess import CachedSplit, PreprocessConfig, build_cache
-from nbhelpers.train import TrainConfig, amp_dtype, autocast, make_optimizer, prepare_model, run_epoch, train_step
+from nbhelpers.tools.bench import emit, sample_images, sample_manifest
+from data_prep.datadir import data_dir as resolve_data_dir
+from nbhelpers.pipeline.data import AugmentPolicy, batches, to_model_input
+from nbhelpers.settings.device import describe, pick_device
+from nbhelpers.pipeline.preprocess import CachedSplit, PreprocessConfig, build_cache
+from nbhelpers.training.train import (
+    TrainConfig,
+    amp_dtype,
+    autocast,
+    make_optimizer,
+    prepare_model,
+    run_epoch,
+    train_step,
+)
 
 DEFAULT_MODELS = ("densenet121", "densenet121_cbam", "resnet50", "mobilenetv2", "efficientnet_b0")
 DEFAULT_SIZE = 224
@@ -160,7 +168,7 @@ def bench_model(
 def header(argv: Sequence[str], device: torch.device) -> list[str]:
     """The command, date, device and library versions, for the top of a result file."""
     return [
-        f"$ python -m nbhelpers.bench_train {shlex.join(argv)}",
+        f"$ python -m nbhelpers.tools.bench_train {shlex.join(argv)}",
         f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"device: {describe(device)}; machine {platform.machine()} cpus={os.cpu_count()} "
         f"torch_threads={torch.get_num_threads()}",
@@ -223,7 +231,7 @@ def format_table(table: pd.DataFrame, device: torch.device) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the benchmark, print (and optionally write) the report."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.bench_train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m nbhelpers.tools.bench_train", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="registered model names")
     p.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in pixels")

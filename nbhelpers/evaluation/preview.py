@@ -15,15 +15,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from nbhelpers.data import AugmentPolicy, from_model_input, to_model_input
-from nbhelpers.preprocess import (
-    DEFAULT_TILE_GRID,
-    RESIZE_MODES,
-    PreprocessConfig,
-    clahe,
-    enhance,
-    resize,
-)
+from nbhelpers.pipeline.data import AugmentPolicy, from_model_input, to_model_input
+from nbhelpers.pipeline.preprocess import DEFAULT_TILE_GRID, RESIZE_MODES, PreprocessConfig, clahe, enhance, resize
 
 #: Clip limits shown side by side by default (1 = mild, 2 = the profiles' default, 4 = strong).
 DEFAULT_CLIP_LIMITS = (1.0, 2.0, 4.0)
@@ -50,7 +43,7 @@ def resize_variants(img: np.ndarray, size: int, modes: Sequence[str] = RESIZE_MO
 def augment_examples(img: np.ndarray, policy: AugmentPolicy, n: int = 8, seed: int = 0) -> np.ndarray:
     """``n`` augmented copies of one prepared uint8 image (H, W), returned as uint8 (n, H, W).
 
-    Goes through :func:`nbhelpers.data.to_model_input` exactly as training does, then undoes
+    Goes through :func:`nbhelpers.pipeline.data.to_model_input` exactly as training does, then undoes
     the normalisation, so the pictures show what the model is fed.
     """
     batch = torch.from_numpy(np.ascontiguousarray(img)).expand(n, 1, -1, -1)

@@ -1,10 +1,10 @@
 """Throughput and design measurements of the image pipeline, run from the command line.
 
-``python -m nbhelpers.bench loader --data-dir D [--n N --size S --batch-size B --out FILE]``
+``python -m nbhelpers.tools.bench loader --data-dir D [--n N --size S --batch-size B --out FILE]``
 prints images/s for (a) decode + CLAHE + resize from the source files and (b) batches from the
-preprocessing cache (plus (b) followed by :func:`nbhelpers.data.to_model_input`, without and
-with the ``paper`` augmentation, on the CPU).  ``python -m nbhelpers.bench clahe-order ...``
-prints the evidence behind CLAHE-before-resize (see :mod:`nbhelpers.preprocess`).
+preprocessing cache (plus (b) followed by :func:`nbhelpers.pipeline.data.to_model_input`, without and
+with the ``paper`` augmentation, on the CPU).  ``python -m nbhelpers.tools.bench clahe-order ...``
+prints the evidence behind CLAHE-before-resize (see :mod:`nbhelpers.pipeline.preprocess`).
 
 The images are the first ``N`` of a seeded shuffle of every image file under the data folder
 (annotation masks excluded); labels are irrelevant to speed and assigned in turn.  Source files
@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 
 from data_prep.atomic import write_text
 from data_prep.schema import CLASSES
-from nbhelpers.config import data_dir as resolve_data_dir
-from nbhelpers.data import AugmentPolicy, batches, to_model_input
-from nbhelpers.images import IMAGE_SUFFIXES, load_gray
-from nbhelpers.preprocess import (
+from data_prep.datadir import data_dir as resolve_data_dir
+from nbhelpers.pipeline.data import AugmentPolicy, batches, to_model_input
+from data_prep.images import IMAGE_SUFFIXES, load_gray
+from nbhelpers.pipeline.preprocess import (
     PreprocessConfig,
     build_cache,
     clahe_order_difference,
@@ -102,7 +102,7 @@ def _time_epochs(run_epoch: Callable[[int], int], min_seconds: float) -> float:
 def header(argv: Sequence[str]) -> list[str]:
     """Lines naming the command, date, machine and library versions, for the top of a result file."""
     return [
-        f"$ python -m nbhelpers.bench {shlex.join(argv)}",
+        f"$ python -m nbhelpers.tools.bench {shlex.join(argv)}",
         f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
         f"torch_threads={torch.get_num_threads()} cuda={torch.cuda.is_available()}".replace("  ", " "),
@@ -220,7 +220,7 @@ def bench_clahe_order(data_dir: Path, n: int, seed: int) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: ``loader`` or ``clahe-order``; prints the report and optionally writes it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m nbhelpers.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nbhelpers.tools.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("loader", "clahe-order"):
         p = sub.add_parser(name)

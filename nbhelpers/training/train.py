@@ -6,12 +6,12 @@ of the DenseNet seed paper; ties keep the earlier epoch), writing ``log.csv``, `
 only.  :func:`train_run` goes from names to results: protocol preset (``presets.toml``),
 manifest, preprocessing cache, model, :func:`fit`, then **one** evaluation of the test split
 with the best-validation checkpoint, written to ``metrics.json`` and ``test_predictions.csv``.
-``python -m nbhelpers.train --model M --manifest F --data-dir D --preset P --seed S --out O``
+``python -m nbhelpers.training.train --model M --manifest F --data-dir D --preset P --seed S --out O``
 does the same from the shell.
 
 **On a GPU** batches come from the memory-mapped cache as uint8, are copied non-blocking from
 pinned memory, and are scaled, augmented and normalised on the device
-(:func:`nbhelpers.data.to_model_input`); the model runs in channels_last under bf16 autocast
+(:func:`nbhelpers.pipeline.data.to_model_input`); the model runs in channels_last under bf16 autocast
 (fp16 with a gradient scaler where bf16 is unsupported), optionally through ``torch.compile``.
 Running loss and accuracy stay on the device and are read back only every
 :data:`PROGRESS_EVERY` batches, so the CPU does not stall the GPU queue.
@@ -66,13 +66,20 @@ from tqdm.auto import tqdm
 
 from data_prep import atomic
 from data_prep.schema import CLASSES
-from nbhelpers import metrics as M
-from nbhelpers.data import AugmentPolicy, batches, num_batches, to_model_input
-from nbhelpers.device import describe, pick_device
-from nbhelpers.keyvalue import (AssignmentError, check_fields, check_value, expected_type, parse_assignments, type_name,
-                                unknown_key_message)
-from nbhelpers.losses import LOSSES, make_loss
-from nbhelpers.presets import load_preset
+from nbhelpers.evaluation import metrics as M
+from nbhelpers.pipeline.data import AugmentPolicy, batches, num_batches, to_model_input
+from nbhelpers.settings.device import describe, pick_device
+from nbhelpers.settings.keyvalue import (
+    AssignmentError,
+    check_fields,
+    check_value,
+    expected_type,
+    parse_assignments,
+    type_name,
+    unknown_key_message,
+)
+from nbhelpers.training.losses import LOSSES, make_loss
+from nbhelpers.settings.presets import load_preset
 
 LOG_NAME = "log.csv"
 BEST_NAME = "best.pt"
@@ -111,12 +118,12 @@ class TrainConfig:
 
     ``scheduler``: ``none``, ``step`` (lr x ``gamma`` every ``step_size`` epochs) or ``cosine``
     (to zero over ``epochs``).  ``patience``: stop after that many epochs without a better
-    validation accuracy (0 = never).  ``loss`` / ``loss_options``: see :func:`nbhelpers.losses.make_loss`.
+    validation accuracy (0 = never).  ``loss`` / ``loss_options``: see :func:`nbhelpers.training.losses.make_loss`.
     ``amp``: ``auto`` (bf16 on CUDA where supported, else fp16; off on the CPU), ``bf16``,
     ``fp16`` (CUDA only) or ``off``.  ``channels_last`` applies on CUDA only; ``compile`` wraps
     the model in ``torch.compile``; ``deterministic`` asks CUDA for deterministic kernels.
     Every field is first checked against the type of its default (``epochs=1.5`` or
-    ``epochs="abc"`` stop with :class:`~nbhelpers.keyvalue.AssignmentError`, a ValueError naming
+    ``epochs="abc"`` stop with :class:`~nbhelpers.settings.keyvalue.AssignmentError`, a ValueError naming
     the field and the expected type; an integer is accepted where a number is expected), then
     against its range.  Raises ValueError naming the field for an invalid value.
     """
@@ -188,8 +195,8 @@ def set_schema() -> dict[str, Any]:
 
 
 def preprocess_schema() -> dict[str, Any]:
-    """What ``--preprocess`` accepts: every :class:`~nbhelpers.preprocess.PreprocessConfig` field and its default."""
-    from nbhelpers.preprocess import PreprocessConfig
+    """What ``--preprocess`` accepts: every :class:`~nbhelpers.pipeline.preprocess.PreprocessConfig` field and its default."""
+    from nbhelpers.pipeline.preprocess import PreprocessConfig
 
     return _defaults(PreprocessConfig)
 
@@ -208,7 +215,7 @@ def _none_as_text(items: Sequence[str], values: dict[str, Any], hints: Mapping[s
 
 def parse_set(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
     """Typed preset overrides from ``KEY=VALUE`` items (``pretrained=false`` is False); raises
-    :class:`~nbhelpers.keyvalue.AssignmentError` naming an unknown key or a value of the wrong type."""
+    :class:`~nbhelpers.settings.keyvalue.AssignmentError` naming an unknown key or a value of the wrong type."""
     schema = set_schema()
     values = parse_assignments(items, schema, "a preset setting (a TrainConfig field, image_size or pretrained)", flag)
     return _none_as_text(items, values, schema)
@@ -276,8 +283,8 @@ def config_from_preset(preset: str = "seed001", **overrides: Any) -> tuple[Train
     other settings (``description``, ``image_size``, ``pretrained``).
 
     Any TrainConfig field may be overridden; ``None`` values are ignored.  Raises
-    :class:`nbhelpers.presets.PresetError` for an unknown preset or setting, and
-    :class:`~nbhelpers.keyvalue.AssignmentError` (a ValueError) naming the setting when a value
+    :class:`nbhelpers.settings.presets.PresetError` for an unknown preset or setting, and
+    :class:`~nbhelpers.settings.keyvalue.AssignmentError` (a ValueError) naming the setting when a value
     has the wrong type (``image_size`` must be an integer, ``pretrained`` true or false, the
     rest as :class:`TrainConfig` says).
     """
@@ -447,7 +454,7 @@ class RunPlan:
     cfg: TrainConfig
     extras: dict[str, Any]
     table: pd.DataFrame
-    preprocess: Any  # nbhelpers.preprocess.PreprocessConfig (imported lazily: keeps this module light)
+    preprocess: Any  # nbhelpers.pipeline.preprocess.PreprocessConfig (imported lazily: keeps this module light)
     options: dict[str, Any]
     provenance: dict[str, Any]
 
@@ -469,7 +476,7 @@ def plan_run(
     ``preprocess`` may set ``size`` (default: the preset's ``image_size``).  Raises what
     :func:`config_from_preset`, :func:`read_manifest` and :func:`check_preprocess` raise.
     """
-    from nbhelpers.preprocess import PreprocessConfig, cache_key, manifest_hash
+    from nbhelpers.pipeline.preprocess import PreprocessConfig, cache_key, manifest_hash
 
     cfg, extras = config_from_preset(preset, seed=seed, **preset_overrides)
     table = read_manifest(manifest)
@@ -938,9 +945,9 @@ def _save_predictions(path: Path, split, probs: np.ndarray, patients: Sequence[s
 
 
 def _save_curves(log: pd.DataFrame, path: Path) -> None:
-    import matplotlib.pyplot as plt  # only for the figure; keeps `import nbhelpers.train` light
+    import matplotlib.pyplot as plt  # only for the figure; keeps `import nbhelpers.training.train` light
 
-    from nbhelpers.plots import training_curves
+    from nbhelpers.evaluation.plots import training_curves
 
     fig = training_curves(log)
     try:
@@ -972,7 +979,7 @@ def train_run(
 
     ``manifest`` is a curated manifest (table or CSV path), ``data_dir`` the source folder
     (``None``: ``$CXR_DATA_DIR``).  The images are preprocessed into ``cache_root`` (default
-    ``out_dir/cache``) with :class:`~nbhelpers.preprocess.PreprocessConfig` at the preset's
+    ``out_dir/cache``) with :class:`~nbhelpers.pipeline.preprocess.PreprocessConfig` at the preset's
     ``image_size`` (``preprocess`` overrides any config field, e.g. ``{"clahe": False}``).  The
     model is built with ``model_options`` after seeding with ``seed``; ``preset_overrides``
     change single preset settings (``epochs=3``, ``pretrained=False``, any TrainConfig field),
@@ -983,16 +990,16 @@ def train_run(
     files, ``curves.png``, ``test_predictions.csv`` and ``metrics.json`` (model, preset, config,
     seed, device, torch version, date, data: manifest hash, cache key, split counts;
     ``provenance``; best epoch; test metrics with bootstrap CIs).  Returns a :class:`RunResult`.
-    Raises :class:`~nbhelpers.presets.PresetError` for an unknown preset or setting,
-    :class:`~nbhelpers.keyvalue.AssignmentError` (a ValueError) for a setting of the wrong type,
+    Raises :class:`~nbhelpers.settings.presets.PresetError` for an unknown preset or setting,
+    :class:`~nbhelpers.settings.keyvalue.AssignmentError` (a ValueError) for a setting of the wrong type,
     FileNotFoundError for a missing manifest, the model zoo's errors for an unknown model or
     option, ValueError saying what differs when ``resume`` meets another run's ``last.pt``,
     :class:`RunFolderInUse` when another run holds ``out_dir`` and
     :class:`data_prep.atomic.WriteError` naming the file when the disk is full.
     """
     from nbhelpers import models
-    from nbhelpers.config import data_dir as resolve_data_dir
-    from nbhelpers.preprocess import build_cache
+    from data_prep.datadir import data_dir as resolve_data_dir
+    from nbhelpers.pipeline.preprocess import build_cache
 
     plan = plan_run(model_name, manifest, preset, seed, model_options, preprocess, **preset_overrides)
     cfg, extras, table, pcfg, options = plan.cfg, plan.extras, plan.table, plan.preprocess, plan.options
@@ -1069,7 +1076,7 @@ def load_run(out_dir: Path | str) -> RunResult:
 
 def runs_table(run_dirs: Sequence[Path | str]) -> pd.DataFrame:
     """One row per finished run: model, preset, seed, best epoch and the test summary metrics —
-    the input of :func:`nbhelpers.metrics.aggregate` (mean ± std over seeds)."""
+    the input of :func:`nbhelpers.evaluation.metrics.aggregate` (mean ± std over seeds)."""
     rows = []
     for run_dir in run_dirs:
         m = load_run(run_dir).metrics
@@ -1085,13 +1092,13 @@ def runs_table(run_dirs: Sequence[Path | str]) -> pd.DataFrame:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see :func:`main`)."""
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.train", description="Train one model under a protocol preset "
+    p = argparse.ArgumentParser(prog="python -m nbhelpers.training.train", description="Train one model under a protocol preset "
                                 "and evaluate its best-validation checkpoint once on the test split.")
     p.add_argument("--model", required=True, help="registered model name (nbhelpers.models.list_models())")
     p.add_argument("--manifest", type=Path, required=True, help="curated manifest.csv (python -m data_prep)")
     p.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
     p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, log and metrics")
-    p.add_argument("--preset", default="seed001", help="training protocol in nbhelpers/presets.toml")
+    p.add_argument("--preset", default="seed001", help="training protocol in nbhelpers/settings/presets.toml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--cache-root", type=Path, default=None, help="preprocessing cache folder (default: OUT/cache)")
@@ -1108,10 +1115,10 @@ def setup_errors() -> tuple[type[BaseException], ...]:
     """The errors a command reports as one line and :data:`EXIT_SETUP_ERROR`: a wrong preset,
     setting, manifest, model, device or value (ValueError, TypeError), a run folder in use, a
     full disk, a damaged cache or checkpoint.  Anything else is a bug and keeps its traceback."""
-    from nbhelpers.device import DeviceError
+    from nbhelpers.settings.device import DeviceError
     from nbhelpers.models import PretrainedWeightsError, UnknownModelError
-    from nbhelpers.preprocess import CacheError
-    from nbhelpers.presets import PresetError
+    from nbhelpers.pipeline.preprocess import CacheError
+    from nbhelpers.settings.presets import PresetError
 
     return (PresetError, FileNotFoundError, UnknownModelError, DeviceError, PretrainedWeightsError, CacheError,
             atomic.WriteError, filelock.Timeout, ValueError, TypeError)

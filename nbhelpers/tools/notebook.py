@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 
 from data_prep.atomic import write_text, write_with
-from nbhelpers import config
-from nbhelpers.device import pick_device
-from nbhelpers.train import seed_everything
+from nbhelpers.settings import config
+from nbhelpers.settings.device import pick_device
+from nbhelpers.training.train import seed_everything
 
 #: Rows a table shows inline; the full table is always written to disk.
 SHOW_ROWS = 20
@@ -62,7 +62,7 @@ class Session:
         preprocessing under its own (a row that toggles CLAHE still wins)."""
         from dataclasses import replace
 
-        from nbhelpers.ablation import load_grid
+        from nbhelpers.experiments.ablation import load_grid
 
         return [replace(row, preprocess={**self.preprocess_options, **row.preprocess})
                 for row in load_grid(groups=groups if groups is not None else self.ablation_groups)]
@@ -103,7 +103,7 @@ def start(profile: str, data_dir: str | None = None, run_dir: str | None = None,
     runner) with the notebook's non-``None`` parameters, check the data folder (unless
     ``need_data`` is false), seed everything, pick the device, print it all.
 
-    Raises :class:`nbhelpers.config.DataNotFoundError` or :class:`nbhelpers.config.ProfileError`
+    Raises :class:`data_prep.datadir.DataNotFoundError` or :class:`nbhelpers.settings.config.ProfileError`
     with a message saying which setting to fix.
     """
     settings = config.resolve(profile, data_dir_=data_dir, run_dir=run_dir, need_data=need_data,

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and intervals, statistical tests, CAMs, lung energy, plots."""

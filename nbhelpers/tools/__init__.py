@@ -1,0 +1,1 @@
+"""Tools: the workbook command line, the papermill runner, the notebook session, benchmarks."""

@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 install: $(VENV)/.installed
 
 workbook: install
-	$(PY) -m nbhelpers.tools.run --profile $(PROFILE) $(if $(DATA),--data-dir $(DATA)) $(ARGS)
+	$(PY) -m nbhelpers run --profile $(PROFILE) $(if $(DATA),--data-dir $(DATA)) $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

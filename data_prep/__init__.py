@@ -1,6 +1,7 @@
 """Curation of the balanced COVID-19 / pneumonia / normal chest X-ray set from public sources."""
 
-from data_prep.curate import CurationParams, CurationResult, build, curate
+from data_prep.curate import CurationResult, build, curate
+from data_prep.recipe import CurationParams
 from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS, TABLE_COLUMNS
 
 __all__ = [

@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from data_prep.sources import SOURCES
+from data_prep.errors import WorkbookError
 
 #: The source whose annotations hold the masks, and where they lie inside its folder.
 MASK_SOURCE = "ieee8023"
@@ -34,7 +35,7 @@ BOX_ASPECT_TOLERANCE = 0.02
 MASK_THRESHOLD = 128
 
 
-class LungMaskError(FileNotFoundError):
+class LungMaskError(WorkbookError, FileNotFoundError):
     """The lung-mask folder is missing, or a mask cannot be read or does not fit its image."""
 
 
@@ -49,7 +50,7 @@ def mask_folder(data_dir: Path | str) -> Path:
         expected = data_dir / SOURCES[MASK_SOURCE].folders[0] / MASK_FOLDER
         raise LungMaskError(
             f"no lung masks at {expected}: the ieee8023 source (covid-chestxray-dataset) must keep its "
-            "upstream annotations/ folder; fetch it with `python -m data_prep.download`"
+            "upstream annotations/ folder; fetch it with `workbook download`"
         )
     return source / MASK_FOLDER
 

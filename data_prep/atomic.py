@@ -17,6 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
+from data_prep.errors import WorkbookError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -28,7 +29,7 @@ FILE_MODE = 0o666 & ~_UMASK
 BEFORE_REPLACE: Callable[[Path], None] | None = None
 
 
-class WriteError(OSError):
+class WriteError(WorkbookError, OSError):
     """A result file could not be written (disk full, no permission); the message names it."""
 
 

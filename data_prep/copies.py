@@ -10,7 +10,7 @@ transform (rotation, uniform scale, shift: what cropping, rescaling and re-posti
 homography overfits a handful of chance matches).  A pair is one film when at least
 :data:`MIN_INLIERS` matches agree.
 
-Measured on the mirror (``python -m data_prep.copies measure``, ``results/benchmarks/copies.txt``):
+Measured on the mirror (``workbook copies``, ``results/benchmarks/copies.txt``):
 synthetic copies of real films (caption, arrow, crop, window, re-encode) against different
 patients' films, so the thresholds below are chosen from data rather than guessed.
 """
@@ -18,7 +18,6 @@ patients' films, so the thresholds below are chosen from data rather than guesse
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.fingerprint import load_gray
+from data_prep.options import add_data_dir, add_out
 
 #: At most this many bits (of 256) apart, two images are one film on the hash alone: re-saved
 #: and re-encoded copies and copies in another window stay within it (the measurement below).
@@ -200,7 +200,7 @@ def measure(data_dir: Path, n_films: int = 40, seed: int = 0) -> tuple[pd.DataFr
     from PIL import Image
 
     from data_prep.fingerprint import PHASH_SIZE
-    from data_prep.sources import load_table
+    from data_prep.table import load_table
 
     table, _ = load_table(Path(data_dir), hash_images=False)
     table = table[table["modality"].str.lower() == "x-ray"].reset_index(drop=True)
@@ -263,29 +263,27 @@ def report(same: pd.DataFrame, different: pd.DataFrame, command: str) -> list[st
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m data_prep.copies measure --data-dir D [--films N] [--out FILE]``."""
-    from data_prep.atomic import write_text
+#: The file ``workbook copies --out FOLDER`` writes its report to.
+REPORT_NAME = "copies.txt"
 
-    p = argparse.ArgumentParser(prog="python -m data_prep.copies", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("measure", help="hash distances and keypoint inliers of edited copies vs different patients")
-    m.add_argument("--data-dir", type=Path, required=True)
-    m.add_argument("--films", type=int, default=40)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    if not args.data_dir.is_dir():
-        print(f"error: data folder {args.data_dir} does not exist; pass the folder holding the sources", file=sys.stderr)
-        return 2
-    same, different = measure(args.data_dir, args.films, args.seed)
-    command = "python -m data_prep.copies " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = "\n".join(report(same, different, command)) + "\n"
+
+def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook copies``."""
+    add_data_dir(parser)
+    parser.add_argument("--films", type=int, default=40, help="films edited and compared pairwise")
+    parser.add_argument("--seed", type=int, default=0)
+    add_out(parser, f"the report, {REPORT_NAME}")
+
+
+def run_measure_command(args: argparse.Namespace) -> int:
+    """``workbook copies``: measure hash distances and keypoint inliers of edited copies against
+    different patients' films, print the report (and write it to ``--out``); returns 0."""
+    from data_prep.atomic import write_text
+    from data_prep.datadir import data_dir as resolve_data_dir
+
+    same, different = measure(resolve_data_dir(args.data_dir), args.films, args.seed)
+    text = "\n".join(report(same, different, args.command_line)) + "\n"
     print(text, end="")
     if args.out:
-        write_text(args.out, text)
+        write_text(args.out / REPORT_NAME, text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

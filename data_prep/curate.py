@@ -3,14 +3,13 @@
 The seed paper (section 4.1) takes every PA COVID-19 X-ray of ieee8023, "all the data" of Figure1
 and Actualmed (that those all count as COVID-19 is our reading: the paper does not say how it
 labelled them), and random RSNA pneumonia and normal films: 475 per class, split 7:1:2 per image.  We
-keep its choices as defaults where they are clear and correct them where they mislabel or leak:
-an explicit finding -> class mapping (Actualmed/Figure1 normals are normal, inconclusive rows are
-dropped), X-ray only, frontal views only, adults only, exact and near-duplicate removal, and a
-split grouped by patient.  A copy is found by its bytes, its perceptual hash, or, for pairs in
-the hash's grey band, by keypoint matching (:mod:`data_prep.copies`); the patients of a film
-and its copies (within and across sources, RSNA's re-encoded NIH films too) are joined before
-anything is sampled or split, and every pair examined goes to ``duplicates.csv``.  Every removed image is listed with its reason (:data:`DROP_REASONS`,
-including the metadata problems :func:`data_prep.sources.load_table` found), and a split left
+keep its choices as defaults where they are clear and correct them where they mislabel or leak
+(:mod:`data_prep.recipe`): an explicit finding -> class mapping (Actualmed/Figure1 normals are
+normal, inconclusive rows are dropped), X-ray only, frontal views only, adults only, exact and
+near-duplicate removal, and a split grouped by patient.  The patients of a film and its copies
+are joined before anything is sampled or split (:mod:`data_prep.dedup`), and every pair examined
+goes to ``duplicates.csv``.  Every removed image is listed with its reason (:data:`DROP_REASONS`,
+including the metadata problems :func:`data_prep.table.load_table` found), and a split left
 without an image of some class is named in the summary's ``warnings``.  The three outputs are
 written together with ``duplicates.csv``, so an interrupted run leaves the previous set whole.
 """
@@ -20,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -28,41 +27,13 @@ import numpy as np
 import pandas as pd
 
 from data_prep.atomic import replace_together
-from data_prep.copies import BAND_HIGH, BAND_LOW, HASH_COPY, band_decisions
-from data_prep.fingerprint import near_pairs, phash_many
+from data_prep.dedup import PAIR_COLUMNS, DuplicateScan, find_duplicates, merge_summary
+from data_prep.fingerprint import phash_many
+from data_prep.recipe import PAPER_PER_CLASS, PAPER_SPLIT_SIZES, CurationParams, filter_reasons, paper_labels
 from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS, TABLE_COLUMNS
-from data_prep.sources import DROP_COLUMNS, SOURCES, Report, load_table
+from data_prep.table import DROP_COLUMNS, Report, load_table
 from data_prep.split import check_no_leak, split_by_patient
-
-#: Frontal chest X-ray views as the sources spell them (compared case-insensitively).
-FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP Supine", "AP erect", "AP semi erect")
-AP_VIEWS: tuple[str, ...] = tuple(v for v in FRONTAL_VIEWS if v != "PA")
-#: Views per source in the paper: PA only for ieee8023; "all data" (any frontal view) elsewhere.
-PAPER_VIEWS: dict[str, tuple[str, ...]] = {"ieee8023": ("PA",)}
-#: Which classes the paper takes from each source: only COVID-19 from ieee8023, pneumonia and
-#: normal from RSNA (and its parent archive NIH); Figure1 and Actualmed gave "all data", which we
-#: keep but label by their findings.
-PAPER_SOURCE_CLASSES: dict[str, tuple[str, ...]] = {
-    "ieee8023": ("covid",),
-    "figure1": CLASSES,
-    "actualmed": CLASSES,
-    "rsna": ("pneumonia", "normal"),
-    "nih": ("pneumonia", "normal"),
-}
-
-
-def every_class_from(sources: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """The paper's ``source_classes``, except that ``sources`` supply every class they hold (e.g.
-    ieee8023's pneumonias and 'No Finding' films, for tests within one source)."""
-    return {**PAPER_SOURCE_CLASSES, **{source: CLASSES for source in sources}}
-
-
-PAPER_PER_CLASS = 475
-PAPER_SPLIT_SIZES = {"train": 993, "val": 144, "test": 288}
-#: Near-duplicate threshold in bits of the 256-bit perceptual hash.  On the mirror, re-saved and
-#: re-encoded copies differ by at most 22 bits; distinct films of different patients by 54+.
-DEFAULT_PHASH_DISTANCE = HASH_COPY
-BALANCE_MODES = ("strict", "down")
+from data_prep.errors import WorkbookError
 
 #: Every reason an image leaves the set, in the order the steps run.
 DROP_REASONS: tuple[str, ...] = (
@@ -89,62 +60,8 @@ SPLIT_PURPOSE = {"train": "train on every class", "val": "select a checkpoint", 
 OUTPUT_FILES = ("manifest.csv", "dropped.csv", "summary.json", "duplicates.csv")
 
 
-class ClassShortageError(ValueError):
+class ClassShortageError(WorkbookError, ValueError):
     """A class has fewer images than ``per_class`` under ``balance="strict"``."""
-
-
-@dataclass
-class CurationParams:
-    """Every curation choice; the defaults are the seed paper's where it is clear.
-
-    ``views`` maps a source to the views kept for it; sources not named keep any frontal view
-    (and a blank view when ``keep_unknown_view``).  A plain list (as in the run profiles) is the
-    view list of ieee8023, the only source the paper restricts.  ``allow_ap`` adds the AP views
-    to every restricted source.  ``source_classes`` says which classes each source may supply.
-    ``phash_distance`` is in bits of a 256-bit perceptual hash.  ``balance="strict"`` stops when a
-    class is short of ``per_class``; ``"down"`` balances every class to the smallest one.
-    """
-
-    per_class: int = PAPER_PER_CLASS
-    views: dict[str, tuple[str, ...]] | Sequence[str] = field(default_factory=lambda: dict(PAPER_VIEWS))
-    allow_ap: bool = False
-    keep_unknown_view: bool = True
-    min_age: float | None = 18
-    xray_only: bool = True
-    source_classes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(PAPER_SOURCE_CLASSES))
-    check_images: bool = True
-    dedup: bool = True
-    keypoints: bool = True
-    phash_distance: int = DEFAULT_PHASH_DISTANCE
-    balance: str = "strict"
-    seed: int = 0
-    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.views, dict):
-            self.views = {source: tuple(self.views) for source in PAPER_VIEWS}
-        self.views = {s: tuple(v) for s, v in sorted(self.views.items())}
-        self.source_classes = {s: tuple(c) for s, c in sorted(self.source_classes.items())}
-        self.split = tuple(float(x) for x in self.split)  # type: ignore[assignment]
-        if self.balance not in BALANCE_MODES:
-            raise ValueError(f"balance={self.balance!r}; expected one of {BALANCE_MODES}")
-        if self.per_class < 1:
-            raise ValueError(f"per_class={self.per_class} must be at least 1")
-        for source, classes in self.source_classes.items():
-            bad = set(classes) - set(CLASSES)
-            if bad:
-                raise ValueError(f"source_classes[{source!r}] has unknown class(es) {sorted(bad)}; use {CLASSES}")
-
-    def allowed_views(self, source: str) -> tuple[str, ...] | None:
-        """The views kept for ``source`` (None: any frontal view), with AP added when ``allow_ap``."""
-        views = self.views.get(source)
-        if views is None:
-            return None
-        return tuple(dict.fromkeys(views + AP_VIEWS)) if self.allow_ap else views
-
-    def as_dict(self) -> dict[str, object]:
-        """JSON-able form (tuples become lists) for the summary."""
-        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass
@@ -156,177 +73,6 @@ class CurationResult:
     dropped: pd.DataFrame
     summary: dict[str, object]
     duplicates: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(PAIR_COLUMNS)))
-
-
-def _view_problem(source: str, view: str, params: CurationParams) -> str:
-    """Why ``view`` is not kept for ``source`` ("" when it is kept)."""
-    allowed = params.allowed_views(source)
-    key = view.strip().lower()
-    if not key:
-        if allowed is None and params.keep_unknown_view:
-            return ""
-        return f"view is blank upstream ({source} keeps {allowed or 'known views only'})"
-    if key not in {v.lower() for v in FRONTAL_VIEWS}:
-        return f"view {view!r} is not frontal"
-    if allowed is not None and key not in {v.lower() for v in allowed}:
-        return f"view {view!r} not in {source} views {list(allowed)} (allow_ap={params.allow_ap})"
-    return ""
-
-
-def _filter_reasons(table: pd.DataFrame, params: CurationParams) -> list[tuple[str, str]]:
-    """The first filter each row fails, as (reason, detail), or ("", "") when it passes them all."""
-    out = []
-    for row in table.itertuples(index=False):
-        if params.xray_only and row.modality.strip().lower() != "x-ray":
-            out.append(("not_xray", f"modality {row.modality!r}"))
-        elif problem := _view_problem(row.source, row.view, params):
-            out.append(("view", problem))
-        elif row.label == "":
-            out.append(("unmapped_finding", f"finding {row.finding!r} maps to no class"))
-        elif row.label not in params.source_classes.get(row.source, CLASSES):
-            out.append(("class_not_taken", f"{row.label} is not taken from {row.source}"))
-        elif params.min_age is not None and row.age < params.min_age:  # NaN (unknown) compares False
-            out.append(("age", f"age {row.age:g} < min_age {params.min_age:g}"))
-        else:
-            out.append(("", ""))
-    return out
-
-
-def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Connected components (sorted lists of node indices) of an undirected graph, via union-find."""
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in edges:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    return [g for g in groups.values() if len(g) > 1]
-
-
-#: Columns of ``duplicates.csv``: every pair linked as one film, and every grey-band pair decided.
-#: The evidence values of grey-band pairs decided by keypoints in ``duplicates.csv``.
-BAND_EVIDENCE = ("keypoints", "keypoints_same_patient", "different_film")
-PAIR_COLUMNS = ("image_a", "image_b", "patient_a", "patient_b", "evidence", "distance", "inliers", "same_film")
-
-
-@dataclass
-class DuplicateScan:
-    """What :func:`find_duplicates` found: the images to ``drop``, every examined ``pairs`` row
-    (:data:`PAIR_COLUMNS`), each patient's merged id (``patient_of``, only those that change) and
-    one record per merged patient group (``merges``: the ids, the one kept, the evidence)."""
-
-    drops: list[tuple[str, str, str]]
-    pairs: pd.DataFrame
-    patient_of: dict[str, str]
-    merges: list[dict[str, object]]
-
-
-def _source_rank(kept: pd.DataFrame, i: int) -> tuple[int, str]:
-    order = {name: k for k, name in enumerate(SOURCES)}
-    return order.get(kept.at[i, "source"], len(order)), kept.at[i, "image_id"]
-
-
-def find_duplicates(
-    kept: pd.DataFrame, bits: np.ndarray | None, max_distance: int, paths: Sequence[Path] | None = None,
-    band: tuple[int, int] = (BAND_LOW, BAND_HIGH),
-) -> DuplicateScan:
-    """Find every copy among ``kept``'s rows, choose the image to keep, and join their patients.
-
-    Rows are linked when their ``sha256`` is equal (``exact``), when, given ``bits`` (rows x hash
-    bits), their perceptual hashes differ by at most ``max_distance`` bits (``hash``), or, given
-    ``paths`` (each row's image file), when their distance lies in the grey ``band`` above
-    ``max_distance`` and keypoint matching finds one film (``keypoints``,
-    :mod:`data_prep.copies`).  In each linked group the image of the earliest source in
-    :data:`SOURCES` (then the smallest ``image_id``) is kept; a group whose images carry
-    different labels is dropped whole (``duplicate_conflict``).  The patients of linked images,
-    within and across sources, are joined as connected components over every link: one film
-    under two patient ids means one person, so their other films must share a split too.  The
-    merged id is the group's earliest patient id (same order).
-    """
-    kept = kept.reset_index(drop=True)
-    edges: list[tuple[int, int, str, int, int]] = []  # i, j, evidence, distance, inliers
-    hashed = kept[kept["sha256"] != ""]
-    for _, group in hashed.groupby("sha256", sort=False):
-        idx = group.index.tolist()
-        edges += [(idx[0], j, "exact", 0, -1) for j in idx[1:]]
-    band_rows: list[tuple[int, int, str, int, int]] = []
-    if bits is not None:
-        wide = max(max_distance, band[1]) if paths is not None else max_distance
-        close = near_pairs(bits, wide)
-        edges += [(i, j, "hash", d, -1) for i, j, d in close if d <= max_distance]
-        if paths is not None:
-            low = max(band[0], max_distance + 1)
-            decided = band_decisions(close, list(kept["image_id"]), list(paths), low, band[1])
-            index = {image_id: k for k, image_id in enumerate(kept["image_id"])}
-            patient = kept["patient_id"].to_numpy()
-            for r in decided.itertuples(index=False):
-                i, j = index[r.image_a], index[r.image_b]
-                # Within one patient keypoints cannot tell a re-post from a repeat film of the same
-                # day, and both share a split anyway: such a pair is recorded and both are kept.
-                evidence = ("different_film" if not r.same_film else
-                            "keypoints_same_patient" if patient[i] == patient[j] else "keypoints")
-                row = (i, j, evidence, int(r.distance), int(r.inliers))
-                (edges if evidence == "keypoints" else band_rows).append(row)
-    drops = []
-    for members in _components(len(kept), [(i, j) for i, j, *_ in edges]):
-        members.sort(key=lambda i: _source_rank(kept, i))
-        labels = sorted(set(kept.loc[members, "label"]))
-        keeper = members[0]
-        if len(labels) > 1:
-            ids = ", ".join(f"{kept.at[i, 'image_id']} ({kept.at[i, 'label']})" for i in members)
-            drops += [(kept.at[i, "image_id"], "duplicate_conflict", f"one image, labels {labels}: {ids}") for i in members]
-            continue
-        for i in members[1:]:
-            same_bytes = kept.at[i, "sha256"] != "" and kept.at[i, "sha256"] == kept.at[keeper, "sha256"]
-            distance = int(np.count_nonzero(bits[i] != bits[keeper])) if bits is not None else -1
-            if same_bytes:
-                drops.append((kept.at[i, "image_id"], "duplicate_exact", f"same bytes as {kept.at[keeper, 'image_id']}"))
-            elif distance <= max_distance:
-                drops.append((kept.at[i, "image_id"], "duplicate_near",
-                              f"copy of {kept.at[keeper, 'image_id']} (perceptual hash distance {distance})"))
-            else:
-                link = next((e for e in edges if {e[0], e[1]} & {i} and e[2] == "keypoints"), None)
-                drops.append((kept.at[i, "image_id"], "duplicate_keypoints",
-                              f"copy of {kept.at[keeper, 'image_id']} (hash distance {distance}; "
-                              f"{link[4] if link else '?'} keypoint matches agree on one rigid motion)"))
-    pairs = pd.DataFrame(
-        [(kept.at[i, "image_id"], kept.at[j, "image_id"], kept.at[i, "patient_id"], kept.at[j, "patient_id"],
-          evidence, distance, inliers, evidence in ("exact", "hash", "keypoints"))
-         for i, j, evidence, distance, inliers in edges + band_rows],
-        columns=list(PAIR_COLUMNS))
-    patient_of, merges = _merge_patients(kept, edges)
-    return DuplicateScan(drops=drops, pairs=pairs, patient_of=patient_of, merges=merges)
-
-
-def _merge_patients(kept: pd.DataFrame, edges: Sequence[tuple[int, int, str, int, int]]
-                    ) -> tuple[dict[str, str], list[dict[str, object]]]:
-    """Join patients along duplicate links (connected components over patient ids)."""
-    patients = sorted(set(kept["patient_id"]))
-    index = {p: k for k, p in enumerate(patients)}
-    links = [(index[kept.at[i, "patient_id"]], index[kept.at[j, "patient_id"]], i, j, evidence)
-             for i, j, evidence, *_ in edges if kept.at[i, "patient_id"] != kept.at[j, "patient_id"]]
-    first_image = kept.reset_index().sort_values("image_id").groupby("patient_id")["index"].first()
-    patient_of: dict[str, str] = {}
-    merges: list[dict[str, object]] = []
-    for group in _components(len(patients), [(a, b) for a, b, *_ in links]):
-        ids = sorted((patients[k] for k in group), key=lambda p: _source_rank(kept, int(first_image[p]))[0:1] + (p,))
-        into = ids[0]
-        patient_of.update({p: into for p in ids[1:]})
-        members = set(group)
-        evidence = [{"image_a": kept.at[i, "image_id"], "image_b": kept.at[j, "image_id"], "evidence": ev}
-                    for a, b, i, j, ev in links if a in members]
-        merges.append({"patients": ids, "into": into,
-                       "sources": sorted({p.split(":", 1)[0] for p in ids}), "links": evidence})
-    return patient_of, merges
 
 
 def _balance(kept: pd.DataFrame, params: CurationParams) -> tuple[pd.DataFrame, list[tuple[str, str, str]], int, str]:
@@ -358,23 +104,6 @@ def _balance(kept: pd.DataFrame, params: CurationParams) -> tuple[pd.DataFrame, 
         left = np.setdiff1d(np.arange(len(rows)), chosen)
         drops += [(kept.at[r, "image_id"], "balance", f"{cls}: {available[cls]} available, {n} drawn") for r in rows[left]]
     return kept.loc[sorted(take)], drops, n, note
-
-
-def paper_labels(table: pd.DataFrame) -> pd.Series:
-    """The class the seed paper's literal recipe gives each row, or "" when it does not take the row.
-
-    ieee8023: COVID-19 PA X-rays -> covid; Figure1 and Actualmed: every row -> covid ("all data");
-    RSNA/NIH: pneumonia and normal as labelled.  Compare with ``table.label`` to count mislabels.
-    """
-    def one(row: pd.Series) -> str:
-        if row["source"] == "ieee8023":
-            pa_xray = row["view"] == "PA" and row["modality"] == "X-ray"
-            return "covid" if row["label"] == "covid" and pa_xray else ""
-        if row["source"] in ("figure1", "actualmed"):
-            return "covid"
-        return row["label"]
-
-    return table.apply(one, axis=1).rename("paper_label") if len(table) else pd.Series(dtype=str, name="paper_label")
 
 
 def _versions() -> dict[str, str]:
@@ -409,6 +138,39 @@ def _resolve_data_dir(table: pd.DataFrame, data_dir: Path | None) -> Path:
     return Path(raw)
 
 
+def _readable(kept: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, np.ndarray | None, list[tuple[str, str, str]]]:
+    """The rows of ``kept`` whose image decodes, their perceptual hashes (rows x bits; None when
+    no image decodes), and an ``unreadable`` drop for each of the others."""
+    hashes, errors = phash_many([root / p for p in kept["path"]])
+    drops = [(kept.at[i, "image_id"], "unreadable", message) for i, message in sorted(errors.items())]
+    readable = [i for i in range(len(kept)) if i not in errors]
+    kept = kept.loc[readable].reset_index(drop=True)
+    bits = np.array([hashes[i] for i in readable], dtype=bool) if readable else None
+    return kept, bits, drops
+
+
+def _deduplicate(
+    kept: pd.DataFrame, bits: np.ndarray | None, root: Path | None, params: CurationParams
+) -> tuple[pd.DataFrame, DuplicateScan]:
+    """``kept`` without its copies and with the patients of each film's copies joined, and the
+    :class:`DuplicateScan` that decided it (empty when ``params.dedup`` is off)."""
+    if not params.dedup:
+        return kept, DuplicateScan([], pd.DataFrame(columns=list(PAIR_COLUMNS)), {}, [])
+    paths = [root / p for p in kept["path"]] if params.keypoints else None
+    scan = find_duplicates(kept, bits, params.phash_distance, paths)
+    gone = {d[0] for d in scan.drops}
+    # Patients are joined before anything is sampled or split, so one person's films stay together.
+    kept = kept.assign(patient_id=kept["patient_id"].map(lambda p: scan.patient_of.get(p, p)))
+    return kept[~kept["image_id"].isin(gone)].reset_index(drop=True), scan
+
+
+def _dropped_frame(drops: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """Every drop as a :data:`DROP_COLUMNS` frame, in :data:`DROP_REASONS` order, then by image_id."""
+    dropped = pd.DataFrame(drops, columns=list(DROP_COLUMNS))
+    dropped["_order"] = dropped["reason"].map({r: i for i, r in enumerate(DROP_REASONS)})
+    return dropped.sort_values(["_order", "image_id"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
 def curate(
     table: pd.DataFrame,
     params: CurationParams | None = None,
@@ -431,82 +193,42 @@ def curate(
     params = params or CurationParams()
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
-        raise KeyError(f"curate: table lacks column(s) {missing}; build it with data_prep.sources.load_table")
+        raise KeyError(f"curate: table lacks column(s) {missing}; build it with data_prep.table.load_table")
     table = table.reset_index(drop=True)
     drops: list[tuple[str, str, str]] = []
     if report is not None:
         drops += list(report.skipped[list(DROP_COLUMNS)].itertuples(index=False, name=None))
 
-    reasons = _filter_reasons(table, params)
+    reasons = filter_reasons(table, params)
     drops += [(iid, r, d) for iid, (r, d) in zip(table["image_id"], reasons) if r]
     kept = table[[r == "" for r, _ in reasons]].reset_index(drop=True)
 
-    bits = None
+    bits, root = None, None
     if params.check_images or params.dedup:
         root = _resolve_data_dir(table, data_dir)
-        hashes, errors = phash_many([root / p for p in kept["path"]])
-        drops += [(kept.at[i, "image_id"], "unreadable", message) for i, message in sorted(errors.items())]
-        readable = [i for i in range(len(kept)) if i not in errors]
-        kept = kept.loc[readable].reset_index(drop=True)
-        bits = np.array([hashes[i] for i in readable], dtype=bool) if readable else None
-    scan = DuplicateScan([], pd.DataFrame(columns=list(PAIR_COLUMNS)), {}, [])
-    if params.dedup:
-        paths = [root / p for p in kept["path"]] if params.keypoints else None
-        scan = find_duplicates(kept, bits, params.phash_distance, paths)
-        drops += scan.drops
-        gone = {d[0] for d in scan.drops}
-        # Patients are joined before anything is sampled or split, so one person's films stay together.
-        kept = kept.assign(patient_id=kept["patient_id"].map(lambda p: scan.patient_of.get(p, p)))
-        kept = kept[~kept["image_id"].isin(gone)].reset_index(drop=True)
+        kept, bits, unreadable = _readable(kept, root)
+        drops += unreadable
+    kept, scan = _deduplicate(kept, bits, root, params)
+    drops += scan.drops
     available = kept
 
     kept, balance_drops, n, note = _balance(kept, params)
     drops += balance_drops
     manifest = kept.copy()
     manifest["split"] = split_by_patient(manifest, params.split, params.seed)
-    check_no_leak(manifest, data_dir=root if (params.check_images or params.dedup) else None,
-                  max_distance=params.phash_distance)
+    check_no_leak(manifest, data_dir=root, max_distance=params.phash_distance)
     manifest = _sort_manifest(manifest)
 
     warnings = split_warnings(manifest, params, n)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
-    dropped = pd.DataFrame(drops, columns=list(DROP_COLUMNS))
-    dropped["_order"] = dropped["reason"].map({r: i for i, r in enumerate(DROP_REASONS)})
-    dropped = dropped.sort_values(["_order", "image_id"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    dropped = _dropped_frame(drops)
     warnings = (list(report.warnings) if report is not None else []) + warnings
     summary = _summary(table, available, manifest, dropped, params, n, note, report, warnings)
-    summary["patient_merges"] = _merge_summary(scan, table)
+    summary["patient_merges"] = merge_summary(scan)
     pairs = scan.pairs.sort_values(["evidence", "image_a", "image_b"], kind="stable").reset_index(drop=True)
     return CurationResult(manifest=manifest, dropped=dropped, summary=summary, duplicates=pairs)
-
-
-def merge_table(summary: dict[str, object]) -> pd.DataFrame:
-    """The patient merges of a curation ``summary`` as a table: one row per joined group with
-    the id kept, the ids joined into it, their sources and the evidence that linked them."""
-    rows = [{"patient": m["into"], "joined": ", ".join(p for p in m["patients"] if p != m["into"]),
-             "sources": "+".join(m["sources"]),
-             "evidence": ", ".join(sorted({link["evidence"] for link in m["links"]})),
-             "links": len(m["links"])} for m in summary.get("patient_merges", {}).get("merges", [])]
-    return pd.DataFrame(rows, columns=["patient", "joined", "sources", "evidence", "links"])
-
-
-def _merge_summary(scan: DuplicateScan, table: pd.DataFrame) -> dict[str, object]:
-    """Counts of the patient merges, by evidence and source pair, with every group listed."""
-    links = [link for m in scan.merges for link in m["links"]]
-    evidence = pd.Series([link["evidence"] for link in links], dtype=object)
-    return {
-        "groups": len(scan.merges),
-        "patients_merged": sum(len(m["patients"]) for m in scan.merges),
-        "by_evidence": {str(k): int(v) for k, v in evidence.value_counts().sort_index().items()},
-        "across_sources": sum(len(m["sources"]) > 1 for m in scan.merges),
-        "nih_rsna": sum({"nih", "rsna"} <= set(m["sources"]) for m in scan.merges),
-        "band_pairs": int((scan.pairs["evidence"].isin(BAND_EVIDENCE)).sum()),
-        "band_same_film": int((scan.pairs["evidence"] == "keypoints").sum()),
-        "band_same_patient": int((scan.pairs["evidence"] == "keypoints_same_patient").sum()),
-        "merges": scan.merges,
-    }
 
 
 #: Fewest images of each class a split needs: with one, a checkpoint is chosen (or a class scored)

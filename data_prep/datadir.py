@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from data_prep.errors import WorkbookError
 
 #: The environment variable that says where the upstream sources live.
 DATA_ENV = "CXR_DATA_DIR"
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(WorkbookError, FileNotFoundError):
     """The source-data folder is not set or does not exist."""
 
 
@@ -23,10 +24,11 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     if not raw:
         raise DataNotFoundError(
             f"No source-data folder given: set the environment variable {DATA_ENV} "
-            f"(e.g. `export {DATA_ENV}=/path/to/cxr-sources`) or pass data_dir=... to the notebook. "
+            f"(e.g. `export {DATA_ENV}=/path/to/cxr-sources`), or pass --data-dir to the command "
+            "(data_dir=... to a notebook). "
             "The folder holds the upstream datasets in their own layouts "
             "(covid-chestxray-dataset/, Figure1-COVID-chestxray-dataset/, ...); "
-            "`python -m data_prep.download` fetches them."
+            "`workbook download` fetches them."
         )
     path = Path(raw).expanduser().resolve()
     origin = "data_dir parameter" if explicit is not None else f"${DATA_ENV}"
@@ -40,6 +42,6 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
         raise DataNotFoundError(
             f"Source-data folder {path} (from the {origin}) does not exist. "
             f"Point {DATA_ENV} at the folder holding the upstream sources, "
-            "or fetch them with `python -m data_prep.download`."
+            "or fetch them with `workbook download`."
         )
     return path

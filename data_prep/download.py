@@ -1,6 +1,6 @@
 """Fetch the upstream sources into a data directory laid out like the mirror.
 
-``python -m data_prep.download --to DIR [--sources ieee8023 figure1 actualmed rsna nih]``
+``workbook download --to DIR [--sources ieee8023 figure1 actualmed rsna nih]``
 
 * ieee8023, Figure1, Actualmed: GitHub archives of pinned commits, resumable, with the metadata
   file checked against its known SHA-256 (byte-identical to the development mirror).
@@ -22,7 +22,6 @@ import importlib.util
 import os
 import shutil
 import socket
-import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -33,7 +32,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data_prep.pins import PINNED
-from data_prep.sources import SOURCES, sha256_file
+from data_prep.sources import SOURCES
+from data_prep.table import sha256_file
+from data_prep.errors import WorkbookError
 
 #: Seconds a connection or a single read may stall before the download gives up.
 TIMEOUT_S = 30
@@ -45,8 +46,11 @@ DEFAULT_SOURCES = ("ieee8023", "figure1", "actualmed", "rsna")  # the seed paper
 USER_AGENT = "cxr-workbook data_prep.download"
 
 
-class DownloadError(RuntimeError):
-    """A source could not be fetched or verified; the message says why and what to do."""
+class DownloadError(WorkbookError, RuntimeError):
+    """A source could not be fetched or verified; the message says why and what to do.  The
+    command exits with status 1: the network or the upstream failed, not the settings."""
+
+    exit_status = 1
 
 
 RSNA_COMPETITION = "rsna-pneumonia-detection-challenge"
@@ -244,21 +248,16 @@ def download(to: Path, sources: Sequence[str] = DEFAULT_SOURCES) -> dict[str, Pa
     return folders
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: fetch sources into ``--to``; exit status 1 with the reason on failure."""
-    p = argparse.ArgumentParser(prog="python -m data_prep.download", description=__doc__.splitlines()[0])
-    p.add_argument("--to", type=Path, required=True, help="data directory to fill (becomes $CXR_DATA_DIR)")
-    p.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(DEFAULT_SOURCES))
-    args = p.parse_args(argv)
-    try:
-        folders = download(args.to, args.sources)
-    except DownloadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    for name, folder in folders.items():
+def add_download_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook download``."""
+    parser.add_argument("--to", type=Path, required=True, metavar="FOLDER",
+                        help="data directory to fill (becomes $CXR_DATA_DIR)")
+    parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(DEFAULT_SOURCES))
+
+
+def run_download_command(args: argparse.Namespace) -> int:
+    """``workbook download``: fetch the sources into ``--to`` and print their folders; returns 0
+    (a failed fetch raises :class:`DownloadError`, exit status 1)."""
+    for name, folder in download(args.to, args.sources).items():
         print(f"{name}: {folder}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from data_prep.errors import WorkbookError
 
 #: File suffixes treated as DICOM without sniffing (files with other names are sniffed for ``DICM``).
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -37,7 +38,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".t
 _U8_MAX = 255
 
 
-class ImageReadError(ValueError):
+class ImageReadError(WorkbookError, ValueError):
     """An image file could not be read or converted; the message names the file and the reason."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.schema import CLASSES, SPLITS
+from data_prep.errors import WorkbookError
 
 #: The seed paper's split: 7:1:2 (993/144/288 of 1425 images).
 DEFAULT_RATIOS: tuple[float, float, float] = (0.7, 0.1, 0.2)
@@ -24,14 +25,18 @@ RATIO_TOLERANCE = 1e-6
 LEAKS_SHOWN = 10
 
 
-class LeakError(ValueError):
+class LeakError(WorkbookError, ValueError):
     """A patient (or one image's bytes) occurs in more than one split."""
+
+
+class SplitRatioError(WorkbookError, ValueError):
+    """Split shares that are not non-negative numbers summing to one (one per split)."""
 
 
 def _check_frame(df: pd.DataFrame, where: str) -> None:
     missing = [c for c in ("patient_id", "label") if c not in df.columns]
     if missing:
-        raise KeyError(f"{where}: the table lacks column(s) {missing}; pass the table from data_prep.sources.load_table")
+        raise KeyError(f"{where}: the table lacks column(s) {missing}; pass the table from data_prep.table.load_table")
 
 
 def allocate(total: int, ratios: Sequence[float]) -> list[int]:
@@ -80,7 +85,7 @@ def _assign_groups(df: pd.DataFrame, ratios: Sequence[float], names: Sequence[Ha
 
 def _check_ratios(ratios: Sequence[float], n: int, name: str) -> None:
     if len(ratios) != n or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > RATIO_TOLERANCE:
-        raise ValueError(f"{name}={tuple(ratios)} must be {n} non-negative shares summing to 1, e.g. {DEFAULT_RATIOS}")
+        raise SplitRatioError(f"{name}={tuple(ratios)} must be {n} non-negative shares summing to 1, e.g. {DEFAULT_RATIOS}")
 
 
 def split_by_patient(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, seed: int = 0) -> pd.Series:
@@ -151,6 +156,6 @@ def _check_no_near_copy(manifest: pd.DataFrame, column: str, data_dir: Path, max
                           for i, j, d in crossing[:LEAKS_SHOWN])
         raise LeakError(
             f"{len(crossing)} pair(s) of near-identical images sit in different {column}s: {shown}. "
-            "They are one film: curate with de-duplication on (python -m data_prep without --no-dedup), "
+            "They are one film: curate with de-duplication on (workbook curate without --no-dedup), "
             "which joins their patients before splitting."
         )

@@ -13,27 +13,27 @@ S=results/runs/shortcut-cpu64
 TRAIN=(--preset smoke --set epochs=6 --set batch_size=16 --device cpu)
 
 # The paper-protocol grid (CBAM, LGFNet, CLAHE, FPN): 100 images per class, seeds 0-2.
-$PY -m data_prep --data-dir "$DATA" --out $A/data --per-class 100 --seed 0 > /dev/null
-$PY -m nbhelpers.experiments.ablation --manifest $A/data/manifest.csv --data-dir "$DATA" --out $A --seeds 0 1 2 \
+$PY -m nbhelpers curate --data-dir "$DATA" --out $A/data --per-class 100 --seed 0 > /dev/null
+$PY -m nbhelpers grid --manifest $A/data/manifest.csv --data-dir "$DATA" --out $A --seeds 0 1 2 \
     --groups cbam lgfnet clahe fpn "${TRAIN[@]}" --tables results/tables --figures results/figures
-$PY -m nbhelpers.experiments.explain --ablation-root $A --manifest $A/data/manifest.csv --data-dir "$DATA" \
+$PY -m nbhelpers explain --grid-root $A --manifest $A/data/manifest.csv --data-dir "$DATA" \
     --groups cbam lgfnet clahe fpn --seeds 0 1 2 --out results/tables --figures results/figures
 
 # The shortcut group: every ieee8023 class, 200 per class, seeds 0-2, and the probes' pool.
-$PY -m data_prep --data-dir "$DATA" --out $S/data --per-class 200 --seed 0 --balance down --allow-ap \
+$PY -m nbhelpers curate --data-dir "$DATA" --out $S/data --per-class 200 --seed 0 --balance down --allow-ap \
     --all-classes-from ieee8023 > /dev/null
-$PY -m data_prep --data-dir "$DATA" --out $S/pool --per-class 1000 --seed 0 --balance down --allow-ap \
+$PY -m nbhelpers curate --data-dir "$DATA" --out $S/pool --per-class 1000 --seed 0 --balance down --allow-ap \
     --all-classes-from ieee8023 > /dev/null
-$PY -m nbhelpers.experiments.ablation --manifest $S/data/manifest.csv --data-dir "$DATA" --out $S --seeds 0 1 2 \
+$PY -m nbhelpers grid --manifest $S/data/manifest.csv --data-dir "$DATA" --out $S --seeds 0 1 2 \
     --groups shortcut "${TRAIN[@]}" --tables results/tables --figures results/figures --prefix shortcut
-$PY -m nbhelpers.experiments.explain --ablation-root $S --manifest $S/data/manifest.csv --data-dir "$DATA" --groups shortcut \
+$PY -m nbhelpers explain --grid-root $S --manifest $S/data/manifest.csv --data-dir "$DATA" --groups shortcut \
     --seeds 0 1 2 --out results/tables --figures results/figures --prefix shortcut_cam
 # The field's shortcut tests: lungs blacked out (Maguolo & Nanni 2021) on the same set, one archive
 # per class with the others external (DeGrave et al. 2021) on the pool, and the view probe.
-$PY -m nbhelpers.experiments.ablation --manifest $S/data/manifest.csv --data-dir "$DATA" --out $S --seeds 0 1 2 \
+$PY -m nbhelpers grid --manifest $S/data/manifest.csv --data-dir "$DATA" --out $S --seeds 0 1 2 \
     --groups blackout "${TRAIN[@]}"
-$PY -m nbhelpers.experiments.ablation --manifest $S/pool/manifest.csv --data-dir "$DATA" --out $S --seeds 0 1 2 \
+$PY -m nbhelpers grid --manifest $S/pool/manifest.csv --data-dir "$DATA" --out $S --seeds 0 1 2 \
     --groups external "${TRAIN[@]}"
-$PY -m nbhelpers.experiments.shortcut --grid-root $S --manifest $S/data/manifest.csv --pool-manifest $S/pool/manifest.csv \
-    --data-dir "$DATA" --seeds 0 1 2 --set epochs=6 --set batch_size=16 \
+$PY -m nbhelpers shortcut --grid-root $S --manifest $S/data/manifest.csv --pool-manifest $S/pool/manifest.csv \
+    --data-dir "$DATA" --seeds 0 1 2 --set epochs=6 --set batch_size=16 --device cpu \
     --cam-table results/tables/shortcut_cam_lung_energy.csv --blackout --external --view-probe --out results/tables

@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 from conftest import real_manifest
 
+from data_prep.errors import WorkbookError
 from nbhelpers.experiments import ablation
+from nbhelpers.tools import cli
 from nbhelpers.experiments.ablation import GridError, Row
 
 
@@ -127,20 +129,20 @@ def test_per_source_pools_seeds_and_splits_by_archive(tmp_path):
 def _stop_with(seen):
     def fake(*args, **kwargs):
         seen.update(kwargs)
-        raise ValueError("stop here")
+        raise WorkbookError("stop here")
     return fake
 
 
 def test_cli_types_set_values_and_exits_2_for_a_setup_error(monkeypatch, tmp_path, capsys):
     seen = {}
     monkeypatch.setattr(ablation, "run_grid", _stop_with(seen))
-    argv = ["--manifest", str(tmp_path / "m.csv"), "--groups", "cbam", "--out", str(tmp_path)]
-    assert ablation.main(argv + ["--set", "pretrained=false", "--set", "epochs=2"]) == 2
+    argv = ["grid", "--manifest", str(tmp_path / "m.csv"), "--groups", "cbam", "--out", str(tmp_path)]
+    assert cli.main(argv + ["--set", "pretrained=false", "--set", "epochs=2"]) == 2
     assert seen["pretrained"] is False and seen["epochs"] == 2  # bool("false") would have been True
-    assert capsys.readouterr().err == "ablation: stop here\n"
-    assert ablation.main(argv + ["--set", "epochs=two"]) == 2
-    assert capsys.readouterr().err == "ablation: epochs must be an integer, got 'two'\n"
-    assert ablation.main(["--manifest", "m.csv", "--groups", "cbm"]) == 2
+    assert capsys.readouterr().err == "error: stop here\n"
+    assert cli.main(argv + ["--set", "epochs=two"]) == 2
+    assert capsys.readouterr().err == "error: epochs must be an integer, got 'two'\n"
+    assert cli.main(["grid", "--manifest", "m.csv", "--groups", "cbm"]) == 2
     assert "known groups" in capsys.readouterr().err
 
 
@@ -151,7 +153,7 @@ def _real_manifest(data_dir, per_class: int = 3) -> pd.DataFrame:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_finished_run_is_reused_only_while_it_is_what_would_be_trained(data_dir, tmp_path, capsys):
-    from nbhelpers.training.train import load_run
+    from nbhelpers.training.runs import load_run
 
     rows = [Row("g", "base", "mobilenetv2", baseline=True)]
     grid = dict(data_dir=data_dir, out_root=tmp_path, seeds=[0], preset="smoke", device="cpu", image_size=32)
@@ -186,7 +188,7 @@ def test_an_external_row_trains_on_its_archives_and_scores_the_others(monkeypatc
         seen["internal"] = table
         raise RuntimeError("stop after planning")
 
-    monkeypatch.setattr("nbhelpers.training.train.train_run", fake_train)
+    monkeypatch.setattr("nbhelpers.training.runs.train_run", fake_train)
     with pytest.raises(RuntimeError, match="stop after planning"):
         ablation.run_grid([row], manifest, None, tmp_path, [0], "smoke", device="cpu")
     internal = seen["internal"]
@@ -199,12 +201,12 @@ def test_a_row_with_the_record_of_a_finished_run_takes_it_over(monkeypatch, tmp_
 
     row_a, row_b = Row("a", "base", "m", baseline=True), Row("b", "same", "m", baseline=True)
     record = {"model": "m"}
-    monkeypatch.setattr("nbhelpers.training.train.run_provenance", lambda *a, **k: record)
+    monkeypatch.setattr("nbhelpers.training.runs.run_provenance", lambda *a, **k: record)
     folder = ablation.run_dir(tmp_path, row_a, 0)
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({"provenance": record, "config": {}, "test": {"accuracy": 0.5}}))
     (folder / "test_predictions.csv").write_text("image_id,label,pred\nx,0,0\n")
-    monkeypatch.setattr("nbhelpers.training.train.train_run", lambda *a, **k: pytest.fail("must not train"))
+    monkeypatch.setattr("nbhelpers.training.runs.train_run", lambda *a, **k: pytest.fail("must not train"))
     ablation.run_grid([row_a, row_b], pd.DataFrame(), None, tmp_path, [0], "smoke", device="cpu")
     copied = ablation.run_dir(tmp_path, row_b, 0)
     assert (copied / "test_predictions.csv").read_text() == (folder / "test_predictions.csv").read_text()

@@ -9,20 +9,21 @@ import pytest
 import torch
 
 from data_prep.schema import CLASSES
-from data_prep.sources import load_table
+from data_prep.table import load_table
 from data_prep.split import check_no_leak, split_by_patient
+from data_prep.errors import WorkbookError
 from nbhelpers.experiments.audit import (
     CHANCE,
     PROBE_CARRIERS,
     ProbeError,
     balanced_accuracy,
-    main,
     per_source_table,
     probe_manifest,
     source_probe,
     wilson_interval,
     within_source_table,
 )
+from nbhelpers.tools.cli import main
 
 #: A small registered model that trains in seconds at 32 px on one CPU thread.
 TINY = "mobilenetv2"
@@ -119,11 +120,11 @@ def test_tables_command_writes_both_tables(tmp_path, capsys):
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
     (tmp_path / "run").mkdir()
     preds.to_csv(tmp_path / "run" / "test_predictions.csv", index=False)
-    assert main(["tables", "--manifest", str(tmp_path / "manifest.csv"), "--run", str(tmp_path / "run"),
+    assert main(["audit", "tables", "--manifest", str(tmp_path / "manifest.csv"), "--run", str(tmp_path / "run"),
                  "--out", str(tmp_path / "audit")]) == 0
     assert len(pd.read_csv(tmp_path / "audit" / "per_source.csv")) == 8
     assert list(pd.read_csv(tmp_path / "audit" / "within_source.csv")["source"]) == ["a", "c"]
-    assert main(["tables", "--manifest", str(tmp_path / "missing.csv"), "--run", str(tmp_path / "run"),
+    assert main(["audit", "tables", "--manifest", str(tmp_path / "missing.csv"), "--run", str(tmp_path / "run"),
                  "--out", str(tmp_path / "audit")]) == 2
     assert "missing.csv not found" in capsys.readouterr().err
 
@@ -201,7 +202,7 @@ def test_source_probe_trains_and_reports_balanced_accuracy(real_manifest, data_d
 
 def test_probe_command_names_a_setup_mistake(real_manifest, data_dir, tmp_path, capsys):
     real_manifest[real_manifest["source"] == "nih"].to_csv(tmp_path / "manifest.csv", index=False)
-    status = main(["probe", "--manifest", str(tmp_path / "manifest.csv"), "--data-dir", str(data_dir),
+    status = main(["audit", "probe", "--manifest", str(tmp_path / "manifest.csv"), "--data-dir", str(data_dir),
                    "--out", str(tmp_path / "probe"), "--model", TINY])
     assert status == 2
     assert "needs at least two" in capsys.readouterr().err
@@ -215,10 +216,10 @@ def test_probe_command_types_set_and_preprocess_values(monkeypatch, tmp_path, ca
 
     def fake_probe(*args, **kwargs):
         seen.update(kwargs)
-        raise ValueError("stop here")
+        raise WorkbookError("stop here")
 
     monkeypatch.setattr(audit, "source_probe", fake_probe)
-    argv = ["probe", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "probe")]
+    argv = ["audit", "probe", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "probe")]
     assert main(argv + ["--set", "pretrained=false", "scheduler=none", "--preprocess", "lung_crop=TRUE"]) == 2
     assert seen["pretrained"] is False and seen["scheduler"] == "none"  # bool("false") would have been True
     assert seen["preprocess"] == {"lung_crop": True}

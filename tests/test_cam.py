@@ -15,7 +15,6 @@ from nbhelpers import models
 from nbhelpers.evaluation.cam import (
     METHODS,
     CamError,
-    cam_similarity,
     cams_for_images,
     channels_last_to_first,
     compute_cams,
@@ -23,13 +22,16 @@ from nbhelpers.evaluation.cam import (
     predict_classes,
     cam_grid,
     layers_for_grid,
+    tokens_to_grid,
+)
+from nbhelpers.evaluation.sanity import (
+    cam_similarity,
     randomisation_check,
     randomisation_verdict,
     randomised_copy,
     raw_maps,
     stages,
     road_scores,
-    tokens_to_grid,
 )
 from nbhelpers.pipeline.data import to_model_input
 from nbhelpers.models.registry import set_cam_layers

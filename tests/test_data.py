@@ -25,7 +25,8 @@ from nbhelpers.pipeline.data import (
     num_batches,
     to_model_input,
 )
-from nbhelpers.pipeline.preprocess import CachedSplit, PreprocessConfig, build_cache
+from nbhelpers.pipeline.cache import CachedSplit, build_cache
+from nbhelpers.pipeline.preprocess import PreprocessConfig
 
 N_IMAGES = 10
 SIZE = 16

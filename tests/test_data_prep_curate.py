@@ -9,16 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data_prep.curate import (
-    ClassShortageError,
-    CurationParams,
-    build,
-    curate,
-    paper_labels,
-)
+from data_prep.curate import ClassShortageError, build, curate
+from data_prep.recipe import CurationParams, paper_labels
 from data_prep.fingerprint import UnreadableImageError, load_gray
 from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS
-from data_prep.sources import load_table
+from data_prep.table import load_table
 from data_prep.split import check_no_leak
 
 COVID_PA = "covid-chestxray-dataset/images/auntminnie-a-2020_01_28_23_51_6665_2020_01_28_Vietnam_coronavirus.jpeg"
@@ -194,7 +189,7 @@ def test_params_validate_and_accept_profile_views() -> None:
 
 
 def test_every_class_from_opens_only_the_named_sources():
-    from data_prep.curate import PAPER_SOURCE_CLASSES, every_class_from
+    from data_prep.recipe import PAPER_SOURCE_CLASSES, every_class_from
     from data_prep.schema import CLASSES
 
     classes = every_class_from(["ieee8023"])

@@ -16,7 +16,8 @@ import pytest
 
 from data_prep import download as dl
 from data_prep.pins import GitSnapshot
-from data_prep.download import DownloadError, download_github, download_rsna, fetch, main
+from data_prep.download import DownloadError, download_github, download_rsna, fetch
+from nbhelpers.tools.cli import main
 
 
 @pytest.fixture()
@@ -120,5 +121,5 @@ def test_rsna_without_kaggle_client_or_credentials(tmp_path: Path, monkeypatch) 
 def test_command_line_reports_failure(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(dl, "GITHUB_ARCHIVE", f"http://127.0.0.1:{_closed_port()}/{{repo}}/{{commit}}.tar.gz")
     monkeypatch.setattr(dl.download_github, "__defaults__", (dl.GITHUB_ARCHIVE,))
-    assert main(["--to", str(tmp_path), "--sources", "actualmed"]) == 1
+    assert main(["download", "--to", str(tmp_path), "--sources", "actualmed"]) == 1
     assert "could not download" in capsys.readouterr().err

@@ -13,8 +13,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from data_prep import copies
-from data_prep.curate import CurationParams, curate
-from data_prep.sources import load_table
+from data_prep.recipe import CurationParams
+from data_prep.curate import curate
+from data_prep.table import load_table
 from data_prep.split import LeakError, check_no_leak
 
 IEEE = "ieee8023:covid-chestxray-dataset/images/"

@@ -14,10 +14,12 @@ import pandas as pd
 import pytest
 
 import data_prep.atomic as atomic
-from data_prep.__main__ import main
-from data_prep.curate import DROP_REASONS, CurationParams, curate, write_outputs
+from data_prep.curate import DROP_REASONS, curate, write_outputs
+from data_prep.recipe import CurationParams
 from data_prep.schema import CLASSES, TABLE_COLUMNS
-from data_prep.sources import SourceFormatError, SourceNotFoundError, load_table
+from data_prep.metadata import SourceFormatError, SourceNotFoundError
+from data_prep.table import load_table
+from nbhelpers.tools.cli import main
 
 ACTUALMED = "Actualmed-COVID-chestxray-dataset"
 IEEE = "covid-chestxray-dataset"
@@ -189,11 +191,11 @@ def test_non_utf8_metadata_names_file_source_byte_and_fix(data_dir: Path, tmp_pa
     raw[123] = 0xFF
     path.write_bytes(bytes(raw))
     expected = (f"{IEEE}/metadata.csv (ieee8023) is not UTF-8 text (byte 0xff at offset 123); "
-                "re-fetch it with `python -m data_prep.download`")
+                "re-fetch it with `workbook download`")
     with pytest.raises(SourceFormatError) as err:
         load_table(tmp_path)
     assert str(err.value) == expected
-    assert main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert main(["curate", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error: {expected}"]
 
@@ -204,7 +206,7 @@ def test_empty_metadata_is_one_clear_error(data_dir: Path, tmp_path: Path, capsy
     with pytest.raises(SourceFormatError, match=rf"^{IEEE}/metadata\.csv \(ieee8023\) is empty"):
         load_table(tmp_path)
     path.write_bytes(path.read_bytes() + b"\n\n")
-    assert main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert main(["curate", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "(ieee8023) is empty" in err[0]
     path.write_bytes((data_dir / IEEE / "metadata.csv").read_bytes().splitlines(keepends=True)[0])
@@ -318,7 +320,8 @@ KILL_SCRIPT = """
 import os, signal, sys
 import pandas as pd
 import data_prep.atomic as atomic
-from data_prep.curate import CurationParams, curate, write_outputs
+from data_prep.recipe import CurationParams
+from data_prep.curate import curate, write_outputs
 table = pd.read_pickle(sys.argv[1])
 result = curate(table, CurationParams(per_class=10, balance="down", seed=5, check_images=False, dedup=False))
 atomic.BEFORE_REPLACE = lambda tmp: tmp.name.startswith(".summary.json") and os.kill(os.getpid(), signal.SIGKILL)

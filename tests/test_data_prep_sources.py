@@ -13,15 +13,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from data_prep.schema import CLASSES, TABLE_COLUMNS
-from data_prep.sources import (
-    SOURCES,
-    SourceFormatError,
-    SourceNotFoundError,
-    load_table,
-    map_ieee8023_finding,
-    map_nih_labels,
-    parse_age,
-)
+from data_prep.sources import SOURCES, map_ieee8023_finding, map_nih_labels, parse_age
+from data_prep.metadata import SourceFormatError, SourceNotFoundError
+from data_prep.table import load_table
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data_prep.sources import load_table
+from data_prep.table import load_table
 from nbhelpers.evaluation import lungs
 from data_prep import annotations
 from nbhelpers.pipeline import lungmasks

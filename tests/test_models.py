@@ -28,6 +28,7 @@ from nbhelpers.models import pretrained as pw
 from nbhelpers.models.densenet_cbam import DENSE_BLOCKS, backbone_state_dict, load_backbone
 from nbhelpers.models.lgfnet import MSA
 from nbhelpers.models.resnet_fpn import load_resnet_backbone
+from nbhelpers.tools import cli
 
 SIZE, BATCH = 64, 2
 REQUIRED = {
@@ -266,11 +267,11 @@ def test_complexity_table_and_command_line(tmp_path):
     table = cx.complexity_table(["squeezenet", ("lgfnet", {"variant": "dual"})], image_size=SIZE)
     assert list(table["model"]) == ["squeezenet", "lgfnet"] and list(table["options"]) == ["", "variant=dual"]
     assert (table["params_m"] > 0).all() and (table["image_size"] == SIZE).all()
-    assert cx.main(["--models", "lgfnet", "--no-latency", "--out", str(tmp_path / "cx")]) == 0
-    csv = (tmp_path / "cx.csv").read_text()
+    assert cli.main(["complexity", "--models", "lgfnet", "--no-latency", "--out", str(tmp_path / "cx")]) == 0
+    csv = (tmp_path / "cx" / "complexity.csv").read_text()
     assert "lgfnet" in csv and "paper_params_m" in csv
-    md = (tmp_path / "cx.md").read_text()
-    assert "python -m nbhelpers.models.complexity --models lgfnet" in md and torch.__version__ in md
+    md = (tmp_path / "cx" / "complexity.md").read_text()
+    assert "workbook complexity --models lgfnet" in md and torch.__version__ in md
 
 
 def test_latency_returns_a_positive_rate():

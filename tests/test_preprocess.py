@@ -13,22 +13,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import nbhelpers.pipeline.cache as pc
 import nbhelpers.pipeline.preprocess as pp
 from nbhelpers.settings.config import load_profile, resolve
 from data_prep.images import ImageReadError, load_gray
-from nbhelpers.pipeline.preprocess import (
-    CacheError,
-    ImageCache,
-    PreprocessConfig,
-    build_cache,
-    cache_key,
-    clahe,
-    clahe_order_difference,
-    enhance,
-    manifest_hash,
-    prepare,
-    resize,
-)
+from nbhelpers.pipeline.cache import CacheError, ImageCache, build_cache, cache_key, manifest_hash
+from nbhelpers.pipeline.preprocess import PreprocessConfig, clahe, clahe_order_difference, enhance, prepare, resize
 
 SMALL = PreprocessConfig(size=32)
 
@@ -178,6 +168,7 @@ def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         return load_gray(path)
 
     monkeypatch.setattr(pp, "load_gray", counting)
+    monkeypatch.setattr(pc, "load_gray", counting)
     return calls
 
 
@@ -193,7 +184,7 @@ def test_build_cache_contents(real_manifest: pd.DataFrame, data_dir: Path, tmp_p
     assert train.class_counts() == {"covid": 1, "pneumonia": 1, "normal": 1}
     for i, rel in enumerate(real_manifest["path"][:3]):
         np.testing.assert_array_equal(train.images[i], prepare(load_gray(data_dir / rel), SMALL))
-    meta = json.loads((cache.path / pp.META_FILE).read_text())
+    meta = json.loads((cache.path / pc.META_FILE).read_text())
     assert meta["manifest_hash"] == manifest_hash(real_manifest) and meta["config"]["size"] == 32
     assert [p.name for p in tmp_path.iterdir()] == [cache.key]  # no leftover temporary folder
     with pytest.raises(CacheError, match="holds splits"):
@@ -296,15 +287,15 @@ def test_open_incomplete_cache(tmp_path: Path) -> None:
 
 
 def test_loader_benchmark_reports_both_paths(data_dir: Path, tmp_path: Path, capsys) -> None:
-    from nbhelpers.tools import bench
+    from nbhelpers.tools import cli
 
-    out = tmp_path / "loader.txt"
-    argv = ["loader", "--data-dir", str(data_dir), "--n", "6", "--size", "32", "--batch-size", "4",
-            "--min-seconds", "0.05", "--out", str(out)]
-    assert bench.main(argv) == 0
+    argv = ["bench", "loader", "--data-dir", str(data_dir), "--n", "6", "--size", "32", "--batch-size", "4",
+            "--min-seconds", "0.05", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    (out,) = tmp_path.glob("loader_*.txt")  # loader_<device>.txt
     text = out.read_text()
     assert text == capsys.readouterr().out
-    assert text.startswith("$ python -m nbhelpers.tools.bench loader")
+    assert text.startswith("$ workbook bench loader")
     rates = {line[:3]: float(line.split(":")[-1].split()[0]) for line in text.splitlines() if line[:3] in
              ("(a)", "(b)")}
     assert set(rates) == {"(a)", "(b)"} and all(r > 0 for r in rates.values())
@@ -326,10 +317,10 @@ def test_benchmark_sample_skips_masks_and_empty_folders(data_dir: Path, tmp_path
 
 def _fresh_process() -> None:
     """Forget which caches this process verified, as a new process would."""
-    pp._VERIFIED.clear()
+    pc._VERIFIED.clear()
 
 
-def _built(real_manifest, data_dir, tmp_path) -> pp.ImageCache:
+def _built(real_manifest, data_dir, tmp_path) -> pc.ImageCache:
     cache = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
     _fresh_process()
     return cache
@@ -337,13 +328,13 @@ def _built(real_manifest, data_dir, tmp_path) -> pp.ImageCache:
 
 def test_meta_records_shapes_dtypes_and_checksums(real_manifest, data_dir, tmp_path) -> None:
     cache = _built(real_manifest, data_dir, tmp_path)
-    files = json.loads((cache.path / pp.META_FILE).read_text())["files"]
+    files = json.loads((cache.path / pc.META_FILE).read_text())["files"]
     assert set(files) == {"train", "val", "test"}
     assert files["train"]["images"]["shape"] == [3, 32, 32] and files["train"]["images"]["dtype"] == "|u1"
     assert files["train"]["labels"]["shape"] == [3] and files["train"]["labels"]["dtype"] == "<i8"
     assert files["val"]["ids"]["count"] == 1
     for entry in files["train"].values():
-        assert entry["sha256"] == pp.sha256_file(cache.path / entry["file"])
+        assert entry["sha256"] == pc.sha256_file(cache.path / entry["file"])
 
 
 def test_intact_cache_is_verified_and_reused(real_manifest, data_dir, tmp_path, count_loads) -> None:
@@ -398,13 +389,13 @@ def test_changed_labels_are_detected_in_the_same_process(real_manifest, data_dir
 
 def test_missing_meta_does_not_block_the_rebuild(real_manifest, data_dir, tmp_path, count_loads, capsys) -> None:
     cache = _built(real_manifest, data_dir, tmp_path)
-    (cache.path / pp.META_FILE).unlink()  # e.g. a copy that stopped before its last file
+    (cache.path / pc.META_FILE).unlink()  # e.g. a copy that stopped before its last file
     _rebuilt_because(real_manifest, data_dir, tmp_path, count_loads, capsys, "no meta.json")
 
 
 def test_wrong_shape_in_meta_is_detected(real_manifest, data_dir, tmp_path, count_loads, capsys) -> None:
     cache = _built(real_manifest, data_dir, tmp_path)
-    meta_path = cache.path / pp.META_FILE
+    meta_path = cache.path / pc.META_FILE
     meta = json.loads(meta_path.read_text())
     meta["files"]["train"]["images"]["shape"] = [3, 32, 31]
     meta_path.write_text(json.dumps(meta))
@@ -413,7 +404,7 @@ def test_wrong_shape_in_meta_is_detected(real_manifest, data_dir, tmp_path, coun
 
 def test_cache_without_checksums_is_rebuilt(real_manifest, data_dir, tmp_path, count_loads, capsys) -> None:
     cache = _built(real_manifest, data_dir, tmp_path)
-    meta_path = cache.path / pp.META_FILE
+    meta_path = cache.path / pc.META_FILE
     meta = json.loads(meta_path.read_text())
     del meta["files"]  # as written before checksums were recorded
     meta_path.write_text(json.dumps(meta))
@@ -423,8 +414,8 @@ def test_cache_without_checksums_is_rebuilt(real_manifest, data_dir, tmp_path, c
 def test_verification_is_cheap_once_done(real_manifest, data_dir, tmp_path, monkeypatch) -> None:
     cache = build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)
     hashed: list[Path] = []
-    real_sha = pp.sha256_file
-    monkeypatch.setattr(pp, "sha256_file", lambda path: hashed.append(path) or real_sha(path))
+    real_sha = pc.sha256_file
+    monkeypatch.setattr(pc, "sha256_file", lambda path: hashed.append(path) or real_sha(path))
     for _ in range(3):
         ImageCache.open(cache.path)
         build_cache(real_manifest, data_dir, tmp_path, SMALL, progress=False)

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from nbhelpers.settings import config, keyvalue
-from nbhelpers.tools import run
+from nbhelpers.tools import cli, run
 
 
 def _notebook(path, *sources, params="x = 1"):
@@ -132,12 +132,12 @@ def test_an_override_reaches_a_notebook_that_does_not_declare_it(tmp_path):
 
 def test_main_reports_setup_mistakes_in_one_line_with_status_2(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("CXR_DATA_DIR", raising=False)
-    assert run.main(["--profile", "smoke", "--out", str(tmp_path)]) == 2
+    assert cli.main(["run", "--profile", "smoke", "--out", str(tmp_path)]) == 2
     assert "CXR_DATA_DIR" in capsys.readouterr().err
-    assert run.main(["--profile", "nope", "--data-dir", str(tmp_path)]) == 2
+    assert cli.main(["run", "--profile", "nope", "--data-dir", str(tmp_path)]) == 2
     assert "unknown profile" in capsys.readouterr().err
     out = tmp_path / "out"
-    assert run.main(["--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(out), "-p", "epochz=3"]) == 2
+    assert cli.main(["run", "--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(out), "-p", "epochz=3"]) == 2
     err = capsys.readouterr().err
     assert "epochz" in err and "epochs" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing ran, nothing written
@@ -164,5 +164,5 @@ def test_a_second_run_on_the_same_folder_stops_with_status_2(tmp_path, capsys, m
     out = tmp_path / "out"
     out.mkdir()
     with FileLock(str(out / ".workbook.lock")):
-        assert run.main(["--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(out), "--only", "01"]) == 2
+        assert cli.main(["run", "--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(out), "--only", "01"]) == 2
     assert "in use by another workbook run" in capsys.readouterr().err

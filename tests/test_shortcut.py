@@ -6,8 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_prep.errors import WorkbookError
 from nbhelpers.experiments import ablation, audit, shortcut
 from nbhelpers.experiments.ablation import Row
+from nbhelpers.tools import cli
 from nbhelpers.pipeline.preprocess import MITIGATIONS, PreprocessConfig
 
 
@@ -84,8 +86,8 @@ def test_missing_probe_is_named(tmp_path):
 
 
 def test_cli_names_a_missing_pool_manifest(tmp_path, capsys):
-    code = shortcut.main(["--grid-root", str(tmp_path), "--manifest", str(tmp_path / "m.csv"),
-                          "--pool-manifest", str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path)])
+    code = cli.main(["shortcut", "--grid-root", str(tmp_path), "--manifest", str(tmp_path / "m.csv"),
+                     "--pool-manifest", str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path)])
     assert code == 2 and "pool.csv" in capsys.readouterr().err
 
 
@@ -113,19 +115,19 @@ def test_cli_reads_pretrained_false_as_false(monkeypatch, tmp_path, capsys):
 
     def fake_run_probes(*args, **kwargs):
         seen.update(kwargs)
-        raise ValueError("stop here")
+        raise WorkbookError("stop here")
 
     monkeypatch.setattr(shortcut, "run_probes", fake_run_probes)
-    code = shortcut.main(["--grid-root", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--pool-manifest",
-                          str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path),
-                          "--set", "pretrained=false", "--set", "epochs=2"])
+    code = cli.main(["shortcut", "--grid-root", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--pool-manifest",
+                     str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path),
+                     "--set", "pretrained=false", "--set", "epochs=2"])
     assert code == 2 and seen == {"pretrained": False, "epochs": 2}  # bool("false") would have been True
     assert capsys.readouterr().err == "error: stop here\n"
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_finished_probe_is_reused_only_while_it_is_what_would_be_trained(data_dir, tmp_path, capsys):
-    from data_prep.sources import load_table
+    from data_prep.table import load_table
     from data_prep.split import split_by_patient
 
     table, _ = load_table(data_dir, hash_images=False)

@@ -97,7 +97,7 @@ def test_seed_averaging_counts_each_image_once():
 def test_patient_intervals_are_wider_on_the_mirrors_repeated_patients(data_dir):
     # ieee8023 has many patients with several films; a model that is right or wrong per patient
     # (as real models largely are: one patient's films look alike) shows what the unit changes.
-    from data_prep.sources import load_table
+    from data_prep.table import load_table
 
     table, _ = load_table(data_dir, sources=["ieee8023"], hash_images=False)
     films = table[(table["modality"] == "X-ray") & (table["label"] != "")].reset_index(drop=True)

@@ -12,22 +12,16 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_scor
 
 from data_prep.schema import CLASSES
 from nbhelpers import models
-from nbhelpers.pipeline.preprocess import CachedSplit, PreprocessConfig, build_cache
+from nbhelpers.pipeline.cache import CachedSplit, build_cache
+from nbhelpers.pipeline.preprocess import PreprocessConfig
 from nbhelpers.settings.presets import PresetError, list_presets
-from nbhelpers.training.train import (
-    TrainConfig,
-    amp_dtype,
-    config_from_preset,
-    fit,
-    load_checkpoint,
-    load_run,
-    main,
-    make_optimizer,
-    predict,
-    read_manifest,
-    runs_table,
-    train_run,
-)
+from nbhelpers.evaluation.predict import predict
+from nbhelpers.training.checkpoint import load_checkpoint
+from nbhelpers.training.config import TrainConfig, config_from_preset
+from nbhelpers.training.loop import amp_dtype, fit, make_optimizer
+from nbhelpers.training.runs import load_run, read_manifest, runs_table, train_run
+from nbhelpers.tools import cli
+from nbhelpers.tools.cli import main
 
 CPU = torch.device("cpu")
 
@@ -176,7 +170,7 @@ def test_missing_manifest_stops_a_run_before_any_work(tmp_path):
 
 
 def test_command_line_names_a_setup_mistake_in_one_line(tmp_path, capsys):
-    argv = ["--model", TINY, "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "run")]
+    argv = ["train", "--model", TINY, "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "run")]
     assert main(argv + ["--preset", "smoke", "--data-dir", str(tmp_path)]) == 2
     assert "curate the data first" in capsys.readouterr().err
     assert main(argv + ["--preset", "seed002", "--data-dir", str(tmp_path)]) == 2
@@ -188,7 +182,7 @@ def test_command_line_run_evaluates_the_test_split_once_and_matches_sklearn(data
     manifest = _real_manifest(data_dir, splits=("train", "train", "val", "test"))
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
     out = tmp_path / "run"
-    status = main(["--model", TINY, "--manifest", str(tmp_path / "manifest.csv"), "--data-dir", str(data_dir),
+    status = main(["train", "--model", TINY, "--manifest", str(tmp_path / "manifest.csv"), "--data-dir", str(data_dir),
                    "--out", str(out), "--preset", "smoke", "--seed", "1", "--device", "cpu", "--n-boot", "50",
                    "--set", "epochs=2", "image_size=32", "loss=\"label_smoothing\""])
     assert status == 0
@@ -223,14 +217,12 @@ def test_command_line_run_evaluates_the_test_split_once_and_matches_sklearn(data
 
 
 def test_training_benchmark_reports_both_paths_and_their_ratio(data_dir, tmp_path):
-    from nbhelpers.tools import bench_train
-
     out = tmp_path / "train_cpu.txt"
-    argv = ["--models", "squeezenet", "--size", "32", "--batch-size", "4", "--steps", "2", "--repeats", "1", "--threads", "1", "--device", "cpu",
-            "--data-dir", str(data_dir), "--out", str(out)]
-    assert bench_train.main(argv) == 0
+    argv = ["bench", "train", "--models", "squeezenet", "--size", "32", "--batch-size", "4", "--steps", "2", "--repeats", "1",
+            "--threads", "1", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
     text = out.read_text()
-    assert text.startswith("$ python -m nbhelpers.tools.bench_train --models squeezenet")
+    assert text.startswith("$ workbook bench train --models squeezenet")
     assert "device: cpu" in text and "torch " + torch.__version__ in text
     header = next(line for line in text.splitlines() if line.lstrip().startswith("model"))
     row = next(line for line in text.splitlines() if line.lstrip().startswith("squeezenet")).split()
@@ -240,4 +232,4 @@ def test_training_benchmark_reports_both_paths_and_their_ratio(data_dir, tmp_pat
     ratio = float(values["train_data"].replace(",", "")) / float(values["train_bare"].replace(",", ""))
     assert float(values["data/bare"]) == pytest.approx(ratio, abs=0.02)
     with pytest.raises(models.UnknownModelError):
-        bench_train.main(["--models", "densenet12", "--device", "cpu", "--data-dir", str(data_dir)])
+        cli.dispatch(["bench", "train", "--models", "densenet12", "--device", "cpu", "--data-dir", str(data_dir)])

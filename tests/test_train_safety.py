@@ -18,21 +18,16 @@ from conftest import real_manifest
 import torch
 
 from data_prep import atomic
+from data_prep.errors import WorkbookError
 from nbhelpers import models
-from nbhelpers.training import train
+from nbhelpers.training import checkpoint, command, runs
 from nbhelpers.settings.keyvalue import AssignmentError
-from nbhelpers.pipeline.preprocess import CachedSplit
-from nbhelpers.training.train import (
-    CheckpointError,
-    RunFolderInUse,
-    TrainConfig,
-    config_from_preset,
-    fit,
-    load_checkpoint,
-    main,
-    read_checkpoint,
-    train_run,
-)
+from nbhelpers.pipeline.cache import CachedSplit
+from nbhelpers.training.checkpoint import CheckpointError, RunFolderInUse, load_checkpoint, read_checkpoint
+from nbhelpers.tools.cli import main
+from nbhelpers.training.config import TrainConfig, config_from_preset
+from nbhelpers.training.loop import fit
+from nbhelpers.training.runs import train_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -87,8 +82,8 @@ def test_a_wrong_type_stops_train_run_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"TrainConfig\.epochs must be an integer, got 1\.5"):
         train_run(TINY, tmp_path / "manifest.csv", tmp_path, tmp_path / "run", preset="smoke", epochs=1.5)
     with pytest.raises(AssignmentError, match="'clahee' is not a PreprocessConfig field; did you mean clahe"):
-        train.plan_run(TINY, pd.DataFrame({"image_id": ["a", "b"], "path": ["a", "b"], "label": ["covid"] * 2,
-                                           "split": ["train", "val"]}), "smoke", preprocess={"clahee": False})
+        runs.plan_run(TINY, pd.DataFrame({"image_id": ["a", "b"], "path": ["a", "b"], "label": ["covid"] * 2,
+                                          "split": ["train", "val"]}), "smoke", preprocess={"clahee": False})
     assert not (tmp_path / "run").exists()
 
 
@@ -97,10 +92,10 @@ def test_command_line_types_set_preprocess_and_option_values(monkeypatch, tmp_pa
 
     def fake_train_run(*args, **kwargs):
         seen.update(kwargs)
-        raise ValueError("stop here")
+        raise WorkbookError("stop here")
 
-    monkeypatch.setattr(train, "train_run", fake_train_run)
-    argv = ["--model", "densenet121_cbam", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]
+    monkeypatch.setattr(command, "train_run", fake_train_run)
+    argv = ["train", "--model", "densenet121_cbam", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]
     assert main(argv + ["--set", "pretrained=false", "epochs=3", "scheduler=none", "--preprocess", "clahe=FALSE",
                         "--option", "attention=none"]) == 2
     assert seen["pretrained"] is False and seen["epochs"] == 3 and seen["scheduler"] == "none"
@@ -115,23 +110,23 @@ def test_command_line_types_set_preprocess_and_option_values(monkeypatch, tmp_pa
 
 @pytest.mark.parametrize("error", [
     atomic.WriteError("no space left on the device while writing run/last.pt; free some space"),
-    RunFolderInUse("run/.lock"), TypeError("model 'x' has no option 'y'"), AssignmentError("epochs must be ..."),
-    filelock.Timeout("run/.lock"),
+    RunFolderInUse("run/.lock"), models.ModelOptionError("model 'x' has no option 'y'"),
+    AssignmentError("epochs must be ..."), CheckpointError("run/last.pt is not a readable checkpoint (truncated)"),
 ])
 def test_command_line_reports_setup_errors_in_one_line_and_exits_2(monkeypatch, tmp_path, capsys, error):
-    from nbhelpers.pipeline.preprocess import CacheError
+    from nbhelpers.pipeline.cache import CacheError
 
     for raised in (error, CacheError("cache incomplete\nrebuild it")):
-        monkeypatch.setattr(train, "train_run", lambda *a, raised=raised, **k: (_ for _ in ()).throw(raised))
-        assert main(["--model", TINY, "--manifest", "m.csv", "--out", str(tmp_path)]) == 2
+        monkeypatch.setattr(command, "train_run", lambda *a, raised=raised, **k: (_ for _ in ()).throw(raised))
+        assert main(["train", "--model", TINY, "--manifest", "m.csv", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_command_line_lets_a_bug_raise(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "train_run", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(command, "train_run", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        main(["--model", TINY, "--manifest", "m.csv", "--out", str(tmp_path)])
+        main(["train", "--model", TINY, "--manifest", "m.csv", "--out", str(tmp_path)])
 
 
 # --------------------------------------------------------------------------- atomic checkpoints
@@ -145,8 +140,9 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from data_prep import atomic
     from nbhelpers import models
-    from nbhelpers.pipeline.preprocess import CachedSplit
-    from nbhelpers.training.train import TrainConfig, fit
+    from nbhelpers.pipeline.cache import CachedSplit
+    from nbhelpers.training.config import TrainConfig
+    from nbhelpers.training.loop import fit
 
     out, kill_at = Path(sys.argv[1]), int(sys.argv[2])
     writes = []
@@ -311,7 +307,7 @@ def test_resume_checks_model_data_and_settings_and_says_what_differs(data_dir, t
     result = train_run(TINY, manifest, resume=True, epochs=2, **run)
     assert list(result.log["epoch"]) == [1, 2]
     saved = json.loads((out / "metrics.json").read_text())["provenance"]
-    assert saved == train.run_provenance(TINY, manifest, "smoke", 0, preprocess={"size": 32}, epochs=2)
+    assert saved == runs.run_provenance(TINY, manifest, "smoke", 0, preprocess={"size": 32}, epochs=2)
     assert json.loads((out / "train_config.json").read_text())["provenance"] == saved
 
 
@@ -330,7 +326,7 @@ def test_resume_with_another_architecture_names_the_model_the_checkpoint_holds(t
 
 
 def test_a_second_run_on_the_same_folder_stops_with_one_clear_line(tmp_path, monkeypatch, data_dir, capsys):
-    monkeypatch.setattr(train, "LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(checkpoint, "LOCK_TIMEOUT", 0.2)
     out = tmp_path / "run"
     out.mkdir()
     split = _split(tmp_path)
@@ -341,7 +337,7 @@ def test_a_second_run_on_the_same_folder_stops_with_one_clear_line(tmp_path, mon
         assert str(caught.value) == (f"{out} is in use by another training run (lock {out / '.lock'}); "
                                      "wait for it or choose another --out")
         _manifest(data_dir).to_csv(tmp_path / "manifest.csv", index=False)
-        argv = ["--model", TINY, "--manifest", str(tmp_path / "manifest.csv"), "--data-dir", str(data_dir),
+        argv = ["train", "--model", TINY, "--manifest", str(tmp_path / "manifest.csv"), "--data-dir", str(data_dir),
                 "--out", str(out), "--preset", "smoke", "--device", "cpu", "--set", "image_size=32"]
         assert main(argv) == 2
         assert capsys.readouterr().err == f"error: {caught.value}\n"

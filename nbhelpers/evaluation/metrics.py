@@ -311,7 +311,7 @@ def aggregate(
     """Summarise several runs (seeds or folds) per group as mean ± sample std (ddof=1), like seed 002.
 
     ``runs`` has one row per run with the ``by`` column(s) and metric columns (e.g. rows of
-    :func:`summary`, or :func:`nbhelpers.training.train.runs_table`).  ``metrics`` defaults to every
+    :func:`summary`, or :func:`nbhelpers.training.runs.runs_table`).  ``metrics`` defaults to every
     numeric column except ``by`` and :data:`NOT_METRICS`.  Returns one row per group: ``by``, ``runs`` (count), and for each
     metric ``<m>_mean``, ``<m>_std`` (NaN for a single run) and ``<m>`` formatted by
     :func:`format_mean_std`.  Raises KeyError naming missing columns.
@@ -335,7 +335,7 @@ def aggregate(
 
 def interval_widths(by_patient: pd.DataFrame | Sequence[dict], by_image: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
     """Put a run's patient-bootstrap and image-bootstrap intervals side by side (the ``ci`` and
-    ``ci_image`` lists of :func:`nbhelpers.training.train.evaluate`): metric, value, both intervals and
+    ``ci_image`` lists of :func:`nbhelpers.evaluation.predict.evaluate`): metric, value, both intervals and
     ``width_ratio`` (patient width / image width; above 1 where a patient's films agree)."""
     patient = pd.DataFrame(by_patient).set_index("metric")
     image = pd.DataFrame(by_image).set_index("metric")

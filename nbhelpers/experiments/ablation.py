@@ -2,8 +2,8 @@
 
 Rows live in ``ablations.toml`` (model + options + preprocessing + preset overrides, grouped, one
 baseline per group).  :func:`run_grid` trains every row for every seed through
-:func:`nbhelpers.training.train.train_run`, reusing a finished run (its ``metrics.json``) only when the
-record it stored (:func:`nbhelpers.training.train.run_provenance`: model, options, preprocessing,
+:func:`nbhelpers.training.runs.train_run`, reusing a finished run (its ``metrics.json``) only when the
+record it stored (:func:`nbhelpers.training.runs.run_provenance`: model, options, preprocessing,
 effective TrainConfig, manifest hash, cache key) matches what would be trained now, so an
 interrupted grid resumes and a changed setting or manifest retrains the runs it touches.
 :func:`summarise` gives mean ± std over seeds with a 95 % interval of the mean;
@@ -14,18 +14,15 @@ and McNemar's exact test per seed.  p-values are Holm-adjusted within each group
 counts as distinguishable only when the adjusted p is below 0.05 and the seed interval excludes
 zero.
 
-``python -m nbhelpers.experiments.ablation --manifest M --data-dir D --preset smoke --seeds 0 1 2`` runs it.
+``workbook grid --manifest M --data-dir D --preset smoke --seeds 0 1 2`` runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tomllib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from itertools import product
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +32,10 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
+from data_prep.errors import WorkbookError
+from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
+from nbhelpers.settings.options import add_device, add_set
 
 GRID_FILE = Path(__file__).parents[1] / "settings" / "ablations.toml"
 ROW_KEYS = {"group", "name", "model", "options", "preprocess", "overrides", "baseline", "paper_accuracy",
@@ -59,7 +59,7 @@ STATISTICS_NOTE = (
 ALPHA = 0.05
 
 
-class GridError(ValueError):
+class GridError(WorkbookError, ValueError):
     """The ablation grid file or a requested group is malformed."""
 
 
@@ -122,9 +122,9 @@ def run_dir(out_root: Path, row: Row, seed: int) -> Path:
 
 def stale_reasons(folder: Path, expected: dict[str, Any], record_file: str) -> list[str] | None:
     """Why the finished run in ``folder`` (its ``record_file``: ``metrics.json`` or ``probe.json``)
-    is not the run ``expected`` (a :func:`nbhelpers.training.train.run_provenance` record) describes: a
+    is not the run ``expected`` (a :func:`nbhelpers.training.runs.run_provenance` record) describes: a
     list of differences, empty when it can be reused, ``None`` when nothing finished there."""
-    from nbhelpers.training.train import provenance_differences
+    from nbhelpers.training.provenance import provenance_differences
 
     path = Path(folder) / record_file
     if not path.is_file():
@@ -166,16 +166,17 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
 
     ``overrides`` change preset settings for every row (a row's own ``overrides`` win).  All rows
     share one preprocessing cache under ``out_root/cache``.  A finished run is reused only when
-    the :func:`nbhelpers.training.train.run_provenance` record in its ``metrics.json`` matches this
+    the :func:`nbhelpers.training.runs.run_provenance` record in its ``metrics.json`` matches this
     row's model, options, preprocessing, effective settings, manifest and cache key; otherwise
     what differs is printed and the run is trained afresh, unless another row's finished run
     under ``out_root`` has the very same record: its results are then copied.  Every row's
     settings are checked
     (types included) before the first run trains.  Raises what
-    :func:`nbhelpers.training.train.train_run` raises.
+    :func:`nbhelpers.training.runs.train_run` raises.
     """
     from nbhelpers.experiments.audit import EXTERNAL_PREDICTIONS, _read_table, external_split, score_external
-    from nbhelpers.training.train import METRICS_NAME, run_provenance, train_run
+    from nbhelpers.training.config import METRICS_NAME
+    from nbhelpers.training.runs import run_provenance, train_run
 
     out_root = Path(out_root)
     table = _read_table(manifest, "manifest") if any(row.train_sources for row in rows) else None
@@ -215,7 +216,7 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
 def collect(rows: Sequence[Row], out_root: Path, seeds: Sequence[int]) -> pd.DataFrame:
     """One line per finished (row, seed): group, name, seed and the test metrics; raises
     FileNotFoundError naming the first run that has not finished."""
-    from nbhelpers.training.train import load_run
+    from nbhelpers.training.runs import load_run
 
     lines = []
     for row, seed in product(rows, seeds):
@@ -345,78 +346,66 @@ def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manife
 
 
 def write_tables(folder: Path, header: str, prefix: str = "ablation", **tables: pd.DataFrame) -> list[Path]:
-    """Write each table as ``<prefix>_<name>.csv`` and ``.md`` (with ``header`` on top) in ``folder``."""
-    from nbhelpers.models.complexity import markdown_table
+    """Write each table as ``<prefix>_<name>.csv`` and ``.md`` (with ``header`` on top) in ``folder``
+    (:func:`nbhelpers.settings.tables.write_table`)."""
+    from nbhelpers.settings.tables import write_table
 
-    from data_prep.atomic import write_text, write_with
-
-    written = []
+    written: list[Path] = []
     for name, table in tables.items():
-        csv, md = folder / f"{prefix}_{name}.csv", folder / f"{prefix}_{name}.md"
-        write_with(csv, lambda tmp, t=table: t.to_csv(tmp, index=False))
-        write_text(md, f"{header}\n\n{markdown_table(table, digits=4)}\n")
-        written += [csv, md]
+        written += write_table(table, folder, f"{prefix}_{name}", header, digits=4)
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train the grid and print (and optionally write) its summary and paired tests.
-
-    ``--set`` values are typed by the setting they change (``pretrained=false`` is False).
-    Returns 0, or 2 with one line on stderr for a setup mistake (a grid error or one of
-    :func:`nbhelpers.training.train.setup_errors`: unknown group, preset or setting, a value of the wrong
-    type, a missing manifest, a run folder in use, a full disk).
-    """
-    from nbhelpers.training.train import EXIT_SETUP_ERROR, one_line, parse_set, setup_errors
-
-    parser = argparse.ArgumentParser(prog="python -m nbhelpers.experiments.ablation", description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", required=True, type=Path, help="curated manifest.csv (notebook 01 / python -m data_prep)")
-    parser.add_argument("--data-dir", help="folder of the upstream sources (default: $CXR_DATA_DIR)")
-    parser.add_argument("--out", type=Path, default=Path("results/runs/ablation"), help="where the runs go")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook grid``."""
+    parser.add_argument("--manifest", required=True, type=Path, help="curated manifest.csv (notebook 01 / workbook curate)")
+    add_data_dir(parser)
+    add_out(parser, "the grid's runs (the --grid-root of workbook explain and workbook shortcut)",
+            default="results/runs/ablation")
     parser.add_argument("--tables", type=Path, help="also write the summary tables to this folder")
     parser.add_argument("--figures", type=Path, help="also draw the summary as PREFIX_summary.png in this folder")
     parser.add_argument("--prefix", default="ablation", help="file name prefix of the tables and the figure")
     parser.add_argument("--preset", default="seed001", help="training protocol from nbhelpers/settings/presets.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--groups", nargs="+", help="only these groups of ablations.toml")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a preset setting for every run, e.g. --set epochs=5")
-    args = parser.parse_args(argv)
-    try:
-        rows = load_grid(groups=args.groups)
-        runs = run_grid(rows, args.manifest, args.data_dir, args.out, args.seeds, args.preset, args.device,
-                        **parse_set(args.set))
-    except (GridError, KeyError, *setup_errors()) as error:
-        print(f"ablation: {one_line(error)}", file=sys.stderr)
-        return EXIT_SETUP_ERROR
+    add_device(parser, "training")
+    add_set(parser, "a preset setting for every run")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``workbook grid``: train the grid and print (and with ``--tables`` / ``--figures`` also
+    write) its summary and paired tests; returns 0.
+
+    ``--set`` values are typed by the setting they change (``pretrained=false`` is False).  An
+    unknown group, preset or setting, a value of the wrong type, a missing manifest, a run folder
+    in use or a full disk raise a :class:`~data_prep.errors.WorkbookError` before or while training.
+    """
+    from nbhelpers.training.config import parse_set
+
+    rows = load_grid(groups=args.groups)
+    runs = run_grid(rows, args.manifest, args.data_dir, args.out, args.seeds, args.preset, args.device,
+                    **parse_set(args.set))
     summary, tests = summarise(runs, rows), paired_tests(rows, args.out, args.seeds)
     sources = per_source(rows, args.out, args.seeds, args.manifest)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(summary.round(4).to_string(index=False))
         print(tests.round(4).to_string(index=False))
     if args.tables:
-        from nbhelpers.training.train import load_run
+        from nbhelpers.settings.tables import provenance_header
+        from nbhelpers.training.runs import load_run
 
         first = load_run(run_dir(args.out, rows[0], args.seeds[0])).metrics
-        header = (f"Made by `python -m nbhelpers.experiments.ablation {shlex.join(argv if argv is not None else sys.argv[1:])}` "
-                  f"on {datetime.now(timezone.utc):%Y-%m-%d}; preset {args.preset}, seeds {args.seeds}, "
-                  f"device {first['device']}, data {first['data']['counts']} (manifest {first['data']['manifest_hash']}). "
-                  f"{STATISTICS_NOTE}")
-        for path in write_tables(args.tables, header, args.prefix, runs=runs, summary=summary, tests=tests, per_source=sources):
+        header = provenance_header(args.command_line, manifest=args.manifest, seeds=args.seeds, device=first["device"],
+                                   notes=f"Preset {args.preset}. {STATISTICS_NOTE}")
+        for path in write_tables(args.tables, header, args.prefix, runs=runs, summary=summary, tests=tests,
+                                 per_source=sources):
             print(f"wrote {path}")
     if args.figures:
+        from data_prep.atomic import write_with
         from nbhelpers.evaluation.plots import ablation_bars
 
-        args.figures.mkdir(parents=True, exist_ok=True)
         figure = args.figures / f"{args.prefix}_summary.png"
-        from data_prep.atomic import write_with
-
         fig = ablation_bars(summary)
         write_with(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
         print(f"wrote {figure}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

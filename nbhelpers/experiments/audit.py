@@ -13,16 +13,14 @@ Three measurements make that visible:
   source group from the rest and report its balanced accuracy with a bootstrap interval; chance
   (0.5) is the bar for "no source signal".
 
-``python -m nbhelpers.experiments.audit probe --manifest M --data-dir D --out O`` runs the probe and
-``python -m nbhelpers.experiments.audit tables --manifest M --run R --out O`` writes both tables of a run.
+``workbook audit probe --manifest M --data-dir D --out O`` runs the probe and
+``workbook audit tables --manifest M --run R --out O`` writes both tables of a run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +32,10 @@ from scipy import stats
 from data_prep import atomic
 from data_prep.schema import CLASSES, label_index
 from data_prep.split import DEFAULT_RATIOS, split_by_patient
+from data_prep.errors import InputNotFoundError, WorkbookError
+from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
+from nbhelpers.settings.options import add_assignments, add_device, add_set
 
 #: Two-sided confidence level of every interval here.
 CI_LEVEL = M.CI_LEVEL
@@ -44,24 +45,23 @@ CHANCE = 0.5
 #: stores labels as CLASSES indices): group 0 (the named or largest source) as index 0, group 1
 #: (every other source of the class) as index 1.  They mean "group 0/1", not a diagnosis.
 PROBE_CARRIERS: tuple[str, str] = (CLASSES[0], CLASSES[1])
-#: Losses the two-output probe can train with (the class-balanced focal loss weights all CLASSES).
+#: Losses the source probe trains with.
 PROBE_LOSSES = ("ce", "label_smoothing")
 #: Files the probe writes to its output folder (the training run itself goes to ``run/``).
 PROBE_JSON = "probe.json"
 PROBE_PREDICTIONS = "probe_predictions.csv"
 PROBE_RUN_DIR = "run"
 PROBE_CACHE_DIR = "cache"
-#: Files ``tables`` writes.
-PER_SOURCE_CSV = "per_source.csv"
-WITHIN_SOURCE_CSV = "within_source.csv"
+#: Tables ``workbook audit tables`` writes (``.csv`` and ``.md``).
+PER_SOURCE_TABLE = "per_source"
+WITHIN_SOURCE_TABLE = "within_source"
 #: Sources whose images mix COVID-19 with another class: the shortcut-free COVID comparison.
 COVID_MIXED_SOURCES = ("ieee8023", "actualmed", "figure1")
 #: Label written for the all-classes row of a source in :func:`per_source_table`.
 ALL_CLASSES = "all"
-EXIT_SETUP_ERROR = 2
 
 
-class ProbeError(ValueError):
+class ProbeError(WorkbookError, ValueError):
     """The source probe cannot be set up from this manifest (too few sources, images or patients)."""
 
 
@@ -180,7 +180,7 @@ def _read_table(table: pd.DataFrame | Path | str, what: str) -> pd.DataFrame:
         return table
     path = Path(table)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} not found; pass a {what} table or the path of its CSV")
+        raise InputNotFoundError(f"{what} file {path} not found; pass a {what} table or the path of its CSV")
     return pd.read_csv(path, keep_default_na=False)
 
 
@@ -311,7 +311,7 @@ def balanced_accuracy_ci(y: np.ndarray, correct: np.ndarray, groups: Sequence | 
 
 # --------------------------------------------------------------------------- external sources (DeGrave et al. 2021)
 
-#: A finished run's test predictions (written by :func:`nbhelpers.training.train.train_run`).
+#: A finished run's test predictions (written by :func:`nbhelpers.training.runs.train_run`).
 PREDICTIONS_NAME = "test_predictions.csv"
 #: A run's predictions for the images of archives it never saw (:func:`score_external`).
 EXTERNAL_PREDICTIONS = "external_predictions.csv"
@@ -351,8 +351,10 @@ def score_external(run_folder: Path | str, external: pd.DataFrame, data_dir: Pat
     on images preprocessed as it was trained) and write ``external_predictions.csv`` there:
     image_id, patient_id, source, label, pred, p_<class>."""
     from data_prep.datadir import data_dir as resolve_data_dir
-    from nbhelpers.pipeline.preprocess import PreprocessConfig, build_cache
-    from nbhelpers.training.train import load_trained, predict
+    from nbhelpers.pipeline.preprocess import PreprocessConfig
+    from nbhelpers.pipeline.cache import build_cache
+    from nbhelpers.training.runs import load_trained
+    from nbhelpers.evaluation.predict import predict
 
     net, run = load_trained(run_folder)
     cfg = PreprocessConfig(**run.metrics["data"]["preprocess"])
@@ -453,7 +455,7 @@ def probe_manifest(
     source of that class.  With ``balance`` the larger group is cut (seeded sample) to the size of
     the smaller, so accuracy and balanced accuracy agree; ``max_per_group`` caps both groups.
     The ``label`` column then holds :data:`PROBE_CARRIERS` (group 0 -> ``covid``, 1 ->
-    ``pneumonia``) so :func:`nbhelpers.pipeline.preprocess.build_cache` can store it, ``group`` the group
+    ``pneumonia``) so :func:`nbhelpers.pipeline.cache.build_cache` can store it, ``group`` the group
     index, and ``split`` a new patient-grouped split stratified by group
     (:func:`data_prep.split.split_by_patient`).  Returns the table and ``{group name: sources}``.
     Raises ProbeError when the class is absent, has a single source, a named source holds no
@@ -521,20 +523,22 @@ def _split_probe(table: pd.DataFrame, ratios: Sequence[float], seed: int) -> pd.
     return table
 
 
-def _probe_plan(
+def _probe_run(
     manifest: pd.DataFrame | Path | str, label: str | Sequence[str], sources: Sequence[str] | None, model: str,
     preset: str, seed: int, image_size: int | None, epochs: int | None, balance: bool, max_per_group: int | None,
     preprocess: dict[str, Any] | None, overrides: dict[str, Any], by: str = "source",
-):
-    """The probe's manifest, groups and :class:`nbhelpers.training.train.RunPlan` (nothing trained or cached)."""
-    from nbhelpers.training.train import plan_run
-
+) -> tuple[pd.DataFrame, dict[str, list[str]], dict[str, Any]]:
+    """The probe's manifest, its groups, and the arguments its training run takes alike in
+    :func:`nbhelpers.training.runs.plan_run` and :func:`nbhelpers.training.runs.train_run`: the
+    probe manifest, the group names as the run's classes, and the task ``"<by> probe"`` in its
+    record, so a two-output probe is never taken for a diagnosis run (nothing trained or cached)."""
     table, groups = probe_manifest(_read_table(manifest, "manifest"), label, sources, balance, max_per_group, seed=seed,
                                    by=by)
     sizes = {"size": image_size} if image_size is not None else {}
-    plan = plan_run(model, table, preset, seed, None, {**sizes, **(preprocess or {})}, epochs=epochs, **overrides)
-    plan.provenance["task"] = f"{by} probe"  # a two-output model: never the same run as a diagnosis one
-    return table, groups, plan
+    run = {"model_name": model, "manifest": table, "preset": preset, "seed": seed,
+           "preprocess": {**sizes, **(preprocess or {})}, "classes": tuple(groups), "task": f"{by} probe",
+           "epochs": epochs, **overrides}
+    return table, groups, run
 
 
 def probe_provenance(
@@ -552,11 +556,13 @@ def probe_provenance(
     by: str = "source",
     **overrides: Any,
 ) -> dict[str, Any]:
-    """The :func:`nbhelpers.training.train.run_provenance` record of the probe :func:`source_probe` with
+    """The :func:`nbhelpers.training.runs.run_provenance` record of the probe :func:`source_probe` with
     these arguments would train (its manifest hash covers the label, groups, balancing, cap and
-    seed), plus ``task``; nothing is trained.  Raises as :func:`source_probe` before training."""
-    return _probe_plan(manifest, label, sources, model, preset, seed, image_size, epochs, balance, max_per_group,
-                       preprocess, overrides, by)[2].provenance
+    seed), with its ``task``; nothing is trained.  Raises as :func:`source_probe` before training."""
+    from nbhelpers.training.runs import run_provenance
+
+    return run_provenance(**_probe_run(manifest, label, sources, model, preset, seed, image_size, epochs, balance,
+                                       max_per_group, preprocess, overrides, by)[2])
 
 
 def source_probe(
@@ -584,81 +590,81 @@ def source_probe(
 
     With ``by="view"`` (and ``sources=["PA"]``) the groups are views instead: the view probe.
 
-    Builds :func:`probe_manifest` (``sources``, ``balance``, ``max_per_group``, ``seed``), caches
-    its images at ``image_size`` (default: the preset's; ``preprocess`` sets other
-    :class:`~nbhelpers.pipeline.preprocess.PreprocessConfig` fields, e.g. ``{"lung_crop": True}`` to probe
-    a mitigation) under ``out_dir/cache``, trains a
-    two-output ``model`` from preset ``preset`` (``epochs`` and ``overrides`` change single
-    settings, checked for type, as in :func:`nbhelpers.training.train.train_run`) with
-    :func:`nbhelpers.training.train.fit` into ``out_dir/run`` (afresh: an earlier probe's results there
-    are removed first), and scores the best-validation checkpoint once on the probe's test split.
-    Returns (and writes atomically as ``probe.json``) the groups, split counts, settings,
-    ``provenance`` (:func:`probe_provenance`), and ``test``: n (images), patients,
-    balanced_accuracy with a bootstrap interval over patients (low, high), accuracy, AUC,
-    chance (0.5); ``probe_predictions.csv`` holds
-    each test image's source, group, prediction and p_group1.  Raises ProbeError for an unusable
-    manifest, ValueError for a loss the two-output model cannot use or a setting of the wrong
-    type, and the trainer's and model zoo's errors for an unknown preset, setting or model.
+    Builds :func:`probe_manifest` (``sources``, ``balance``, ``max_per_group``, ``seed``) and
+    trains on it with :func:`nbhelpers.training.runs.train_run`, the classifier's own training
+    path: a model with one output per group, from preset ``preset`` (``epochs`` and
+    ``overrides`` change single settings, checked for type), its images cached at
+    ``image_size`` (default: the preset's; ``preprocess`` sets other
+    :class:`~nbhelpers.pipeline.preprocess.PreprocessConfig` fields, e.g. ``{"lung_crop": True}``
+    to probe a mitigation) under ``out_dir/cache``, the run in ``out_dir/run`` (afresh: an
+    earlier probe's results there are removed first), its best-validation checkpoint scored once
+    on the probe's test split.  Returns (and writes atomically as ``probe.json``) the groups,
+    split counts, settings, ``provenance`` (:func:`probe_provenance`), and ``test``: n (images),
+    patients, balanced_accuracy with a bootstrap interval over patients (low, high), accuracy,
+    AUC, chance (0.5); ``probe_predictions.csv`` holds each test image's source, group,
+    prediction and p_group1.  Raises ProbeError for an unusable manifest or a loss outside
+    :data:`PROBE_LOSSES`, AssignmentError (a ValueError) for a setting of the wrong type, and the
+    trainer's and model zoo's errors for an unknown preset, setting or model.
     """
-    from nbhelpers import models
-    from data_prep.datadir import data_dir as resolve_data_dir
-    from nbhelpers.settings.device import describe, pick_device
-    from nbhelpers.pipeline.preprocess import build_cache
-    from nbhelpers.training.train import BEST_NAME, _jsonable, fit, load_checkpoint, predict, seed_everything
+    from nbhelpers.training.provenance import jsonable
+    from nbhelpers.training.runs import plan_run, train_run
 
-    table, groups, plan = _probe_plan(manifest, label, sources, model, preset, seed, image_size, epochs, balance,
-                                      max_per_group, preprocess, dict(overrides), by)
-    cfg, extras, pcfg = plan.cfg, plan.extras, plan.preprocess
-    if cfg.loss not in PROBE_LOSSES:
-        raise ValueError(f"the source probe trains two outputs; loss {cfg.loss!r} is not supported, use one of {PROBE_LOSSES}")
-    source_dir = resolve_data_dir(data_dir)
+    table, groups, run_args = _probe_run(manifest, label, sources, model, preset, seed, image_size, epochs, balance,
+                                         max_per_group, preprocess, dict(overrides), by)
+    loss = plan_run(**run_args).cfg.loss
+    if loss not in PROBE_LOSSES:
+        raise ProbeError(f"the source probe trains two outputs; loss {loss!r} is not supported, use one of {PROBE_LOSSES}")
     out_dir = Path(out_dir)
-    size = pcfg.size
-    torch_device = pick_device(str(device), verbose=progress)
-    seed_everything(cfg.seed)
-    net = models.create(model, num_classes=2, in_chans=cfg.in_chans, pretrained=extras["pretrained"])
     for name in (PROBE_JSON, PROBE_PREDICTIONS):  # an earlier probe's results must not outlive this one's start
         (out_dir / name).unlink(missing_ok=True)
-    cache = build_cache(table, source_dir, out_dir / PROBE_CACHE_DIR, pcfg, progress=progress)
-    meta = {"model": model, "task": f"{by} probe", "label": label, "groups": groups}
-    fit(net, cache.split("train"), cache.split("val"), cfg, out_dir / PROBE_RUN_DIR, torch_device, meta=meta,
-        progress=progress, provenance=plan.provenance)
-    best = load_checkpoint(out_dir / PROBE_RUN_DIR / BEST_NAME, net, torch_device)
-    test = cache.split("test")
-    probs = predict(net, test, torch_device, batch_size=cfg.batch_size, in_chans=cfg.in_chans)
-    y, pred = np.asarray(test.labels), probs.argmax(1)
-    by_id = table.set_index("image_id")
-    patients = by_id.loc[test.image_ids, "patient_id"].astype(str).to_numpy()
-    ci = _scores_with_ci(y, pred, n_boot, cfg.seed, level, groups=patients)  # patients, not images, resampled
-    predictions = pd.DataFrame({"image_id": test.image_ids, "patient_id": patients,
-                                "source": by_id.loc[test.image_ids, "source"].to_numpy(),
-                                "group": y, "pred": pred, "p_group1": probs[:, 1]})
+    run = train_run(data_dir=data_dir, out_dir=out_dir / PROBE_RUN_DIR, device=device,
+                    cache_root=out_dir / PROBE_CACHE_DIR, progress=progress, n_boot=n_boot, **run_args)
+    predictions = _probe_predictions(run.test_predictions, table, list(groups))
     atomic.write_with(out_dir / PROBE_PREDICTIONS, lambda tmp: predictions.to_csv(tmp, index=False))
-    names = list(groups)
+    names, m = list(groups), run.metrics
     result = {
         "label": label if isinstance(label, str) else "+".join(label), "by": by,
         "groups": {str(i): {"name": n, "sources": groups[n]} for i, n in enumerate(names)},
         "counts": {s: {names[g]: int(((table["split"] == s) & (table["group"] == g)).sum()) for g in (0, 1)}
                    for s in ("train", "val", "test")},
-        "model": model, "preset": preset, "seed": cfg.seed, "image_size": size, "config": asdict(cfg),
-        "preprocess": asdict(pcfg), "provenance": plan.provenance,
-        "balance": balance, "max_per_group": max_per_group, "device": describe(torch_device),
+        "model": model, "preset": preset, "seed": m["seed"], "image_size": m["data"]["preprocess"]["size"],
+        "config": m["config"], "preprocess": m["data"]["preprocess"], "provenance": m["provenance"],
+        "balance": balance, "max_per_group": max_per_group, "device": m["device"],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
-        "test": {"n": int(len(y)), "patients": int(len(set(patients))), "unit": "patient",
-                 "balanced_accuracy": ci.loc["balanced_accuracy", "value"],
-                 "low": ci.loc["balanced_accuracy", "low"], "high": ci.loc["balanced_accuracy", "high"],
-                 "level": level, "n_boot": n_boot, "accuracy": ci.loc["accuracy", "value"],
-                 "auc": M.binary_auc(y == 1, probs[:, 1]), "chance": CHANCE},
+        "best_epoch": m["best_epoch"], "best_val_acc": m["best_val_acc"],
+        "test": _probe_test(predictions, n_boot, run.config.seed, level),
     }
-    result = _jsonable(result)
+    result = jsonable(result)
     atomic.write_text(out_dir / PROBE_JSON, json.dumps(result, indent=2) + "\n")
     return result
 
 
+def _probe_predictions(path: Path, table: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """Each test image of the probe's run (its ``test_predictions.csv`` at ``path``, one
+    ``p_<group name>`` column per output) with its source from the probe manifest ``table``:
+    image_id, patient_id, source, group, pred, p_group1."""
+    scored = pd.read_csv(path, dtype={"image_id": str, "patient_id": str}, keep_default_na=False)
+    by_id = table.set_index(table["image_id"].astype(str))
+    return pd.DataFrame({"image_id": scored["image_id"], "patient_id": scored["patient_id"],
+                         "source": by_id.loc[scored["image_id"], "source"].to_numpy(),
+                         "group": scored["label"], "pred": scored["pred"], "p_group1": scored[f"p_{names[1]}"]})
+
+
+def _probe_test(predictions: pd.DataFrame, n_boot: int, seed: int, level: float) -> dict[str, Any]:
+    """The probe's test scores from :func:`_probe_predictions`: n (images), patients,
+    balanced_accuracy with a bootstrap interval over patients (low, high), accuracy, AUC, chance."""
+    y, pred, patients = predictions["group"].to_numpy(), predictions["pred"].to_numpy(), predictions["patient_id"].to_numpy()
+    ci = _scores_with_ci(y, pred, n_boot, seed, level, groups=patients)  # patients, not images, resampled
+    return {"n": int(len(y)), "patients": int(len(set(patients))), "unit": "patient",
+            "balanced_accuracy": ci.loc["balanced_accuracy", "value"],
+            "low": ci.loc["balanced_accuracy", "low"], "high": ci.loc["balanced_accuracy", "high"],
+            "level": level, "n_boot": n_boot, "accuracy": ci.loc["accuracy", "value"],
+            "auc": M.binary_auc(y == 1, predictions["p_group1"].to_numpy()), "chance": CHANCE}
+
+
 def probe_pool(table: pd.DataFrame, result) -> pd.DataFrame:
     """Every image that passed curation's filters and de-duplication, balanced or not: the rows of
-    ``table`` (from :func:`data_prep.sources.load_table`) kept in ``result.manifest`` (a
+    ``table`` (from :func:`data_prep.table.load_table`) kept in ``result.manifest`` (a
     :class:`data_prep.CurationResult`) or dropped only by balancing.  The probe needs them all:
     the non-NIH normals are few."""
     dropped = result.dropped
@@ -674,8 +680,9 @@ def probe_pool_from_sources(data_dir: Path | str, per_class: int, views: Sequenc
     (:data:`COVID_MIXED_SOURCES`; the paper takes only COVID-19 from ieee8023), so that each
     non-COVID class has images from more than one archive.  The other arguments are curation's
     (:class:`data_prep.CurationParams`)."""
-    from data_prep.curate import CurationParams, curate, every_class_from
-    from data_prep.sources import load_table
+    from data_prep.recipe import CurationParams, every_class_from
+    from data_prep.curate import curate
+    from data_prep.table import load_table
 
     table, report = load_table(Path(data_dir))
     kwargs = {"views": list(views)} if views else {}
@@ -688,68 +695,60 @@ def probe_pool_from_sources(data_dir: Path | str, per_class: int, views: Sequenc
 # --------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (see :func:`main`)."""
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.experiments.audit", description="Shortcut audit: source probe and "
-                                "per-source / within-source tables of a finished run.")
-    sub = p.add_subparsers(dest="command", required=True)
-    probe = sub.add_parser("probe", help="train the architecture to predict the source within one class")
-    probe.add_argument("--manifest", type=Path, required=True, help="curated manifest.csv (python -m data_prep)")
-    probe.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
-    probe.add_argument("--out", type=Path, required=True, help="folder for probe.json, predictions, run and cache")
-    probe.add_argument("--label", nargs="+", default=["normal"], choices=CLASSES,
-                       help="the diagnosis class(es) probed; with several, groups are balanced within each")
-    probe.add_argument("--sources", nargs="*", default=None, help="sources of group 0 (default: the largest)")
-    probe.add_argument("--model", default="densenet121")
-    probe.add_argument("--preset", default="smoke")
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--image-size", type=int, default=None)
-    probe.add_argument("--device", default="cpu", help="auto, cuda, cuda:N, mps or cpu")
-    probe.add_argument("--no-balance", action="store_true", help="keep every image of the larger group")
-    probe.add_argument("--max-per-group", type=int, default=None)
-    probe.add_argument("--n-boot", type=int, default=M.N_BOOTSTRAP)
-    probe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides, e.g. epochs=3")
-    probe.add_argument("--preprocess", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="PreprocessConfig fields, e.g. lung_crop=true mask_markers=true hist_match=true")
-    tables = sub.add_parser("tables", help="per-source and within-source tables of a finished run")
-    tables.add_argument("--manifest", type=Path, required=True)
-    tables.add_argument("--run", type=Path, required=True, help="a train_run folder holding test_predictions.csv")
-    tables.add_argument("--out", type=Path, required=True, help="folder for per_source.csv and within_source.csv")
-    return p.parse_args(argv)
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook audit probe``."""
+    parser.add_argument("--manifest", type=Path, required=True, help="curated manifest.csv (workbook curate)")
+    add_data_dir(parser)
+    add_out(parser, "probe.json, the predictions, the run and the cache", required=True)
+    parser.add_argument("--label", nargs="+", default=["normal"], choices=CLASSES,
+                        help="the diagnosis class(es) probed; with several, groups are balanced within each")
+    parser.add_argument("--sources", nargs="*", default=None, help="sources of group 0 (default: the largest)")
+    parser.add_argument("--model", default="densenet121")
+    parser.add_argument("--preset", default="smoke")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=None)
+    add_device(parser, "the probe")
+    parser.add_argument("--no-balance", action="store_true", help="keep every image of the larger group")
+    parser.add_argument("--max-per-group", type=int, default=None)
+    parser.add_argument("--n-boot", type=int, default=M.N_BOOTSTRAP)
+    add_set(parser)
+    add_assignments(parser, "--preprocess", "PreprocessConfig fields", "lung_crop=true mask_markers=true")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the probe or write a run's audit tables, print the result; return 0, or
-    :data:`EXIT_SETUP_ERROR` with a one-line message for a setup mistake (those of
-    :func:`nbhelpers.training.train.setup_errors` and ProbeError).  ``--set`` values are typed by the
-    setting they change (``pretrained=false`` is False), ``--preprocess`` values by the
-    PreprocessConfig field."""
-    from nbhelpers.training.train import PREDICTIONS_NAME, one_line, parse_preprocess, parse_set, setup_errors
+def run_probe_command(args: argparse.Namespace) -> int:
+    """``workbook audit probe``: train the source probe and print its result; returns 0.
+    ``--set`` values are typed by the setting they change (``pretrained=false`` is False),
+    ``--preprocess`` values by the PreprocessConfig field."""
+    from nbhelpers.training.config import parse_preprocess, parse_set
 
-    args = parse_args(argv)
-    try:
-        if args.command == "probe":
-            label = args.label[0] if len(args.label) == 1 else args.label
-            result = source_probe(args.manifest, args.data_dir, args.out, label=label, sources=args.sources,
-                                  model=args.model, preset=args.preset, seed=args.seed, image_size=args.image_size,
-                                  device=args.device, balance=not args.no_balance, max_per_group=args.max_per_group,
-                                  n_boot=args.n_boot, preprocess=parse_preprocess(args.preprocess),
-                                  **parse_set(args.set))
-            print(json.dumps({"label": result["label"], "groups": result["groups"], **result["test"]}, indent=2))
-            print(f"probe written to {args.out}")
-            return 0
-        args.out.mkdir(parents=True, exist_ok=True)
-        predictions = args.run / PREDICTIONS_NAME
-        for name, fn in ((PER_SOURCE_CSV, per_source_table), (WITHIN_SOURCE_CSV, within_source_table)):
-            table = fn(args.manifest, predictions)
-            atomic.write_with(args.out / name, lambda tmp, t=table: t.to_csv(tmp, index=False))
-            print(f"{name}:\n{table.to_string(index=False)}\n")
-        return 0
-    except (ProbeError, *setup_errors()) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return EXIT_SETUP_ERROR
+    label = args.label[0] if len(args.label) == 1 else args.label
+    result = source_probe(args.manifest, args.data_dir, args.out, label=label, sources=args.sources,
+                          model=args.model, preset=args.preset, seed=args.seed, image_size=args.image_size,
+                          device=args.device, balance=not args.no_balance, max_per_group=args.max_per_group,
+                          n_boot=args.n_boot, preprocess=parse_preprocess(args.preprocess), **parse_set(args.set))
+    print(json.dumps({"label": result["label"], "groups": result["groups"], **result["test"]}, indent=2))
+    print(f"probe written to {args.out}")
+    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def add_tables_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook audit tables``."""
+    parser.add_argument("--manifest", type=Path, required=True, help="the manifest the run was trained on")
+    parser.add_argument("--run", type=Path, required=True, help="a training run folder holding test_predictions.csv")
+    add_out(parser, f"{PER_SOURCE_TABLE}.csv/.md and {WITHIN_SOURCE_TABLE}.csv/.md", required=True)
 
+
+def run_tables_command(args: argparse.Namespace) -> int:
+    """``workbook audit tables``: write a finished run's per-source and within-source tables to
+    ``--out`` and print them; returns 0."""
+    from nbhelpers.settings.tables import provenance_header, write_table
+    from nbhelpers.training.config import PREDICTIONS_NAME
+
+    predictions = args.run / PREDICTIONS_NAME
+    tables = [(name, make(args.manifest, predictions)) for name, make in
+              ((PER_SOURCE_TABLE, per_source_table), (WITHIN_SOURCE_TABLE, within_source_table))]
+    header = provenance_header(args.command_line, manifest=args.manifest, notes=f"Test predictions of {args.run}.")
+    for name, table in tables:
+        write_table(table, args.out, name, header, digits=3)
+        print(f"{name}:\n{table.to_string(index=False)}\n")
+    return 0

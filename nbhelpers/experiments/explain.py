@@ -8,7 +8,7 @@ independent) per model; :func:`verdict_sentences` says in words what passed and 
 command explains every ablation row at one common CAM grid of at least 7x7 cells
 (:func:`nbhelpers.evaluation.cam.layers_for_grid`), since a 2x2 map (DenseNet at 64 px) cannot localise.  Notebook 07 and the command line below share them:
 
-``python -m nbhelpers.experiments.explain --ablation-root results/runs/ablation-cpu64 --manifest M --seeds 0 1 2 --out results/tables``
+``workbook explain --grid-root results/runs/ablation-cpu64 --manifest M --seeds 0 1 2 --out results/tables``
 explains the ablation rows' runs of those seeds and writes ``cam_lung_energy.{csv,md}`` and
 ``cam_randomisation.{csv,md}``.
 """
@@ -16,11 +16,9 @@ explains the ablation rows' runs of those seeds and writes ``cam_lung_energy.{cs
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,29 +26,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from data_prep.atomic import write_text, write_with
+from data_prep.atomic import write_with
+from data_prep.errors import InputNotFoundError
+from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import lungs
 from nbhelpers.pipeline import lungmasks
 from data_prep.schema import CLASSES
-from nbhelpers.evaluation.cam import (
-    cam_grid,
-    cams_for_images,
-    examples_per_class,
-    layers_for_grid,
-    randomisation_check,
-    randomisation_verdict,
-)
-from nbhelpers.evaluation.cam import MIN_GRID, PASS_SPEARMAN
+from nbhelpers.evaluation.cam import MIN_GRID, cam_grid, cams_for_images, examples_per_class, layers_for_grid
+from nbhelpers.evaluation.sanity import PASS_SPEARMAN, randomisation_check, randomisation_verdict
 from nbhelpers.pipeline.data import to_model_input
-from nbhelpers.pipeline.preprocess import ImageCache, PreprocessConfig
+from nbhelpers.pipeline.cache import ImageCache
+from nbhelpers.pipeline.preprocess import PreprocessConfig
+
+if TYPE_CHECKING:
+    from nbhelpers.experiments.ablation import Row
 
 HELD_OUT = ("val", "test")
 
 
 def run_cache(run, manifest: pd.DataFrame, data_dir: Path, cache_root: Path) -> ImageCache:
     """The image cache with the preprocessing that the finished run ``run`` (a
-    :class:`nbhelpers.training.train.RunResult`) was trained on: a model is explained on the images it saw."""
-    from nbhelpers.pipeline.preprocess import build_cache
+    :class:`nbhelpers.training.runs.RunResult`) was trained on: a model is explained on the images it saw."""
+    from nbhelpers.pipeline.cache import build_cache
 
     cfg = PreprocessConfig(**run.metrics["data"]["preprocess"])
     return build_cache(manifest, data_dir, cache_root, cfg, progress=False)
@@ -106,10 +103,10 @@ def lung_energy_report(models: Mapping[str, nn.Module], cache: ImageCache, manif
 def randomisation_report(models: Mapping[str, nn.Module], images: np.ndarray, device: torch.device | str = "cpu",
                          target_layers: Mapping[str, Sequence[nn.Module] | None] | None = None,
                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The cascading and independent randomisation check (:func:`nbhelpers.evaluation.cam.randomisation_check`)
+    """The cascading and independent randomisation check (:func:`nbhelpers.evaluation.sanity.randomisation_check`)
     of every model on ``images`` (uint8 (N, H, W)).
 
-    Returns ``(verdicts, stages)``: one row per model with :func:`nbhelpers.evaluation.cam.randomisation_verdict`
+    Returns ``(verdicts, stages)``: one row per model with :func:`nbhelpers.evaluation.sanity.randomisation_verdict`
     (the fully randomised model's mean Spearman / SSIM / HOG, blank maps, passed, reason), and
     one row per model, mode and stage with the mean similarities (the cascade's curve).
     """
@@ -155,90 +152,114 @@ def verdict_sentences(energy: pd.DataFrame, randomisation: pd.DataFrame) -> list
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from nbhelpers.experiments import ablation
-    from nbhelpers.models.complexity import markdown_table
-    from data_prep.datadir import data_dir as resolve_data_dir
-    from nbhelpers.training.train import load_trained
-
-    parser = argparse.ArgumentParser(prog="python -m nbhelpers.experiments.explain", description=__doc__.splitlines()[0])
-    parser.add_argument("--ablation-root", type=Path, required=True, help="the --out folder of nbhelpers.experiments.ablation")
-    parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--data-dir", help="folder of the upstream sources (default: $CXR_DATA_DIR)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook explain``."""
+    parser.add_argument("--grid-root", type=Path, required=True, help="the --out folder of workbook grid")
+    parser.add_argument("--manifest", type=Path, required=True, help="the manifest the grid was trained on")
+    add_data_dir(parser)
     parser.add_argument("--groups", nargs="+", help="only these ablation groups")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="which seeds' runs to explain (each image's values are averaged over them)")
     parser.add_argument("--randomisation-images", type=int, default=24, help="held-out images for the sanity check")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the tables")
+    add_out(parser, "the tables", required=True)
     parser.add_argument("--figures", type=Path, help="also draw each group's CAMs on the same test images here")
     parser.add_argument("--figure-images", type=int, default=6, help="test images per figure")
     parser.add_argument("--prefix", default="cam", help="file names: PREFIX_lung_energy, PREFIX_randomisation, PREFIX_<group>.png")
-    args = parser.parse_args(argv)
-    data, manifest = resolve_data_dir(args.data_dir), pd.read_csv(args.manifest)
-    energy, randomised, curves, masks, n_sample = [], [], [], None, 0
-    figure_cams: dict[str, dict[str, np.ndarray]] = {}  # group -> row name -> CAMs
-    figure_images: dict[str, dict[str, np.ndarray]] = {}  # group -> row name -> images (rows may crop differently)
-    figure_titles: dict[str, list[str]] = {}
-    rows = ablation.load_grid(groups=args.groups)
-    size, side = None, None
-    for seed in args.seeds:
-        trained = {f"{row.group}/{row.name}": load_trained(ablation.run_dir(args.ablation_root, row, seed))
-                   for row in rows}
-        size = PreprocessConfig(**next(iter(trained.values()))[1].metrics["data"]["preprocess"]).size
-        # One CAM grid for every row, at least MIN_GRID cells per side: coarser maps cannot be compared.
-        layers, side = layers_for_grid({label: net for label, (net, _) in trained.items()}, size)
-        for row in tqdm(rows, desc=f"explaining seed {seed}", disable=None):
-            label = f"{row.group}/{row.name}"
-            net, run = trained[label]
-            cache = run_cache(run, manifest, data, args.ablation_root / "cache")
-            cfg = cache.cfg
-            per_image, _, masks = lung_energy_report({label: net}, cache, manifest, data, cfg, target_layers=layers)
-            energy.append(per_image.assign(seed=seed))
-            sample = np.stack(list(held_out_images(cache).values())[: args.randomisation_images])
-            verdict, curve = randomisation_report({label: net}, sample, target_layers=layers)
-            randomised.append(verdict.assign(seed=seed))
-            curves.append(curve.assign(seed=seed))
-            n_sample = len(sample)
-            if args.figures and seed == args.seeds[0]:
-                test = cache.split("test")
-                picked = examples_per_class(test.labels, args.figure_images)
-                shown = np.asarray(test.images[picked])
-                figure_cams.setdefault(row.group, {})[row.name] = cams_for_images(
-                    net, shown, targets=list(test.labels[picked]), progress=False, target_layers=layers.get(label))[0]
-                figure_images.setdefault(row.group, {})[row.name] = shown
-                figure_titles[row.group] = [f"true {CLASSES[t]}" for t in test.labels[picked]]
-    summary, randomised = lungs.summarise_lung_energy(pd.concat(energy)).reset_index(), pd.concat(randomised)
-    curves = pd.concat(curves, ignore_index=True)
-    grid = f"{side}x{side} CAM grid for every row (the deepest layers giving at least {MIN_GRID} cells a side at {size} px)" \
-        if side else f"each row's registered CAM layer (no common grid of {MIN_GRID}+ cells at {size} px)"
-    header = (f"Made by `python -m nbhelpers.experiments.explain {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}, CPU; Grad-CAM of each row's runs with seeds "
-              f"{', '.join(map(str, args.seeds))}, {grid}, each image explained for its true class; lung energy and "
-              f"pointing game on {len(masks.image_ids)} distinct held-out "
-              f"ieee8023 COVID-19 images with lung masks ({masks.kinds.count('boxes')} with lung boxes only), the uniform "
-              f"baseline over the film area (padding and blank borders excluded), each image's values averaged over "
-              f"the seeds and intervals resampling patients; randomisation check (Adebayo et al. "
-              f"2018: raw maps, cascading and independent re-initialisation, Spearman of absolute values, SSIM, HOG) on "
-              f"{n_sample} held-out images per run, one verdict per row and seed, passed when the fully randomised model's Spearman < {PASS_SPEARMAN} and no map is blank.")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, table in ((f"{args.prefix}_lung_energy", summary), (f"{args.prefix}_randomisation", randomised),
-                        (f"{args.prefix}_randomisation_stages", curves)):
-        write_with(args.out / f"{name}.csv", lambda p, t=table: t.to_csv(p, index=False))
-        write_text(args.out / f"{name}.md", f"{header}\n\n{markdown_table(table, digits=3)}\n")
-        print(table.round(3).to_string(index=False))
-    for line in verdict_sentences(summary, randomised):
-        print(line)
-    for group, cams in figure_cams.items():
-        from nbhelpers.evaluation.plots import cam_comparison
 
-        images, titles = figure_images[group], figure_titles[group]
-        args.figures.mkdir(parents=True, exist_ok=True)
+
+@dataclass
+class _Explained:
+    """What explaining the rows' runs seed by seed gathers: per-image lung energy, randomisation
+    verdicts and curves (one frame per row and seed), the CAM grid, and for the figures each
+    group's images, CAMs (by row name) and titles."""
+
+    energy: list[pd.DataFrame] = field(default_factory=list)
+    verdicts: list[pd.DataFrame] = field(default_factory=list)
+    curves: list[pd.DataFrame] = field(default_factory=list)
+    masks: lungmasks.LungMasks | None = None
+    sanity_images: int = 0
+    size: int | None = None
+    side: int | None = None
+    figure_cams: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    figure_images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # rows may crop differently
+    figure_titles: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _explain_seed(args: argparse.Namespace, rows: Sequence[Row], seed: int, manifest: pd.DataFrame, data: Path,
+                  found: _Explained) -> None:
+    """Explain every row's run of ``seed`` at one CAM grid of at least :data:`MIN_GRID` cells a
+    side (coarser maps cannot be compared) and add what it finds to ``found``."""
+    from nbhelpers.experiments import ablation
+    from nbhelpers.training.runs import load_trained
+
+    trained = {f"{row.group}/{row.name}": load_trained(ablation.run_dir(args.grid_root, row, seed)) for row in rows}
+    found.size = PreprocessConfig(**next(iter(trained.values()))[1].metrics["data"]["preprocess"]).size
+    layers, found.side = layers_for_grid({label: net for label, (net, _) in trained.items()}, found.size)
+    for row in tqdm(rows, desc=f"explaining seed {seed}", disable=None):
+        label = f"{row.group}/{row.name}"
+        net, run = trained[label]
+        cache = run_cache(run, manifest, data, args.grid_root / "cache")
+        per_image, _, found.masks = lung_energy_report({label: net}, cache, manifest, data, cache.cfg, target_layers=layers)
+        found.energy.append(per_image.assign(seed=seed))
+        sample = np.stack(list(held_out_images(cache).values())[: args.randomisation_images])
+        verdict, curve = randomisation_report({label: net}, sample, target_layers=layers)
+        found.verdicts.append(verdict.assign(seed=seed))
+        found.curves.append(curve.assign(seed=seed))
+        found.sanity_images = len(sample)
+        if args.figures and seed == args.seeds[0]:
+            test = cache.split("test")
+            picked = examples_per_class(test.labels, args.figure_images)
+            shown = np.asarray(test.images[picked])
+            found.figure_cams.setdefault(row.group, {})[row.name] = cams_for_images(
+                net, shown, targets=list(test.labels[picked]), progress=False, target_layers=layers.get(label))[0]
+            found.figure_images.setdefault(row.group, {})[row.name] = shown
+            found.figure_titles[row.group] = [f"true {CLASSES[t]}" for t in test.labels[picked]]
+
+
+def _notes(found: _Explained) -> str:
+    """What the tables' header says about the CAMs, the lung-energy measure and the randomisation check."""
+    grid = (f"{found.side}x{found.side} CAM grid for every row (the deepest layers giving at least {MIN_GRID} cells a "
+            f"side at {found.size} px)" if found.side else
+            f"each row's registered CAM layer (no common grid of {MIN_GRID}+ cells at {found.size} px)")
+    masks = found.masks
+    return (f"Grad-CAM of each row's runs, {grid}, each image explained for its true class; lung energy and "
+            f"pointing game on {len(masks.image_ids)} distinct held-out ieee8023 COVID-19 images with lung masks "
+            f"({masks.kinds.count('boxes')} with lung boxes only), the uniform baseline over the film area (padding "
+            "and blank borders excluded), each image's values averaged over the seeds and intervals resampling "
+            "patients; randomisation check (Adebayo et al. 2018: raw maps, cascading and independent "
+            "re-initialisation, Spearman of absolute values, SSIM, HOG) on "
+            f"{found.sanity_images} held-out images per run, one verdict per row and seed, passed when the fully "
+            f"randomised model's Spearman < {PASS_SPEARMAN} and no map is blank.")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``workbook explain``: explain the grid rows' runs of ``--seeds``, write the lung-energy and
+    randomisation tables to ``--out`` (and with ``--figures`` each group's CAMs), print the verdicts;
+    returns 0."""
+    from data_prep.datadir import data_dir as resolve_data_dir
+    from nbhelpers.evaluation.plots import cam_comparison
+    from nbhelpers.experiments import ablation
+    from nbhelpers.settings.tables import provenance_header, write_table
+
+    if not args.manifest.is_file():
+        raise InputNotFoundError(f"manifest {args.manifest} not found; pass the manifest the grid was trained on")
+    data, manifest = resolve_data_dir(args.data_dir), pd.read_csv(args.manifest)
+    rows = ablation.load_grid(groups=args.groups)
+    found = _Explained()
+    for seed in args.seeds:
+        _explain_seed(args, rows, seed, manifest, data, found)
+    summary = lungs.summarise_lung_energy(pd.concat(found.energy)).reset_index()
+    verdicts, curves = pd.concat(found.verdicts), pd.concat(found.curves, ignore_index=True)
+    header = provenance_header(args.command_line, manifest=args.manifest, seeds=args.seeds, device="cpu",
+                               notes=_notes(found))
+    for name, table in (("lung_energy", summary), ("randomisation", verdicts), ("randomisation_stages", curves)):
+        write_table(table, args.out, f"{args.prefix}_{name}", header, digits=3)
+        print(table.round(3).to_string(index=False))
+    for line in verdict_sentences(summary, verdicts):
+        print(line)
+    for group, cams in found.figure_cams.items():
         figure = args.figures / f"{args.prefix}_{group}.png"
-        fig = cam_comparison(images, cams, titles)
+        fig = cam_comparison(found.figure_images[group], cams, found.figure_titles[group])
         write_with(figure, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
         print(f"wrote {figure}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

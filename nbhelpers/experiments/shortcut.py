@@ -11,9 +11,9 @@ filling, lung crop, histogram matching, all three), trained for several seeds by
 * the **source probe** (:func:`nbhelpers.experiments.audit.source_probe`) trained *with the row's
   preprocessing*, one per seed, on a pool of images (curated, not balanced) — a mitigation that
   removes the archive's cues brings its balanced accuracy towards chance (0.5);
-* CAM lung energy, when a table from ``python -m nbhelpers.experiments.explain --groups shortcut`` is given.
+* CAM lung energy, when a table from ``workbook explain --groups shortcut`` is given.
 
-``python -m nbhelpers.experiments.shortcut --grid-root R --manifest M --pool-manifest P --out T`` trains the
+``workbook shortcut --grid-root R --manifest M --pool-manifest P --out T`` trains the
 missing probes (a finished one, with its ``probe.json``, is reused only when the record it stored
 matches the probe that would be trained now: model, preprocessing, settings, probe manifest and
 cache key) and writes
@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,8 +31,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from nbhelpers.experiments import ablation, audit
+from data_prep.errors import InputNotFoundError
+from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
+from nbhelpers.experiments import ablation, audit
+from nbhelpers.settings.options import add_device, add_set
 
 GROUP = "shortcut"
 #: The probe's classes by default: every non-COVID image, NIH against the other archives.
@@ -93,13 +93,14 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
 
 def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
                    root: str = PROBE_ROOT) -> pd.DataFrame:
-    """The finished probes' test results, one line per (row, seed); FileNotFoundError names a missing one."""
+    """The finished probes' test results, one line per (row, seed);
+    :class:`~data_prep.errors.InputNotFoundError` (a FileNotFoundError) names a missing one."""
     lines = []
     for row in rows:
         for seed in seeds:
             path = probe_dir(grid_root, row, seed, root) / audit.PROBE_JSON
             if not path.is_file():
-                raise FileNotFoundError(f"no source probe at {path}; run python -m nbhelpers.experiments.shortcut to train it")
+                raise InputNotFoundError(f"no source probe at {path}; run workbook shortcut to train it")
             test = json.loads(path.read_text())["test"]
             lines.append({"group": row.group, "name": row.name, "seed": seed,
                           **{k: test[k] for k in ("n", "balanced_accuracy", "low", "high", "accuracy", "auc")}})
@@ -363,80 +364,82 @@ def committed_table(folder: Path | None = None, name: str = "shortcut_mitigation
     return pd.read_csv(path) if path.is_file() else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train the missing or stale probes and write the three tables; 0, or 2 with one line on
-    stderr for a setup error (a grid or probe error, or one of :func:`nbhelpers.training.train.setup_errors`).
-    ``--set`` values are typed by the setting they change (``pretrained=false`` is False)."""
-    from nbhelpers.models.complexity import markdown_table
-    from nbhelpers.training.train import EXIT_SETUP_ERROR, one_line, parse_set, setup_errors
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook shortcut``."""
+    parser.add_argument("--grid-root", type=Path, required=True, help="the --out folder of workbook grid")
+    parser.add_argument("--manifest", type=Path, required=True, help="the manifest the grid was trained on")
+    parser.add_argument("--pool-manifest", type=Path, required=True,
+                        help="curated images for the probes (e.g. workbook curate --per-class 1000 --balance down)")
+    add_data_dir(parser)
+    parser.add_argument("--group", default=GROUP, help="the ablation group to report")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--probe-labels", nargs="+", default=list(PROBE_LABELS))
+    parser.add_argument("--probe-model", default="densenet121")
+    parser.add_argument("--preset", default="smoke")
+    add_device(parser, "the probes")
+    add_set(parser, "preset settings of the probes")
+    parser.add_argument("--cam-table", type=Path, help="cam_lung_energy.csv of workbook explain for this group")
+    add_out(parser, "the tables", required=True)
+    parser.add_argument("--external", action="store_true",
+                        help=f"also report the {EXTERNAL_GROUP!r} group's runs under --grid-root (train them with "
+                             f"workbook grid --groups {EXTERNAL_GROUP} --manifest POOL)")
+    parser.add_argument("--view-probe", action="store_true",
+                        help="also train the view probe (AP against PA COVID-19 films of the pool) with the baseline "
+                             "row's preprocessing, and report accuracy per view")
+    parser.add_argument("--blackout", action="store_true",
+                        help=f"also report the {BLACKOUT_GROUP!r} group's runs under --grid-root (train them with "
+                             f"workbook grid --groups {BLACKOUT_GROUP})")
 
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.experiments.shortcut", description=__doc__.splitlines()[0])
-    p.add_argument("--grid-root", type=Path, required=True, help="the --out folder of python -m nbhelpers.experiments.ablation")
-    p.add_argument("--manifest", type=Path, required=True, help="the manifest the grid was trained on")
-    p.add_argument("--pool-manifest", type=Path, required=True,
-                   help="curated images for the probes (e.g. python -m data_prep --per-class 1000 --balance down)")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
-    p.add_argument("--group", default=GROUP, help="the ablation group to report")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--probe-labels", nargs="+", default=list(PROBE_LABELS))
-    p.add_argument("--probe-model", default="densenet121")
-    p.add_argument("--preset", default="smoke")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="preset overrides for the probes")
-    p.add_argument("--cam-table", type=Path, help="cam_lung_energy.csv of python -m nbhelpers.experiments.explain for this group")
-    p.add_argument("--out", type=Path, required=True, help="folder for the tables")
-    p.add_argument("--external", action="store_true",
-                   help=f"also report the {EXTERNAL_GROUP!r} group's runs under --grid-root (train them with python -m "
-                        f"nbhelpers.experiments.ablation --groups {EXTERNAL_GROUP} --manifest POOL)")
-    p.add_argument("--view-probe", action="store_true",
-                   help="also train the view probe (AP against PA COVID-19 films of the pool) with the baseline row's "
-                        "preprocessing, and report accuracy per view")
-    p.add_argument("--blackout", action="store_true",
-                   help=f"also report the {BLACKOUT_GROUP!r} group's runs under --grid-root (train them with "
-                        f"python -m nbhelpers.experiments.ablation --groups {BLACKOUT_GROUP})")
-    args = p.parse_args(argv)
-    try:
-        rows = ablation.load_grid(groups=[args.group])
-        blacked = (blackout_table(ablation.load_grid(groups=[BLACKOUT_GROUP]), args.grid_root, args.seeds)
-                   if args.blackout else None)
-        external = None
-        if args.external:
-            row = ablation.load_grid(groups=[EXTERNAL_GROUP])[0]
-            external = audit.external_table([ablation.run_dir(args.grid_root, row, s) for s in args.seeds])
-        views = per_view = None
-        if args.view_probe:
-            base = [r for r in rows if r.baseline]
-            views = run_probes(base, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, VIEW_PROBE_LABELS,
-                               args.probe_model, args.preset, args.device, by="view", group0=VIEW_GROUP0,
-                               root=VIEW_PROBE_ROOT, **parse_set(args.set))
-            per_view = pd.concat([audit.per_source_table(
-                args.manifest, [ablation.run_dir(args.grid_root, r, s) / "test_predictions.csv" for s in args.seeds],
-                by="view").assign(name=r.name) for r in rows], ignore_index=True)
-        probes = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
-                            args.probe_model, args.preset, args.device, **parse_set(args.set))
-        within = within_source(rows, args.grid_root, args.seeds, args.manifest)
-        cams = pd.read_csv(args.cam_table) if args.cam_table else None
-        table = mitigation_table(rows, args.grid_root, args.seeds, args.manifest, cams)
-    except (ablation.GridError, audit.ProbeError, KeyError, *setup_errors()) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return EXIT_SETUP_ERROR
-    header = (f"Made by `python -m nbhelpers.experiments.shortcut {shlex.join(argv if argv is not None else sys.argv[1:])}` on "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}; group {args.group}, seeds {args.seeds}; probes: "
-              f"{args.probe_model}, classes {args.probe_labels}, preset {args.preset} {args.set}, device {args.device}.")
-    from data_prep.atomic import write_text, write_with
 
-    tables = [("shortcut_probe", probes), ("shortcut_within_source", within), ("shortcut_mitigations", table)]
-    for name, extra in (("shortcut_blackout", blacked), ("shortcut_external", external),
-                        ("shortcut_view_probe", views), ("shortcut_per_view", per_view)):
-        if extra is not None:
-            tables.append((name, extra))
+def _optional_tables(args: argparse.Namespace, rows: Sequence[ablation.Row],
+                     overrides: dict[str, Any]) -> list[tuple[str, pd.DataFrame]]:
+    """The tables the ``--blackout``, ``--external`` and ``--view-probe`` flags ask for (the view
+    probes are trained here, with the baseline row's preprocessing)."""
+    tables = []
+    if args.blackout:
+        rows_blackout = ablation.load_grid(groups=[BLACKOUT_GROUP])
+        tables.append(("shortcut_blackout", blackout_table(rows_blackout, args.grid_root, args.seeds)))
+    if args.external:
+        row = ablation.load_grid(groups=[EXTERNAL_GROUP])[0]
+        runs = [ablation.run_dir(args.grid_root, row, s) for s in args.seeds]
+        tables.append(("shortcut_external", audit.external_table(runs)))
+    if args.view_probe:
+        base = [r for r in rows if r.baseline]
+        views = run_probes(base, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, VIEW_PROBE_LABELS,
+                           args.probe_model, args.preset, args.device, by="view", group0=VIEW_GROUP0,
+                           root=VIEW_PROBE_ROOT, **overrides)
+        per_view = pd.concat([audit.per_source_table(
+            args.manifest, [ablation.run_dir(args.grid_root, r, s) / "test_predictions.csv" for s in args.seeds],
+            by="view").assign(name=r.name) for r in rows], ignore_index=True)
+        tables += [("shortcut_view_probe", views), ("shortcut_per_view", per_view)]
+    return tables
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``workbook shortcut``: train the missing or stale probes and write the tables to ``--out``;
+    returns 0.  ``--set`` values are typed by the setting they change (``pretrained=false`` is
+    False)."""
+    from nbhelpers.settings.device import describe, pick_device
+    from nbhelpers.settings.tables import describe_manifest, provenance_header, write_table
+    from nbhelpers.training.config import parse_set
+
+    overrides = parse_set(args.set)
+    if args.cam_table and not args.cam_table.is_file():
+        raise InputNotFoundError(f"CAM table {args.cam_table} not found; workbook explain --groups {args.group} writes it")
+    rows = ablation.load_grid(groups=[args.group])
+    optional = _optional_tables(args, rows, overrides)
+    probes = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
+                        args.probe_model, args.preset, args.device, **overrides)
+    within = within_source(rows, args.grid_root, args.seeds, args.manifest)
+    cams = pd.read_csv(args.cam_table) if args.cam_table else None
+    table = mitigation_table(rows, args.grid_root, args.seeds, args.manifest, cams)
+    header = provenance_header(
+        args.command_line, manifest=args.manifest, seeds=args.seeds, device=describe(pick_device(args.device, verbose=False)),
+        notes=f"Group {args.group}; probes: {args.probe_model}, classes {args.probe_labels}, preset {args.preset} "
+              f"{args.set}, pool {describe_manifest(args.pool_manifest)}.")
+    tables = [("shortcut_probe", probes), ("shortcut_within_source", within), ("shortcut_mitigations", table), *optional]
     for name, frame in tables:
-        write_with(args.out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
-        write_text(args.out / f"{name}.md", f"{header}\n\n{markdown_table(frame, digits=3)}\n")
+        write_table(frame, args.out, name, header, digits=3)
         with pd.option_context("display.width", 220, "display.max_columns", 30):
             print(f"{name}:\n{frame.round(3).to_string(index=False)}\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import baselines, densenet_cbam, hifuse, lgfnet, resnet_fpn  # noqa: F401  (importing registers the models)
 from .pretrained import PretrainedWeightsError
 from .registry import (
+    ModelOptionError,
     ModelSpec,
     UnknownModelError,
     cam_reshape_transform,
@@ -22,6 +23,7 @@ from .registry import (
 from .summary import attention_maps, summary_table
 
 __all__ = [
+    "ModelOptionError",
     "ModelSpec",
     "attention_maps",
     "summary_table",

@@ -20,11 +20,8 @@ FLOPs = 2 x MACs.  The seeds' "FLOPs" are MACs: seed 000's ResNet50 at 448 px is
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
@@ -34,15 +31,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 
-from data_prep.atomic import write_text, write_with
-from nbhelpers.settings.config import RESULTS_DIR
+from data_prep.options import add_out
 from nbhelpers.models import create, list_models, model_spec
+from nbhelpers.settings.config import RESULTS_DIR
+from nbhelpers.settings.tables import provenance_header, write_table
 
 GIGA, MEGA = 1e9, 1e6
 LATENCY_BATCHES = (1, 16)
 LATENCY_WARMUP, LATENCY_REPEATS = 1, 3
 SEED = 0
-DEFAULT_OUT = RESULTS_DIR / "tables" / "complexity"
+DEFAULT_OUT = RESULTS_DIR / "tables"
+#: The table's file names in the output folder: ``complexity.csv`` and ``complexity.md``.
+TABLE_NAME = "complexity"
 
 #: The seeds' own figures: (model, options, image size) -> what the paper reports.
 #: Seed 000 Table 4 measures every network at its 448 px input (VGG16's 442.5 M params are its
@@ -182,24 +182,13 @@ def default_rows() -> list[tuple[str, dict[str, Any]]]:
     return [(n, {}) for n in list_models()] + list(ABLATIONS)
 
 
-def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
-    """Render ``table`` as a GitHub Markdown table, floats to ``digits`` significant digits, NaN blank."""
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "" if pd.isna(value) else f"{value:.{digits}g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def _markdown(table: pd.DataFrame, command: str) -> str:
+def _header(table: pd.DataFrame, command: str) -> str:
+    """The Markdown file's title, provenance and the meaning of each column."""
+    device = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     header = [
         "# Model size and cost",
         "",
-        f"Written by `{command}` on {dt.date.today().isoformat()}; torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, seed {SEED}.",
+        provenance_header(command, seeds=[SEED], device=device, notes=f"torch {torch.__version__}."),
         "",
         "- `params_m`: parameters (millions) with a 3-class head and 3-channel input.",
         "- `gmacs_ptflops`: ptflops, module hooks; misses attention products of our own attention "
@@ -212,9 +201,8 @@ def _markdown(table: pd.DataFrame, command: str) -> str:
         f"  Median of {LATENCY_REPEATS} runs after {LATENCY_WARMUP} warm-up: on a machine shared with other jobs, "
         "single rows can be several times too slow; compare rows measured on an idle machine.",
         *_counter_notes(table),
-        "",
     ]
-    return "\n".join(header) + "\n" + markdown_table(table) + "\n"
+    return "\n".join(header)
 
 
 def _counter_notes(table: pd.DataFrame) -> list[str]:
@@ -236,14 +224,15 @@ def _counter_notes(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: write the complexity table as ``<out>.csv`` and ``<out>.md``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output path without suffix")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook complexity``."""
+    add_out(parser, f"{TABLE_NAME}.csv and {TABLE_NAME}.md", default=DEFAULT_OUT)
     parser.add_argument("--models", nargs="*", help="model names (default: all, plus ablations and 448 px rows)")
     parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency benchmark")
-    args = parser.parse_args(argv)
-    command = "python -m nbhelpers.models.complexity " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``workbook complexity``: measure the models and write ``complexity.csv`` / ``.md`` to ``--out``."""
     latency_on = not args.no_latency
     if args.models:
         table = complexity_table(args.models, with_latency=latency_on)
@@ -251,11 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         parts = [complexity_table(default_rows(), with_latency=latency_on),
                  complexity_table(SEED000_COMPARISON, image_size=448, with_latency=False)]
         table = pd.concat(parts, ignore_index=True)
-    write_with(args.out.with_suffix(".csv"), lambda p: table.to_csv(p, index=False, float_format="%.4g"))
-    write_text(args.out.with_suffix(".md"), _markdown(table, command.strip()))
-    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')} ({len(table)} rows)")
+    csv_path, md_path = write_table(table, args.out, TABLE_NAME, _header(table, args.command_line), float_format="%.4g")
+    print(f"wrote {csv_path} and {md_path} ({len(table)} rows)")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+from data_prep.errors import WorkbookError
 
 #: Seconds to wait for the weights host before declaring the machine offline.
 NETWORK_TIMEOUT_S = 5.0
@@ -26,7 +27,7 @@ HF_HOST = "huggingface.co"
 HTTPS_PORT = 443
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(WorkbookError, RuntimeError):
     """ImageNet weights could not be fetched or do not fit the model."""
 
 

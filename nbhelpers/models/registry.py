@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
+from data_prep.errors import WorkbookError
 
 #: Attributes the registry sets on every model it creates.
 CAM_LAYERS_ATTR = "cam_layer_names"
@@ -21,11 +22,15 @@ CAM_RESHAPE_ATTR = "cam_reshape"
 SUGGESTIONS = 3
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(WorkbookError, KeyError):
     """A model name that is not registered; the message names the closest registered ones."""
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0])
+
+
+class ModelOptionError(WorkbookError, TypeError):
+    """An option the model does not have; the message names the options it has."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +90,15 @@ def create(name: str, num_classes: int = 3, in_chans: int = 3, pretrained: bool 
     ``pretrained=True`` loads ImageNet weights where torchvision/timm offer them (into the
     backbone of the seed models).  ``options`` are the model's documented switches (see
     ``model_spec(name).options``).  Raises :class:`UnknownModelError` for an unknown name,
-    TypeError for an unknown option (naming the valid ones), ValueError for bad values and
-    :class:`~nbhelpers.models.pretrained.PretrainedWeightsError` when weights cannot be fetched.
+    :class:`ModelOptionError` (a TypeError) for an unknown option (naming the valid ones),
+    ValueError for bad values and :class:`~nbhelpers.models.pretrained.PretrainedWeightsError`
+    when weights cannot be fetched.
     """
     spec = model_spec(name)
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         valid = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "none"
-        raise TypeError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; its options are: {valid}")
+        raise ModelOptionError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; its options are: {valid}")
     if num_classes < 1 or in_chans < 1:
         raise ValueError(f"model {name!r}: num_classes and in_chans must be >= 1, got {num_classes}, {in_chans}")
     settings = {**spec.options, **options}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nbhelpers.pipeline.preprocess import CachedSplit
+from nbhelpers.pipeline.cache import CachedSplit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -14,7 +14,7 @@ meant to remove a cue that tells the archive apart rather than the disease (see
   region qualifies the rule retries with larger openings; if it still fails, or the box is
   implausibly small, it returns None and the image stays uncropped — the cache counts and lists
   those images.  Measured against the ieee8023 lungVAE masks by
-  ``python -m nbhelpers.pipeline.mitigate lung-box`` (``results/benchmarks/lung_box.txt``).  The ieee8023
+  ``workbook lung-box`` (``results/benchmarks/lung_box.txt``).  The ieee8023
   masks themselves are not used for cropping: they exist for one source only, and cropping one
   source by masks and the others by a rule would be a new source cue.
 * ``mask_markers`` — :func:`marker_mask` finds burnt-in text, side letters, arrows and similar
@@ -29,7 +29,6 @@ meant to remove a cue that tells the archive apart rather than the disease (see
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
@@ -38,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.atomic import write_text
+from data_prep.options import add_data_dir, add_out
 
 #: Long side (px) of the copy on which the lung box and the markers are searched.
 WORK_SIZE = 256
@@ -329,35 +329,33 @@ def summarise_check(table: pd.DataFrame) -> dict[str, float]:
             "mask_box_share_median": float(table["mask_box_share"].median())}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nbhelpers.pipeline.mitigate lung-box --data-dir D [--out FILE]``: measure :func:`lung_box`."""
-    import shlex
+#: The file ``workbook lung-box --out FOLDER`` writes its report to.
+REPORT_NAME = "lung_box.txt"
+
+
+def add_lung_box_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook lung-box``."""
+    add_data_dir(parser)
+    parser.add_argument("--per-source", type=int, default=200, help="images per source for the found-rate table")
+    add_out(parser, f"the report, {REPORT_NAME}")
+
+
+def run_lung_box_command(args: argparse.Namespace) -> int:
+    """``workbook lung-box``: measure :func:`lung_box` against the ieee8023 lung masks and its
+    found rate per source, print the report (and write it to ``--out``); returns 0."""
     from datetime import datetime, timezone
 
     from data_prep.datadir import data_dir as resolve_data_dir
-    from data_prep.annotations import LungMaskError
+    from data_prep.recipe import FRONTAL_VIEWS
+    from data_prep.table import load_table
 
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.pipeline.mitigate", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("lung-box", help="compare the lung-box rule with the ieee8023 lung masks")
-    check.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
-    check.add_argument("--per-source", type=int, default=200, help="images per source for the found-rate table")
-    check.add_argument("--out", type=Path, default=None, help="also write the report to this file")
-    args = p.parse_args(argv)
-    try:
-        root = resolve_data_dir(args.data_dir)
-        table = lung_box_check(root)
-    except (LungMaskError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from data_prep.curate import FRONTAL_VIEWS
-    from data_prep.sources import load_table
-
+    root = resolve_data_dir(args.data_dir)
+    table = lung_box_check(root)
     sources, _ = load_table(root, hash_images=False)
     frontal = sources[(sources["modality"] == "X-ray") & (sources["view"].isin(FRONTAL_VIEWS) | (sources["view"] == "")) & (sources["label"] != "")]
     paths = {name: [root / rel for rel in part["path"].head(args.per_source)]
              for name, part in frontal.groupby("source", sort=True)}
-    lines = [f"$ python -m nbhelpers.pipeline.mitigate {shlex.join(sys.argv[1:] if argv is None else list(argv))}",
+    lines = [f"$ {args.command_line}",
              f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"data: {root}; lung-box rule of nbhelpers.pipeline.mitigate against the ieee8023 lungVAE masks",
              "", "against the masks (IoU, coverage and box share over images where a box was found):"]
@@ -367,9 +365,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
-        write_text(args.out, report)
+        write_text(args.out / REPORT_NAME, report)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

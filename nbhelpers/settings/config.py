@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from data_prep.datadir import DATA_ENV, DataNotFoundError, data_dir
 from nbhelpers.settings import keyvalue
+from data_prep.errors import WorkbookError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "results"
@@ -48,7 +49,7 @@ NOTEBOOK_PARAMETERS: dict[str, Any] = {
 }
 
 
-class ProfileError(KeyError):
+class ProfileError(WorkbookError, KeyError):
     """An unknown profile or profile setting was asked for, or a setting of the wrong type."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
@@ -115,7 +116,7 @@ def read_settings(path: str | os.PathLike, profile: str) -> dict[str, Any]:
         values = payload["values"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ProfileError(f"settings file {path} is missing or unreadable ({err}); rerun the workbook "
-                           "(python -m nbhelpers.tools.run) or pass settings_file=None") from None
+                           "(workbook run) or pass settings_file=None") from None
     if payload.get("profile") != profile:
         raise ProfileError(f"settings file {path} was written for profile {payload.get('profile')!r}, not {profile!r}; "
                            "pass settings_file=None or the matching profile")

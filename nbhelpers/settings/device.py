@@ -1,13 +1,18 @@
-"""Choosing the compute device: ``auto`` means CUDA, then Apple MPS, then CPU, and says which."""
+"""What a reproducible run needs of the machine: the compute device (``auto`` means CUDA, then
+Apple MPS, then CPU, and says which) and one seed for every random generator."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
+from data_prep.errors import WorkbookError
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(WorkbookError, RuntimeError):
     """The requested device is not available on this machine."""
 
 
@@ -56,3 +61,10 @@ def describe(device: torch.device) -> str:
     if device.type == "mps":
         return "mps (Apple GPU)"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) from one number."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

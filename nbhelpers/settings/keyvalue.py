@@ -18,6 +18,7 @@ import ast
 import difflib
 import tomllib
 from typing import Any, Iterable, Mapping, Sequence
+from data_prep.errors import WorkbookError
 
 #: Words that mean "no value" for a setting that does not hold text (min_age=none).
 NONE_WORDS = ("none", "null")
@@ -25,7 +26,7 @@ NONE_WORDS = ("none", "null")
 SCALAR_TYPES = (bool, int, float, str, dict)
 
 
-class AssignmentError(ValueError):
+class AssignmentError(WorkbookError, ValueError):
     """A ``KEY=VALUE`` item is malformed, names an unknown key, or has a value of the wrong type."""
 
 

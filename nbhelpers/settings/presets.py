@@ -1,7 +1,7 @@
 """Training protocol presets, read from ``presets.toml`` next to this module.
 
 A preset is a plain table of settings (see the comments at the top of ``presets.toml``);
-:func:`nbhelpers.training.train.config_from_preset` turns one into a :class:`~nbhelpers.training.train.TrainConfig`.
+:func:`nbhelpers.training.config.config_from_preset` turns one into a :class:`~nbhelpers.training.config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
+from data_prep.errors import WorkbookError
 
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
 
 
-class PresetError(KeyError):
+class PresetError(WorkbookError, KeyError):
     """An unknown preset, or a setting a preset does not have, was asked for."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it

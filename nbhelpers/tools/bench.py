@@ -1,10 +1,12 @@
 """Throughput and design measurements of the image pipeline, run from the command line.
 
-``python -m nbhelpers.tools.bench loader --data-dir D [--n N --size S --batch-size B --out FILE]``
-prints images/s for (a) decode + CLAHE + resize from the source files and (b) batches from the
+``workbook bench loader --data-dir D [--n N --size S --batch-size B --out FOLDER]`` prints
+images/s for (a) decode + CLAHE + resize from the source files and (b) batches from the
 preprocessing cache (plus (b) followed by :func:`nbhelpers.pipeline.data.to_model_input`, without and
-with the ``paper`` augmentation, on the CPU).  ``python -m nbhelpers.tools.bench clahe-order ...``
-prints the evidence behind CLAHE-before-resize (see :mod:`nbhelpers.pipeline.preprocess`).
+with the ``paper`` augmentation, on the CPU, and on the GPU when ``--device`` is one); with
+``--out`` the report goes to ``loader_<device>.txt`` there (``loader_cpu.txt``, ``loader_cuda.txt``).
+``workbook bench clahe-order ...`` prints the evidence behind CLAHE-before-resize (see
+:mod:`nbhelpers.pipeline.preprocess`), written to ``clahe_order.txt``.
 
 The images are the first ``N`` of a seeded shuffle of every image file under the data folder
 (annotation masks excluded); labels are irrelevant to speed and assigned in turn.  Source files
@@ -16,8 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -30,18 +30,16 @@ import torch
 from tqdm.auto import tqdm
 
 from data_prep.atomic import write_text
-from data_prep.schema import CLASSES
 from data_prep.datadir import data_dir as resolve_data_dir
-from nbhelpers.pipeline.data import AugmentPolicy, batches, to_model_input
+from data_prep.errors import InputNotFoundError
 from data_prep.images import IMAGE_SUFFIXES, load_gray
-from nbhelpers.pipeline.preprocess import (
-    PreprocessConfig,
-    build_cache,
-    clahe_order_difference,
-    load_prepared,
-    prepare,
-    resize,
-)
+from data_prep.options import add_data_dir, add_out
+from data_prep.schema import CLASSES
+from nbhelpers.pipeline.data import AugmentPolicy, batches, to_model_input
+from nbhelpers.pipeline.preprocess import PreprocessConfig, clahe_order_difference, load_prepared, prepare, resize
+from nbhelpers.pipeline.cache import build_cache
+from nbhelpers.settings.device import pick_device
+from nbhelpers.settings.options import add_device
 
 DEFAULT_N = 200
 DEFAULT_SIZE = 224
@@ -55,19 +53,22 @@ SKIP_FOLDERS = ("annotations",)
 ORDER_SIZES = (64, 224)
 #: Grey-level difference counted as visible in the CLAHE-order measurement.
 VISIBLE_DIFF = 10
+#: The file ``workbook bench clahe-order --out FOLDER`` writes its report to.
+CLAHE_ORDER_REPORT = "clahe_order.txt"
 
 
 def sample_images(data_dir: Path, n: int, seed: int) -> list[Path]:
     """Return ``n`` image files under ``data_dir`` (seeded shuffle, annotation masks skipped).
 
-    Raises FileNotFoundError naming the folder when it holds no images.
+    Raises :class:`data_prep.errors.InputNotFoundError` (a FileNotFoundError) naming the folder
+    when it holds no images.
     """
     files = sorted(
         p for p in data_dir.rglob("*")
         if p.suffix.lower() in IMAGE_SUFFIXES and not set(SKIP_FOLDERS) & set(p.relative_to(data_dir).parts)
     )
     if not files:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {data_dir}; is it the source-data folder?"
         )
     order = np.random.default_rng(seed).permutation(len(files))[:n]
@@ -99,10 +100,16 @@ def _time_epochs(run_epoch: Callable[[int], int], min_seconds: float) -> float:
     return _rate(done, time.perf_counter() - start)
 
 
-def header(argv: Sequence[str]) -> list[str]:
-    """Lines naming the command, date, machine and library versions, for the top of a result file."""
+def report_name(kind: str, device: torch.device) -> str:
+    """The file a timing report of ``kind`` (``loader``, ``train``) goes to in the ``--out``
+    folder: ``<kind>_<device type>.txt``, since timings hold for one kind of device only."""
+    return f"{kind}_{device.type}.txt"
+
+
+def header(command_line: str) -> list[str]:
+    """Lines naming the command as typed, date, machine and library versions, for the top of a result file."""
     return [
-        f"$ python -m nbhelpers.tools.bench {shlex.join(argv)}",
+        f"$ {command_line}",
         f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
         f"torch_threads={torch.get_num_threads()} cuda={torch.cuda.is_available()}".replace("  ", " "),
@@ -119,11 +126,13 @@ def emit(lines: Sequence[str], out: Path | None) -> None:
 
 
 def bench_loader(
-    data_dir: Path, n: int, size: int, batch_size: int, seed: int, min_seconds: float = MIN_TIMED_SECONDS
+    data_dir: Path, n: int, size: int, batch_size: int, seed: int, min_seconds: float = MIN_TIMED_SECONDS,
+    gpu: bool | None = None,
 ) -> list[str]:
     """Measure both loading paths on ``n`` real images; return the report lines.
 
-    Cached-path rates repeat shuffled epochs for at least ``min_seconds`` each.
+    Cached-path rates repeat shuffled epochs for at least ``min_seconds`` each.  ``gpu`` adds
+    the path to a CUDA device (default: when one is available).
     """
     cfg = PreprocessConfig(size=size)
     paths = sample_images(data_dir, n, seed)
@@ -163,7 +172,8 @@ def bench_loader(
         input_rate = _time_epochs(model_input(AugmentPolicy.from_name("off"), train=False), min_seconds)
         paper_rate = _time_epochs(model_input(paper, train=True), min_seconds)
         gpu_rate = None
-        if torch.cuda.is_available():
+        measure_gpu = torch.cuda.is_available() if gpu is None else gpu
+        if measure_gpu:
             gpu_rate = _time_epochs(model_input(paper, train=True, device="cuda"), min_seconds)
 
     lines += [
@@ -177,7 +187,7 @@ def bench_loader(
     if gpu_rate is not None:
         lines.append(f"(e) (b) to the GPU + to_model_input, paper:     {gpu_rate:10.1f} images/s")
     else:
-        lines.append("(e) GPU path not measured: no CUDA device on this machine")
+        lines.append("(e) GPU path not measured: no CUDA device asked for or on this machine")
     return lines
 
 
@@ -217,31 +227,42 @@ def bench_clahe_order(data_dir: Path, n: int, seed: int) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``loader`` or ``clahe-order``; prints the report and optionally writes it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m nbhelpers.tools.bench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("loader", "clahe-order"):
-        p = sub.add_parser(name)
-        p.add_argument("--data-dir", default=None, help="source folder (default: $CXR_DATA_DIR)")
-        p.add_argument("--n", type=int, default=DEFAULT_N, help="number of images")
-        p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-        p.add_argument("--out", type=Path, default=None, help="also write the report to this file")
-        if name == "loader":
-            p.add_argument("--size", type=int, default=DEFAULT_SIZE)
-            p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-            p.add_argument("--min-seconds", type=float, default=MIN_TIMED_SECONDS,
-                           help="time each cached-path measurement for at least this long")
-    args = parser.parse_args(argv)
-    data_dir = resolve_data_dir(args.data_dir)
-    if args.command == "loader":
-        body = bench_loader(data_dir, args.n, args.size, args.batch_size, args.seed, args.min_seconds)
-    else:
-        body = bench_clahe_order(data_dir, args.n, args.seed)
-    emit(header(argv) + body, args.out)
+def _add_sample_arguments(parser: argparse.ArgumentParser, report: str) -> None:
+    """The options both measurements share: the data, the sample and the output folder."""
+    add_data_dir(parser)
+    parser.add_argument("--n", type=int, default=DEFAULT_N, help="number of images")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    add_out(parser, f"the report, {report}")
+
+
+def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook bench loader``."""
+    _add_sample_arguments(parser, "loader_<device>.txt")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--min-seconds", type=float, default=MIN_TIMED_SECONDS,
+                        help="time each cached-path measurement for at least this long")
+    add_device(parser, "the optional GPU path (e) (the CPU paths are always measured)")
+
+
+def run_loader_command(args: argparse.Namespace) -> int:
+    """``workbook bench loader``: measure the input pipeline, print the report (and write it to
+    ``--out``); returns 0."""
+    device = pick_device(args.device, verbose=False)
+    body = bench_loader(resolve_data_dir(args.data_dir), args.n, args.size, args.batch_size, args.seed,
+                        args.min_seconds, gpu=device.type == "cuda")
+    emit(header(args.command_line) + body, args.out / report_name("loader", device) if args.out else None)
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def add_clahe_order_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook bench clahe-order``."""
+    _add_sample_arguments(parser, CLAHE_ORDER_REPORT)
+
+
+def run_clahe_order_command(args: argparse.Namespace) -> int:
+    """``workbook bench clahe-order``: measure CLAHE before vs after resizing, print the report
+    (and write it to ``--out``); returns 0."""
+    body = bench_clahe_order(resolve_data_dir(args.data_dir), args.n, args.seed)
+    emit(header(args.command_line) + body, args.out / CLAHE_ORDER_REPORT if args.out else None)
+    return 0

@@ -1,14 +1,15 @@
 """Training throughput and inference speed per model on the current device, printed as a table.
 
-``python -m nbhelpers.tools.bench_train --models densenet121 densenet121_cbam resnet50 --size 224
---batch-size 32 --device auto --data-dir D [--steps N --compile --out FILE]``
+``workbook bench train --models densenet121 densenet121_cbam resnet50 --size 224 --batch-size 32
+--device auto --data-dir D [--steps N --compile --out FOLDER]`` (the report goes to
+``train_<device>.txt`` in the ``--out`` folder: ``train_cpu.txt``, ``train_cuda.txt``)
 
-For every model, with the training settings of :func:`nbhelpers.training.train.fit` (Adam, autocast and
-channels_last as :class:`~nbhelpers.training.train.TrainConfig` chooses them on this device):
+For every model, with the training settings of :func:`nbhelpers.training.loop.fit` (Adam, autocast and
+channels_last as :class:`~nbhelpers.training.config.TrainConfig` chooses them on this device):
 
 * ``train_bare``: images/s of optimisation steps (forward, backward, optimizer) on random
   tensors already on the device — the model's own ceiling, no input pipeline;
-* ``train_data``: images/s of the trainer's real epoch loop (:func:`nbhelpers.training.train.run_epoch`):
+* ``train_data``: images/s of the trainer's real epoch loop (:func:`nbhelpers.training.loop.run_epoch`):
   shuffled uint8 batches from a preprocessing cache of real images, copied to the device,
   augmented there with the ``paper`` policy and normalised by :func:`nbhelpers.pipeline.data.to_model_input`;
 * ``data/bare``: their ratio — the target on one H100 is at least 0.80 (the input pipeline is
@@ -27,8 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -41,21 +40,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nbhelpers import models
-from nbhelpers.tools.bench import emit, sample_images, sample_manifest
 from data_prep.datadir import data_dir as resolve_data_dir
+from data_prep.options import add_data_dir, add_out
+from nbhelpers import models
+from nbhelpers.settings.options import add_device
+from nbhelpers.tools.bench import emit, report_name, sample_images, sample_manifest
 from nbhelpers.pipeline.data import AugmentPolicy, batches, to_model_input
 from nbhelpers.settings.device import describe, pick_device
-from nbhelpers.pipeline.preprocess import CachedSplit, PreprocessConfig, build_cache
-from nbhelpers.training.train import (
-    TrainConfig,
-    amp_dtype,
-    autocast,
-    make_optimizer,
-    prepare_model,
-    run_epoch,
-    train_step,
-)
+from nbhelpers.pipeline.cache import CachedSplit, build_cache
+from nbhelpers.pipeline.preprocess import PreprocessConfig
+from nbhelpers.training.config import TrainConfig
+from nbhelpers.training.loop import amp_dtype, autocast, make_optimizer, prepare_model, run_epoch, train_step
 
 DEFAULT_MODELS = ("densenet121", "densenet121_cbam", "resnet50", "mobilenetv2", "efficientnet_b0")
 DEFAULT_SIZE = 224
@@ -165,10 +160,10 @@ def bench_model(
     return row
 
 
-def header(argv: Sequence[str], device: torch.device) -> list[str]:
-    """The command, date, device and library versions, for the top of a result file."""
+def header(command_line: str, device: torch.device) -> list[str]:
+    """The command as typed, date, device and library versions, for the top of a result file."""
     return [
-        f"$ python -m nbhelpers.tools.bench_train {shlex.join(argv)}",
+        f"$ {command_line}",
         f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"device: {describe(device)}; machine {platform.machine()} cpus={os.cpu_count()} "
         f"torch_threads={torch.get_num_threads()}",
@@ -228,31 +223,29 @@ def format_table(table: pd.DataFrame, device: torch.device) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, run the benchmark, print (and optionally write) the report."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m nbhelpers.tools.bench_train", description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="registered model names")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder of upstream sources (default: $CXR_DATA_DIR)")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in pixels")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per timing")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    p.add_argument("--compile", action="store_true", help="time the models under torch.compile")
-    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs per measurement (best kept)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 gives stable numbers on a busy machine")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--out", type=Path, default=None, help="also write the report to this file")
-    args = p.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook bench train``."""
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="registered model names")
+    add_data_dir(parser)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per timing")
+    add_device(parser)
+    parser.add_argument("--compile", action="store_true", help="time the models under torch.compile")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs per measurement (best kept)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 gives stable numbers on a busy machine")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    add_out(parser, "the report, train_<device>.txt")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``workbook bench train``: run the benchmark, print the report (and write it to ``--out``); returns 0."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device, verbose=False)
     table, notes = run(args.models, resolve_data_dir(args.data_dir), args.size, args.batch_size, args.steps, device,
                        seed=args.seed, compile=args.compile, repeats=args.repeats)
-    emit(header(argv, device) + notes + format_table(table, device), args.out)
+    emit(header(args.command_line, device) + notes + format_table(table, device),
+         args.out / report_name("train", device) if args.out else None)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

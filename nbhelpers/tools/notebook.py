@@ -18,8 +18,7 @@ import torch
 
 from data_prep.atomic import write_text, write_with
 from nbhelpers.settings import config
-from nbhelpers.settings.device import pick_device
-from nbhelpers.training.train import seed_everything
+from nbhelpers.settings.device import pick_device, seed_everything
 
 #: Rows a table shows inline; the full table is always written to disk.
 SHOW_ROWS = 20

@@ -1,9 +1,9 @@
 """Run the workbook: execute the ordered notebooks headlessly with papermill under one profile.
 
-``python -m nbhelpers.tools.run --profile smoke --data-dir /path/to/cxr-sources`` (or the ``workbook``
-console script) executes ``notebooks/NN_*.ipynb`` in order, writes executed copies to
-``results/runs/<profile>/`` and stops at the first failing notebook, naming it and the failing
-cell's error.
+``workbook run --profile smoke --data-dir /path/to/cxr-sources`` (what ``make workbook`` calls)
+executes ``notebooks/NN_*.ipynb`` in order, writes executed copies to ``results/runs/<profile>/``
+and stops at the first failing notebook, naming it and the failing cell's error (exit status 1;
+a setting that stops the run before anything runs exits with 2).
 
 **Overrides** (``-p clahe=false -p image_size=32``) are resolved once, before anything runs: each
 key must be a setting of the profile or a parameter that a selected notebook declares (else the
@@ -24,24 +24,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from data_prep.atomic import write_text
-from nbhelpers.settings import config, keyvalue
 from data_prep import datadir
+from data_prep.atomic import write_text
+from data_prep.errors import InputNotFoundError, WorkbookError
+from data_prep.options import add_data_dir, add_out
+from nbhelpers.settings import config, keyvalue
 
 NOTEBOOK_DIR = config.REPO_ROOT / "notebooks"
 #: Per-cell limit in seconds: generous for a GPU epoch loop, yet a hung kernel ends the run.
 DEFAULT_CELL_TIMEOUT = 4 * 3600
-#: Exit status for a setting that stops the run before anything runs (1: a notebook failed).
-EXIT_SETUP_ERROR = 2
 #: Seconds a second workbook run on the same run folder waits before it stops.
 RUN_LOCK_TIMEOUT = 10
 
 
-class NotebookFailed(RuntimeError):
-    """A notebook raised while running; the message names the notebook and the cell's error."""
+class NotebookFailed(WorkbookError, RuntimeError):
+    """A notebook raised while running; the message names the notebook, the cell's error and the
+    executed copy that holds the traceback.  The run exits with status 1 (not 2: the settings
+    were fine, the notebook failed)."""
+
+    exit_status = 1
 
 
-class RunFolderBusy(RuntimeError):
+class RunFolderBusy(WorkbookError, RuntimeError):
     """Another workbook run holds the run folder's lock."""
 
 
@@ -59,7 +63,7 @@ def ordered_notebooks(folder: Path = NOTEBOOK_DIR, only: Sequence[str] = ()) -> 
     if only:
         notebooks = [p for p in notebooks if any(p.name.startswith(o) for o in only)]
     if not notebooks:
-        raise FileNotFoundError(f"no notebooks matching {list(only) or 'NN_*.ipynb'} in {folder}")
+        raise InputNotFoundError(f"no notebooks matching {list(only) or 'NN_*.ipynb'} in {folder}")
     return notebooks
 
 
@@ -249,34 +253,28 @@ def _run_locked(profile: str, data: Path, run_dir: Path, notebooks: Sequence[Pat
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="workbook", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook run``."""
     parser.add_argument("--profile", default="full", help="run profile from nbhelpers/settings/profiles.toml (default: full)")
-    parser.add_argument("--data-dir", help=f"folder of the upstream sources (default: ${datadir.DATA_ENV})")
-    parser.add_argument("--out", type=Path, help="where executed notebooks and results go (default: results/runs/<profile>)")
+    add_data_dir(parser)
+    add_out(parser, "the executed notebooks and everything they write", default_text="results/runs/<profile>")
     parser.add_argument("--only", nargs="+", default=(), metavar="NN", help="run only notebooks starting with these numbers")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a notebook parameter (repeatable), e.g. -p epochs=3")
+                        help="override a profile setting or notebook parameter (repeatable), e.g. -p epochs=3")
     parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, help="seconds one cell may run")
     parser.add_argument("--list", action="store_true", help="list the notebooks and profiles, run nothing")
-    args = parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``workbook run``: list the notebooks and profiles, or run the workbook; returns 0 when every
+    notebook ran (a failing notebook raises :class:`NotebookFailed`, exit status 1)."""
     if args.list:
         for nb in ordered_notebooks():
             print(nb.name)
         for name, values in config.load_profiles().items():
             print(f"profile {name}: {values.get('description', '')}")
         return 0
-    try:
-        results = run_workbook(args.profile, args.data_dir, args.out, args.only, args.param, args.cell_timeout)
-    except NotebookFailed as error:
-        print(f"workbook: {error}", file=sys.stderr)
-        return 1
-    except (datadir.DataNotFoundError, config.ProfileError, FileNotFoundError, ValueError, RunFolderBusy) as error:
-        print(f"workbook: {error}", file=sys.stderr)
-        return EXIT_SETUP_ERROR
+    data = None if args.data_dir is None else str(args.data_dir)
+    results = run_workbook(args.profile, data, args.out, args.only, args.param, args.cell_timeout)
     print(f"workbook: {len(results)} notebooks ran in {sum(r.seconds for r in results):.0f} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

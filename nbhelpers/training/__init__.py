@@ -1,1 +1,3 @@
-"""Training: configuration, the loop with checkpoints, runs, losses."""
+"""Training: configuration (``config``), checkpoints and the run-folder lock (``checkpoint``),
+the run record (``provenance``), the loop (``loop``), whole runs (``runs``), losses, and the
+command line of one run (``command``)."""

@@ -12,17 +12,9 @@ from data_prep.schema import CLASSES
 from data_prep.table import load_table
 from data_prep.split import check_no_leak, split_by_patient
 from data_prep.errors import WorkbookError
-from nbhelpers.experiments.audit import (
-    CHANCE,
-    PROBE_CARRIERS,
-    ProbeError,
-    balanced_accuracy,
-    per_source_table,
-    probe_manifest,
-    source_probe,
-    wilson_interval,
-    within_source_table,
-)
+from nbhelpers.experiments.probes import CHANCE, PROBE_CARRIERS, ProbeError, probe_manifest, source_probe
+from nbhelpers.evaluation.stats import balanced_accuracy, wilson
+from nbhelpers.experiments.audit import per_source_table, within_source_table
 from nbhelpers.tools.cli import main
 
 #: A small registered model that trains in seconds at 32 px on one CPU thread.
@@ -54,13 +46,13 @@ def _synthetic() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_wilson_interval_matches_published_values():
     # Reference values: Newcombe (1998), Table I, and the closed form at the edges.
-    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    assert wilson_interval(0, 3)[0] == 0.0 and wilson_interval(3, 3)[1] == 1.0  # exact at the edges
-    assert np.isnan(wilson_interval(0, 0)).all()
+    assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson(0, 3)[0] == 0.0 and wilson(3, 3)[1] == 1.0  # exact at the edges
+    assert np.isnan(wilson(0, 0)).all()
     with pytest.raises(ValueError, match="between 0 and n=3"):
-        wilson_interval(4, 3)
+        wilson(4, 3)
 
 
 def test_balanced_accuracy_is_the_mean_recall_of_the_classes_present():
@@ -80,7 +72,7 @@ def test_per_source_table_counts_and_accuracies():
         row = table.loc[key]
         assert (row["n"], row["correct"]) == (n, correct)
         assert row["accuracy"] == pytest.approx(correct / n)
-        w_low, w_high = wilson_interval(correct, n)  # the interval is never narrower than Wilson's
+        w_low, w_high = wilson(correct, n)  # the interval is never narrower than Wilson's
         assert row["low"] <= w_low + 1e-12 and row["high"] >= w_high - 1e-12
         assert row["low"] <= row["accuracy"] <= row["high"]
 
@@ -210,7 +202,7 @@ def test_probe_command_names_a_setup_mistake(real_manifest, data_dir, tmp_path, 
 
 
 def test_probe_command_types_set_and_preprocess_values(monkeypatch, tmp_path, capsys):
-    import nbhelpers.experiments.audit as audit
+    import nbhelpers.experiments.probes as probes
 
     seen = {}
 
@@ -218,7 +210,7 @@ def test_probe_command_types_set_and_preprocess_values(monkeypatch, tmp_path, ca
         seen.update(kwargs)
         raise WorkbookError("stop here")
 
-    monkeypatch.setattr(audit, "source_probe", fake_probe)
+    monkeypatch.setattr(probes, "source_probe", fake_probe)
     argv = ["audit", "probe", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "probe")]
     assert main(argv + ["--set", "pretrained=false", "scheduler=none", "--preprocess", "lung_crop=TRUE"]) == 2
     assert seen["pretrained"] is False and seen["scheduler"] == "none"  # bool("false") would have been True
@@ -231,7 +223,7 @@ def test_probe_command_types_set_and_preprocess_values(monkeypatch, tmp_path, ca
 
 
 def test_probe_record_matches_the_probe_that_trains(real_manifest, data_dir, tmp_path):
-    from nbhelpers.experiments.audit import probe_provenance
+    from nbhelpers.experiments.probes import probe_provenance
 
     result = source_probe(real_manifest, data_dir, tmp_path, label="normal", model=TINY, preset="smoke",
                           image_size=32, epochs=1, max_per_group=16, n_boot=50, progress=False)
@@ -260,7 +252,7 @@ def _external_manifest() -> pd.DataFrame:
 
 
 def test_external_split_keeps_each_archive_on_one_side():
-    from nbhelpers.experiments.audit import external_split
+    from nbhelpers.experiments.external_source import external_split
 
     internal, external = external_split(_external_manifest(),
                                         {"covid": ["ieee8023"], "pneumonia": ["nih"], "normal": ["nih"]})
@@ -274,7 +266,7 @@ def test_external_split_keeps_each_archive_on_one_side():
 
 
 def _external_runs(root, n_external: int, seeds=(0, 1)) -> list:
-    from nbhelpers.experiments.audit import EXTERNAL_PREDICTIONS
+    from nbhelpers.experiments.external_source import EXTERNAL_PREDICTIONS
 
     rng = np.random.default_rng(0)
     folders = []
@@ -295,7 +287,7 @@ def _external_runs(root, n_external: int, seeds=(0, 1)) -> list:
 
 
 def test_external_table_shows_a_model_that_learnt_the_archive(tmp_path):
-    from nbhelpers.experiments.audit import external_table
+    from nbhelpers.experiments.external_source import external_table
 
     table = external_table(_external_runs(tmp_path, 60)).set_index("class")
     assert (table["internal_accuracy"] > 0.85).all() and (table["external_accuracy"] < 0.4).all()
@@ -305,14 +297,14 @@ def test_external_table_shows_a_model_that_learnt_the_archive(tmp_path):
 
 
 def test_a_thin_external_cell_is_called_inconclusive(tmp_path):
-    from nbhelpers.experiments.audit import external_table
+    from nbhelpers.experiments.external_source import external_table
 
     table = external_table(_external_runs(tmp_path, 12))  # four external images per class
     assert not table["conclusive"].any() and (table["external_n"] == 4).all()
 
 
 def test_accuracy_by_view_and_the_view_probe_manifest():
-    from nbhelpers.experiments.audit import probe_manifest
+    from nbhelpers.experiments.probes import probe_manifest
 
     manifest, preds = _synthetic()
     manifest = manifest.assign(view=["PA", "AP"] * (len(manifest) // 2) + ["PA"] * (len(manifest) % 2))

@@ -8,6 +8,7 @@ import pytest
 
 from data_prep.errors import WorkbookError
 from nbhelpers.experiments import ablation, audit, shortcut
+from nbhelpers.experiments import probes
 from nbhelpers.experiments.ablation import Row
 from nbhelpers.tools import cli
 from nbhelpers.pipeline.preprocess import MITIGATIONS, PreprocessConfig
@@ -48,8 +49,8 @@ def _fake_probe(root, row, seed, correct):
     group = np.arange(len(correct)) % 2
     pd.DataFrame({"image_id": range(len(correct)), "source": "x", "group": group,
                   "pred": np.where(correct, group, 1 - group), "p_group1": 0.5}).to_csv(
-        folder / audit.PROBE_PREDICTIONS, index=False)
-    (folder / audit.PROBE_JSON).write_text(json.dumps({"test": {
+        folder / probes.PROBE_PREDICTIONS, index=False)
+    (folder / probes.PROBE_JSON).write_text(json.dumps({"test": {
         "n": len(correct), "balanced_accuracy": float(np.mean(correct)), "low": 0.0, "high": 1.0,
         "accuracy": float(np.mean(correct)), "auc": 0.5}}))
 
@@ -134,21 +135,21 @@ def test_a_finished_probe_is_reused_only_while_it_is_what_would_be_trained(data_
     pool = table[table["label"] == "normal"].reset_index(drop=True)
     pool = pool.assign(split=split_by_patient(pool, seed=0).to_numpy())
     rows = [ROWS[0]]
-    probes = dict(grid_root=tmp_path, pool=pool, data_dir=data_dir, seeds=[0], labels=["normal"],
+    probe_args = dict(grid_root=tmp_path, pool=pool, data_dir=data_dir, seeds=[0], labels=["normal"],
                   model="mobilenetv2", preset="smoke", device="cpu", image_size=32, max_per_group=16)
-    probe_json = shortcut.probe_dir(tmp_path, rows[0], 0) / audit.PROBE_JSON
-    first = shortcut.run_probes(rows, **probes)
+    probe_json = shortcut.probe_dir(tmp_path, rows[0], 0) / probes.PROBE_JSON
+    first = shortcut.run_probes(rows, **probe_args)
     assert "0 of 1 probes already finished" in capsys.readouterr().out
     written = probe_json.stat().st_mtime_ns
-    again = shortcut.run_probes(rows, **probes)
+    again = shortcut.run_probes(rows, **probe_args)
     assert "1 of 1 probes already finished" in capsys.readouterr().out and probe_json.stat().st_mtime_ns == written
     pd.testing.assert_frame_equal(first, again)
-    shortcut.run_probes(rows, **{**probes, "epochs": 2})
+    shortcut.run_probes(rows, **{**probe_args, "epochs": 2})
     out = capsys.readouterr().out
     assert "retraining" in out and "epochs 1, not 2" in out
     assert json.loads(probe_json.read_text())["config"]["epochs"] == 2
     shortcut.run_probes([Row("shortcut", "base", "m", baseline=True, preprocess={"lung_crop": True})],
-                        **{**probes, "epochs": 2})
+                        **{**probe_args, "epochs": 2})
     out = capsys.readouterr().out
     assert "retraining" in out and "preprocess.lung_crop false, not true" in out
 

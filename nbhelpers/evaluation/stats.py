@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as sps
 
+from nbhelpers.evaluation.metrics import CI_LEVEL, N_BOOTSTRAP, resample_indices
+
 #: Largest number of non-zero patients for which every sign pattern is enumerated (2^16 = 65,536).
 EXACT_MAX = 16
 #: Monte Carlo sign patterns above :data:`EXACT_MAX` (p-values then carry about 0.002 of noise).
@@ -95,8 +97,12 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
 def wilson(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion: ``successes`` of ``n`` distinct items (a
     seed-averaged count may be fractional); exact at 0 % and 100 %, NaN for n = 0."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
     if n <= 0:
         return float("nan"), float("nan")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes={successes} must lie between 0 and n={n}")
     z = sps.norm.ppf(0.5 + level / 2)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -133,8 +139,6 @@ def mean_ci(values: Sequence[float] | np.ndarray, groups: Sequence | np.ndarray 
     """Mean of per-image ``values`` with a percentile bootstrap interval that resamples
     ``groups`` (patients) with all their images, or the images when no groups are given.
     Returns (mean, low, high); NaNs for no values."""
-    from nbhelpers.evaluation.metrics import resample_indices
-
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
@@ -160,3 +164,40 @@ def proportion_ci(correct: Sequence[float] | np.ndarray, groups: Sequence | np.n
     w_low, w_high = wilson(float(c.sum()), len(c), level)
     return {"n": int(len(c)), "patients": int(patients), "correct": float(c.sum()), "accuracy": mean,
             "low": min(b_low, w_low), "high": max(b_high, w_high)}
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true`` (scikit-learn's ``balanced_accuracy_score``)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) == 0:
+        return float("nan")
+    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
+
+
+def soft_balanced_accuracy(y: np.ndarray, correct: np.ndarray) -> float:
+    """Balanced accuracy from per-image (seed-averaged) correctness: the mean over the classes
+    present of each class's mean correctness."""
+    y, correct = np.asarray(y), np.asarray(correct, dtype=float)
+    if len(y) == 0:
+        return float("nan")
+    return float(np.mean([correct[y == c].mean() for c in np.unique(y)]))
+
+
+def balanced_accuracy_ci(y: np.ndarray, correct: np.ndarray, groups: Sequence | np.ndarray | None,
+                         n_boot: int = N_BOOTSTRAP, seed: int = 0, level: float = CI_LEVEL,
+                         reference: np.ndarray | None = None) -> tuple[float, float, float]:
+    """:func:`soft_balanced_accuracy` (minus that of ``reference`` correctness on the same images,
+    for a paired difference) with a percentile bootstrap interval resampling ``groups``
+    (patients) with all their images.  Returns (value, low, high)."""
+    y, correct = np.asarray(y), np.asarray(correct, dtype=float)
+
+    def score(idx: np.ndarray) -> float:
+        value = soft_balanced_accuracy(y[idx], correct[idx])
+        return value - soft_balanced_accuracy(y[idx], reference[idx]) if reference is not None else value
+
+    everything = np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    draws = np.array([score(idx) for idx in resample_indices(len(y), n_boot, rng, groups)])
+    draws = draws[np.isfinite(draws)]
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]) if len(draws) else (np.nan, np.nan)
+    return score(everything), float(low), float(high)

@@ -79,7 +79,7 @@ class Row:
     paper_metric: str = "accuracy"
     #: The external-source test (DeGrave et al. 2021): per class, the archives the row trains and is
     #: tested on (internal); every other image of the class is scored as external
-    #: (:func:`nbhelpers.experiments.audit.external_split`).  Empty: the grid's manifest as it is.
+    #: (:func:`nbhelpers.experiments.external_source.external_split`).  Empty: the grid's manifest as it is.
     train_sources: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -174,7 +174,8 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
     (types included) before the first run trains.  Raises what
     :func:`nbhelpers.training.runs.train_run` raises.
     """
-    from nbhelpers.experiments.audit import EXTERNAL_PREDICTIONS, _read_table, external_split, score_external
+    from nbhelpers.experiments.external_source import EXTERNAL_PREDICTIONS, external_split, score_external
+    from nbhelpers.experiments.audit import _read_table
     from nbhelpers.training.config import METRICS_NAME
     from nbhelpers.training.runs import run_provenance, train_run
 

@@ -8,7 +8,7 @@ filling, lung crop, histogram matching, all three), trained for several seeds by
 * the **within-source** accuracy: test images of sources that mix classes
   (:data:`nbhelpers.experiments.audit.COVID_MIXED_SOURCES`), pooled over seeds, with a Wilson interval —
   where the archive gives no hint, so a mitigation should not lower it;
-* the **source probe** (:func:`nbhelpers.experiments.audit.source_probe`) trained *with the row's
+* the **source probe** (:func:`nbhelpers.experiments.probes.source_probe`) trained *with the row's
   preprocessing*, one per seed, on a pool of images (curated, not balanced) — a mitigation that
   removes the archive's cues brings its balanced accuracy towards chance (0.5);
 * CAM lung energy, when a table from ``workbook explain --groups shortcut`` is given.
@@ -35,6 +35,9 @@ from data_prep.errors import InputNotFoundError
 from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
 from nbhelpers.experiments import ablation, audit
+from nbhelpers.experiments import probes
+from nbhelpers.evaluation import stats
+from nbhelpers.experiments import external_source
 from nbhelpers.settings.options import add_device, add_set
 
 GROUP = "shortcut"
@@ -64,19 +67,19 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
     view probe instead (AP against PA within ``labels``).
 
     A finished probe (its ``probe.json``) is reused only when the record it stored matches
-    :func:`nbhelpers.experiments.audit.probe_provenance` for this row and seed (model, preprocessing,
+    :func:`nbhelpers.experiments.probes.probe_provenance` for this row and seed (model, preprocessing,
     effective settings, probe manifest, cache key); otherwise what differs is printed and the
     probe is trained afresh.  Every probe's settings are checked before the first one trains.
-    Raises what :func:`nbhelpers.experiments.audit.source_probe` raises.
+    Raises what :func:`nbhelpers.experiments.probes.source_probe` raises.
     """
     pool = audit._read_table(pool, "pool manifest")  # read once, hashed per probe
     todo = []
     for row in rows:
         for seed in seeds:
             folder = probe_dir(grid_root, row, seed, root)
-            expected = audit.probe_provenance(pool, label=list(labels), sources=group0, model=model, preset=preset,
+            expected = probes.probe_provenance(pool, label=list(labels), sources=group0, model=model, preset=preset,
                                               seed=seed, preprocess=dict(row.preprocess), by=by, **overrides)
-            reasons = ablation.stale_reasons(folder, expected, audit.PROBE_JSON)
+            reasons = ablation.stale_reasons(folder, expected, probes.PROBE_JSON)
             if reasons:
                 print(f"{folder}: retraining, the finished probe differs from what would be trained now: "
                       f"{'; '.join(reasons)}")
@@ -85,7 +88,7 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
     print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} probes already finished with these "
           f"settings; {len(todo)} to train")
     for row, seed in tqdm(todo, desc=f"{by} probes"):
-        audit.source_probe(pool, data_dir, probe_dir(grid_root, row, seed, root), label=list(labels), sources=group0,
+        probes.source_probe(pool, data_dir, probe_dir(grid_root, row, seed, root), label=list(labels), sources=group0,
                            model=model, preset=preset, seed=seed, device=device, progress=False,
                            preprocess=dict(row.preprocess), by=by, **overrides)
     return collect_probes(rows, grid_root, seeds, root)
@@ -98,7 +101,7 @@ def collect_probes(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequenc
     lines = []
     for row in rows:
         for seed in seeds:
-            path = probe_dir(grid_root, row, seed, root) / audit.PROBE_JSON
+            path = probe_dir(grid_root, row, seed, root) / probes.PROBE_JSON
             if not path.is_file():
                 raise InputNotFoundError(f"no source probe at {path}; run workbook shortcut to train it")
             test = json.loads(path.read_text())["test"]
@@ -129,16 +132,16 @@ def pooled_probe(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[
     ``probe_patients`` count distinct images and patients.  Raises ValueError when two probes
     of a seed were tested on different images.
     """
-    parts = {row.name: [pd.read_csv(probe_dir(grid_root, row, s) / audit.PROBE_PREDICTIONS, keep_default_na=False)
+    parts = {row.name: [pd.read_csv(probe_dir(grid_root, row, s) / probes.PROBE_PREDICTIONS, keep_default_na=False)
                         for s in seeds] for row in rows}
     base = next((r.name for r in rows if r.baseline), None)
     images = {name: _probe_images(frames) for name, frames in parts.items()}
     out = []
     for row in rows:
-        per_seed = [audit.balanced_accuracy(p["group"].to_numpy(), p["pred"].to_numpy()) for p in parts[row.name]]
+        per_seed = [stats.balanced_accuracy(p["group"].to_numpy(), p["pred"].to_numpy()) for p in parts[row.name]]
         mine = images[row.name]
         y, correct, patients = mine["group"].to_numpy(), mine["correct"].to_numpy(), mine["patient_id"].to_numpy()
-        value, low, high = audit.balanced_accuracy_ci(y, correct, patients, n_boot, 0, level)
+        value, low, high = stats.balanced_accuracy_ci(y, correct, patients, n_boot, 0, level)
         line = {"name": row.name, "probe_images": len(mine), "probe_patients": len(set(patients)),
                 "probe_ba_mean": float(np.mean(per_seed)), "probe_ba_pooled": value,
                 "probe_ba_low": low, "probe_ba_high": high,
@@ -148,7 +151,7 @@ def pooled_probe(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[
                 if list(frame["image_id"].astype(str)) != list(theirs["image_id"].astype(str)):
                     raise ValueError(f"the probes of {row.name} and {base} (seed {seed}) were tested on different images")
             reference = images[base].set_index("image_id").loc[mine["image_id"], "correct"].to_numpy()
-            diff, d_low, d_high = audit.balanced_accuracy_ci(y, correct, patients, n_boot, 0, level, reference=reference)
+            diff, d_low, d_high = stats.balanced_accuracy_ci(y, correct, patients, n_boot, 0, level, reference=reference)
             line.update(probe_diff=diff, probe_diff_low=d_low, probe_diff_high=d_high)
         out.append(line)
     return pd.DataFrame(out)
@@ -176,7 +179,7 @@ def within_source(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence
             out.append({"name": row.name, "source": source, "seeds": len(seeds), "n": cell["n"],
                         "patients": cell["patients"], "accuracy": cell["accuracy"], "low": cell["low"],
                         "high": cell["high"],
-                        "balanced_accuracy": audit.soft_balanced_accuracy(part["y"].to_numpy(), part["correct"].to_numpy())
+                        "balanced_accuracy": stats.soft_balanced_accuracy(part["y"].to_numpy(), part["correct"].to_numpy())
                         if len(part) else np.nan})
     return pd.DataFrame(out)
 
@@ -402,7 +405,7 @@ def _optional_tables(args: argparse.Namespace, rows: Sequence[ablation.Row],
     if args.external:
         row = ablation.load_grid(groups=[EXTERNAL_GROUP])[0]
         runs = [ablation.run_dir(args.grid_root, row, s) for s in args.seeds]
-        tables.append(("shortcut_external", audit.external_table(runs)))
+        tables.append(("shortcut_external", external_source.external_table(runs)))
     if args.view_probe:
         base = [r for r in rows if r.baseline]
         views = run_probes(base, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, VIEW_PROBE_LABELS,
@@ -428,8 +431,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise InputNotFoundError(f"CAM table {args.cam_table} not found; workbook explain --groups {args.group} writes it")
     rows = ablation.load_grid(groups=[args.group])
     optional = _optional_tables(args, rows, overrides)
-    probes = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
-                        args.probe_model, args.preset, args.device, **overrides)
+    probe_table = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
+                             args.probe_model, args.preset, args.device, **overrides)
     within = within_source(rows, args.grid_root, args.seeds, args.manifest)
     cams = pd.read_csv(args.cam_table) if args.cam_table else None
     table = mitigation_table(rows, args.grid_root, args.seeds, args.manifest, cams)
@@ -437,7 +440,7 @@ def run_command(args: argparse.Namespace) -> int:
         args.command_line, manifest=args.manifest, seeds=args.seeds, device=describe(pick_device(args.device, verbose=False)),
         notes=f"Group {args.group}; probes: {args.probe_model}, classes {args.probe_labels}, preset {args.preset} "
               f"{args.set}, pool {describe_manifest(args.pool_manifest)}.")
-    tables = [("shortcut_probe", probes), ("shortcut_within_source", within), ("shortcut_mitigations", table), *optional]
+    tables = [("shortcut_probe", probe_table), ("shortcut_within_source", within), ("shortcut_mitigations", table), *optional]
     for name, frame in tables:
         write_table(frame, args.out, name, header, digits=3)
         with pd.option_context("display.width", 220, "display.max_columns", 30):

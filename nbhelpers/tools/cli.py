@@ -25,6 +25,7 @@ from data_prep import command as curation_command
 from data_prep import copies, download
 from data_prep.errors import run_reporting
 from nbhelpers.experiments import ablation, audit, explain, shortcut
+from nbhelpers.experiments import probes
 from nbhelpers.models import complexity
 from nbhelpers.pipeline import mitigate
 from nbhelpers.tools import bench, bench_train
@@ -64,7 +65,7 @@ SUBCOMMANDS: dict[str, Subcommand | dict[str, Subcommand]] = {
                           explain.add_arguments, explain.run_command),
     "audit": {
         "probe": Subcommand("train the architecture to tell the sources apart within one class",
-                            audit.add_probe_arguments, audit.run_probe_command),
+                            probes.add_probe_arguments, probes.run_probe_command),
         "tables": Subcommand("per-source and within-source accuracy of a finished run",
                              audit.add_tables_arguments, audit.run_tables_command),
     },

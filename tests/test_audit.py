@@ -296,6 +296,19 @@ def test_external_table_shows_a_model_that_learnt_the_archive(tmp_path):
     assert table["conclusive"].all()
 
 
+def test_external_table_reads_the_internal_sources_from_the_image_ids(tmp_path):
+    # A training run's test_predictions.csv has no source column: the ids carry it.
+    from nbhelpers.experiments.external_source import external_table
+    from nbhelpers.training.config import PREDICTIONS_NAME
+
+    folders = _external_runs(tmp_path, 60)
+    for folder in folders:
+        frame = pd.read_csv(folder / PREDICTIONS_NAME).drop(columns="source")
+        frame.assign(image_id="nih:" + frame["image_id"].astype(str)).to_csv(folder / PREDICTIONS_NAME, index=False)
+    table = external_table(folders).set_index("class")
+    assert (table["internal_sources"] == "nih").all() and table.loc["covid", "internal_n"] == 20
+
+
 def test_a_thin_external_cell_is_called_inconclusive(tmp_path):
     from nbhelpers.experiments.external_source import external_table
 

@@ -88,8 +88,12 @@ def score_external(run_folder: Path | str, external: pd.DataFrame, data_dir: Pat
 
 
 def _seed_averaged(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """One row per image: label, patient, correctness and class probabilities averaged over seeds."""
+    """One row per image: label, patient, source, correctness and class probabilities averaged over
+    seeds.  A table without a ``source`` column (a training run's ``test_predictions.csv``) takes
+    each image's source from its id, ``"<source>:<path>"`` (:data:`data_prep.schema.TABLE_COLUMNS`)."""
     stacked = pd.concat([f.assign(image_id=f["image_id"].astype(str)) for f in frames], ignore_index=True)
+    if "source" not in stacked.columns:
+        stacked["source"] = stacked["image_id"].str.split(":", n=1).str[0]
     stacked["correct"] = (stacked["label"] == stacked["pred"]).astype(float)
     columns = ["correct", *[f"p_{c}" for c in CLASSES]]
     out = stacked.groupby("image_id", sort=False)[columns].mean()

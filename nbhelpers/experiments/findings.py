@@ -1,0 +1,93 @@
+"""What the shortcut tests' tables say, one sentence per row, for notebook 08 and the closing
+lines of ``workbook shortcut``.
+
+Each sentence is read off the table's numbers and intervals (never written by hand), says what
+passed or failed and what it means for the reader, and names a cell too thin to conclude.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+#: What each blackout mode of ``PreprocessConfig.blackout`` leaves the model.
+BLACKOUT_WORDS = {
+    "center": "a fixed central box is blacked out",
+    "lungs": "the lung box is blacked out",
+    "lungs_only": "only the lung box is kept",
+}
+#: The balanced accuracy of a two-group probe that has learnt nothing.
+CHANCE = 0.5
+
+
+def _interval(value: float, low: float, high: float, percent: bool = False) -> str:
+    if percent:
+        return f"{value:.0%} [{low:.0%}, {high:.0%}]"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def blackout_sentences(table: pd.DataFrame) -> list[str]:
+    """One sentence per row of the blackout table (``shortcut_blackout``) but the whole-image
+    baseline: the accuracy kept and the share of above-chance accuracy that survives, with
+    intervals over patients, and the reading: a shortcut when that share's interval lies above one
+    half, the blacked-out part carrying most of it when it lies below, otherwise undecided."""
+    base = table[table["blackout"] == "none"]
+    base_acc = float(base["accuracy"].iloc[0]) if len(base) else np.nan
+    lines = []
+    for row in table[table["blackout"] != "none"].itertuples(index=False):
+        words = BLACKOUT_WORDS.get(row.blackout, f"blackout={row.blackout}")
+        share = _interval(row.surviving_share, row.surviving_low, row.surviving_high, percent=True)
+        if row.surviving_low > 0.5:
+            reading = ("most of what the model knows is read outside the part blacked out: "
+                       "a shortcut, as Maguolo & Nanni (2021) found")
+        elif row.surviving_high < 0.5:
+            reading = "the part blacked out carries most of what the model knows"
+        else:
+            reading = "the interval straddles one half: undecided at this size"
+        lines.append(f"{row.name}: when {words}, accuracy is {_interval(row.accuracy, row.accuracy_low, row.accuracy_high)}"
+                     f" against {base_acc:.2f} on the whole image (chance {row.chance:.2f}); {share} of the "
+                     f"above-chance accuracy survives over {row.test_images} test images of {row.test_patients} "
+                     f"patients and {row.seeds} seeds: {reading}.")
+    return lines
+
+
+def external_sentences(table: pd.DataFrame) -> list[str]:
+    """One sentence per class of the external-source table (``shortcut_external``): internal
+    against external accuracy with intervals over patients, whether the intervals part, or that
+    the cell is too thin to conclude (``conclusive`` false)."""
+    lines = []
+    for row in (pd.Series(r) for r in table.to_dict("records")):
+        sides = (f"{row.internal_accuracy:.2f} [{row.internal_low:.2f}, {row.internal_high:.2f}] on "
+                 f"{row.internal_n} internal {row.internal_sources} images against {row.external_accuracy:.2f} "
+                 f"[{row.external_low:.2f}, {row.external_high:.2f}] on {row.external_n} external images of "
+                 f"{row.external_patients} patients ({row.external_sources or 'none'})")
+        if not row.conclusive:
+            lines.append(f"{row['class']}: {sides}; too few images or patients to conclude.")
+        elif row.external_high < row.internal_low:
+            lines.append(f"{row['class']}: {sides}; accuracy falls on another archive's films: "
+                         "the model learnt the archive along with the disease.")
+        else:
+            lines.append(f"{row['class']}: {sides}; the intervals overlap: no drop shown at this size.")
+    return lines
+
+
+def view_sentences(view_probe: pd.DataFrame | None, per_view: pd.DataFrame | None) -> list[str]:
+    """What the view probe (``shortcut_view_probe``: can the model tell AP from PA COVID-19 films?)
+    and the per-view accuracy (``shortcut_per_view``) say: the probe's pooled balanced accuracy
+    against chance, and per row the accuracy of each view with its interval."""
+    lines = []
+    if view_probe is not None and len(view_probe):
+        row = view_probe.iloc[0]
+        ba = _interval(row["probe_ba_pooled"], row["probe_ba_low"], row["probe_ba_high"])
+        verdict = ("above chance: the films carry their view, a cue a classifier can use where the classes "
+                   "differ in their AP/PA mix" if row["probe_ba_low"] > CHANCE else
+                   "not above chance: no view signal shown at this size")
+        lines.append(f"View probe: balanced accuracy {ba} over {row['probe_images']} COVID-19 test images of "
+                     f"{row['probe_patients']} patients, {verdict}.")
+    if per_view is not None and len(per_view):
+        overall = per_view[per_view["class"] == "all"] if "class" in per_view else per_view
+        for name, part in overall.groupby("name", sort=False):
+            cells = ", ".join(f"{r.view} {r.accuracy:.2f} [{r.low:.2f}, {r.high:.2f}] (n={r.n})"
+                              for r in part.itertuples(index=False))
+            lines.append(f"{name}: accuracy per view: {cells}.")
+    return lines

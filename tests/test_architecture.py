@@ -105,3 +105,22 @@ def test_the_cycle_check_finds_a_ring(tmp_path, monkeypatch):
     })
     monkeypatch.syspath_prepend(str(tmp_path))
     assert import_cycles("ringpkg") == [["ringpkg.a", "ringpkg.b", "ringpkg.c"]]
+
+
+#: Longest module allowed (the aim is ~400 lines: one job per module).
+MAX_MODULE_LINES = 450
+
+
+def long_modules(root: Path, packages: tuple[str, ...] = PACKAGES, limit: int = MAX_MODULE_LINES) -> list[str]:
+    """Modules of ``packages`` under ``root`` longer than ``limit`` lines, with their length."""
+    return [f"{path.relative_to(root)}: {n} lines" for package in packages for path in sorted((root / package).rglob("*.py"))
+            if (n := len(path.read_text().splitlines())) > limit]
+
+
+def test_no_module_is_longer_than_the_limit():
+    assert long_modules(ROOT) == []
+
+
+def test_the_size_check_finds_a_long_module(tmp_path):
+    write_package(tmp_path, {"nbhelpers/short.py": "x = 1\n", "nbhelpers/long.py": "x = 1\n" * (MAX_MODULE_LINES + 1)})
+    assert long_modules(tmp_path, ("nbhelpers",)) == [f"nbhelpers/long.py: {MAX_MODULE_LINES + 1} lines"]

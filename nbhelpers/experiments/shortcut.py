@@ -358,15 +358,6 @@ def marker_attention(net, cache, manifest: pd.DataFrame, data_dir: Path | str, n
     return images, cams, table
 
 
-def committed_table(folder: Path | None = None, name: str = "shortcut_mitigations") -> pd.DataFrame | None:
-    """A committed table of the reduced CPU run, ``<name>.csv`` (default: the mitigation table in
-    ``results/tables``), or None when absent."""
-    from nbhelpers.settings.config import RESULTS_DIR
-
-    path = (folder or RESULTS_DIR / "tables") / f"{name}.csv"
-    return pd.read_csv(path) if path.is_file() else None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``workbook shortcut``."""
     parser.add_argument("--grid-root", type=Path, required=True, help="the --out folder of workbook grid")

@@ -87,3 +87,21 @@ def write_table(table: pd.DataFrame, out_dir: Path | str, name: str, header: str
     replace_together({csv_path: lambda tmp: table.to_csv(tmp, index=False, float_format=float_format),
                       md_path: write_markdown})
     return csv_path, md_path
+
+
+def committed_table(name: str, folder: Path | str | None = None) -> pd.DataFrame | None:
+    """A committed result table, ``<name>.csv`` in ``folder`` (default ``results/tables``), or
+    None when it is absent (not made yet on this checkout)."""
+    from nbhelpers.settings.config import RESULTS_DIR
+
+    path = Path(folder or RESULTS_DIR / "tables") / f"{name}.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def committed_header(name: str, folder: Path | str | None = None) -> str | None:
+    """The provenance header of a committed table (the first paragraph of ``<name>.md``: the
+    command, data, seeds, device and date), or None when it is absent."""
+    from nbhelpers.settings.config import RESULTS_DIR
+
+    path = Path(folder or RESULTS_DIR / "tables") / f"{name}.md"
+    return path.read_text().split("\n\n", 1)[0] if path.is_file() else None

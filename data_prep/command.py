@@ -17,7 +17,15 @@ import sys
 from data_prep.curate import build
 from data_prep.datadir import data_dir as resolve_data_dir
 from data_prep.options import add_data_dir, add_out
-from data_prep.recipe import BALANCE_MODES, DEFAULT_PHASH_DISTANCE, PAPER_PER_CLASS, CurationParams, every_class_from
+from data_prep.recipe import (
+    BALANCE_MODES,
+    DEFAULT_PHASH_DISTANCE,
+    PAPER_MIN_AGE,
+    PAPER_PER_CLASS,
+    CurationParams,
+    every_class_from,
+)
+from data_prep.split import DEFAULT_RATIOS
 from data_prep.sources import SOURCES
 
 
@@ -29,10 +37,10 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=PAPER_PER_CLASS, help="images per class")
     parser.add_argument("--balance", choices=BALANCE_MODES, default="strict", help="strict: stop when a class is short; down: balance to the smallest")
     parser.add_argument("--seed", type=int, default=0, help="seed for balancing and splitting")
-    parser.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--split", type=float, nargs=3, default=DEFAULT_RATIOS, metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--views", nargs="+", default=None, help="views kept for ieee8023 (default: PA)")
     parser.add_argument("--allow-ap", action="store_true", help="also keep AP views where the paper keeps PA only")
-    parser.add_argument("--min-age", type=float, default=18, help="drop patients younger than this (negative: keep all)")
+    parser.add_argument("--min-age", type=float, default=PAPER_MIN_AGE, help="drop patients younger than this (negative: keep all)")
     parser.add_argument("--keep-ct", action="store_true", help="do not drop non-X-ray rows")
     parser.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
     parser.add_argument("--no-keypoints", action="store_true",

@@ -20,6 +20,7 @@ import pandas as pd
 from data_prep.copies import HASH_COPY
 from data_prep.errors import WorkbookError
 from data_prep.schema import CLASSES
+from data_prep.split import DEFAULT_RATIOS
 
 #: Frontal chest X-ray views as the sources spell them (compared case-insensitively).
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP Supine", "AP erect", "AP semi erect")
@@ -45,6 +46,8 @@ def every_class_from(sources: Sequence[str]) -> dict[str, tuple[str, ...]]:
 
 
 PAPER_PER_CLASS = 475
+#: The youngest patient age kept where the age is known (the seed papers study adults).
+PAPER_MIN_AGE = 18
 PAPER_SPLIT_SIZES = {"train": 993, "val": 144, "test": 288}
 #: Near-duplicate threshold in bits of the 256-bit perceptual hash.  On the mirror, re-saved and
 #: re-encoded copies differ by at most 22 bits; distinct films of different patients by 54+.
@@ -72,7 +75,7 @@ class CurationParams:
     views: dict[str, tuple[str, ...]] | Sequence[str] = field(default_factory=lambda: dict(PAPER_VIEWS))
     allow_ap: bool = False
     keep_unknown_view: bool = True
-    min_age: float | None = 18
+    min_age: float | None = PAPER_MIN_AGE
     xray_only: bool = True
     source_classes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(PAPER_SOURCE_CLASSES))
     check_images: bool = True
@@ -81,7 +84,7 @@ class CurationParams:
     phash_distance: int = DEFAULT_PHASH_DISTANCE
     balance: str = "strict"
     seed: int = 0
-    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    split: tuple[float, float, float] = DEFAULT_RATIOS
 
     def __post_init__(self) -> None:
         if not isinstance(self.views, dict):

@@ -28,17 +28,24 @@ def counts_bar(counts: pd.DataFrame, x: str, hue: str, title: str = "") -> plt.F
 
 
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] = (), ncols: int = 4,
-               size: float = 2.4) -> plt.Figure:
-    """Show grayscale ``images`` in a grid with optional per-image ``titles``."""
+               size: float = 2.4, title: str | None = None) -> plt.Figure:
+    """Show grayscale ``images`` in a grid with optional per-image ``titles`` and a figure ``title``.
+
+    A uint8 image is drawn on its full 0..255 scale, so one image looks the same in every grid
+    (a dark film stays dark); any other image (a map, a float array) is scaled to its own range."""
     n = max(len(images), 1)
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
-            ax.imshow(images[i], cmap="gray")
+            image = np.asarray(images[i])
+            scale = {"vmin": 0, "vmax": 255} if image.dtype == np.uint8 else {}
+            ax.imshow(image, cmap="gray", **scale)
             if i < len(titles):
                 ax.set_title(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -60,17 +60,11 @@ def _grid(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
 
 
 def plot_images(images: Mapping[str, np.ndarray], ncols: int = 4, title: str | None = None) -> Figure:
-    """Draw grey uint8 images in a grid, each titled by its key; returns the Figure."""
+    """Draw grey uint8 images in a grid, each titled by its key (:func:`nbhelpers.evaluation.plots.image_grid`)."""
+    from nbhelpers.evaluation.plots import image_grid
+
     ncols = max(1, min(ncols, len(images)))
-    nrows = -(-len(images) // ncols)
-    fig, axes = _grid(nrows, ncols)
-    for ax, (name, im) in zip(axes.flat, images.items()):
-        ax.imshow(im, cmap="gray", vmin=0, vmax=_U8_LEVELS - 1)
-        ax.set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return image_grid(list(images.values()), list(images), ncols=ncols, size=PANEL_INCHES, title=title)
 
 
 def plot_clahe_grid(

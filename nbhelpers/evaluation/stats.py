@@ -201,3 +201,13 @@ def balanced_accuracy_ci(y: np.ndarray, correct: np.ndarray, groups: Sequence | 
     draws = draws[np.isfinite(draws)]
     low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]) if len(draws) else (np.nan, np.nan)
     return score(everything), float(low), float(high)
+
+
+def t_interval(values: np.ndarray, bounds: tuple[float, float], level: float = CI_LEVEL) -> tuple[float, float]:
+    """The ``level`` t-interval of the mean of ``values`` (e.g. one metric over seeds), cut to the metric's possible ``bounds`` (with
+    two seeds the t quantile is 12.7, so the raw interval easily leaves them); NaNs for fewer
+    than two values."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = sps.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(max(values.mean() - half, bounds[0])), float(min(values.mean() + half, bounds[1]))

@@ -29,12 +29,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from tqdm.auto import tqdm
 
 from data_prep.errors import WorkbookError
 from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
+from nbhelpers.evaluation.stats import t_interval
 from nbhelpers.settings.options import add_device, add_set
 
 GRID_FILE = Path(__file__).parents[1] / "settings" / "ablations.toml"
@@ -227,16 +227,6 @@ def collect(rows: Sequence[Row], out_root: Path, seeds: Sequence[int]) -> pd.Dat
     return pd.DataFrame(lines)
 
 
-def _t_interval(values: np.ndarray, bounds: tuple[float, float]) -> tuple[float, float]:
-    """95 % t-interval of the mean of ``values``, cut to the metric's possible ``bounds`` (with
-    two seeds the t quantile is 12.7, so the raw interval easily leaves them); NaNs for fewer
-    than two values."""
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(max(values.mean() - half, bounds[0])), float(min(values.mean() + half, bounds[1]))
-
-
 def summarise(runs: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
     """Per row: number of seeds, mean and std of each metric, the 95 % t-interval of the mean
     test accuracy over seeds, the figure the paper reports (where it does, on its own data),
@@ -250,7 +240,7 @@ def summarise(runs: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
         for m in METRICS:  # a metric older runs did not record is NaN
             values = part[m] if m in part else pd.Series(np.nan, index=part.index)
             line[f"{m}_mean"], line[f"{m}_std"] = values.mean(), values.std(ddof=1)
-        line["accuracy_ci_low"], line["accuracy_ci_high"] = _t_interval(part["accuracy"].to_numpy(), (0.0, 1.0))
+        line["accuracy_ci_low"], line["accuracy_ci_high"] = t_interval(part["accuracy"].to_numpy(), (0.0, 1.0))
         line["paper_accuracy"] = paper.get(name)
         line["paper_metric"] = paper_metric.get(name, "accuracy")
         line["ours_on_paper_metric"] = line[f"{line['paper_metric']}_mean"]
@@ -307,7 +297,7 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
         per_image = diff.mean(axis=0)  # seed-averaged: each image once
         patients = pairs[0][0]["patient_id"].to_numpy()
         boot = np.array([per_image[idx].mean() for idx in M.resample_indices(len(per_image), n_boot, rng, patients)])
-        seed_low, seed_high = _t_interval(per_seed, (-1.0, 1.0))
+        seed_low, seed_high = t_interval(per_seed, (-1.0, 1.0))
         boot_low, boot_high = np.quantile(boot, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
         mcnemar = [mcnemar_exact(int((d == 1).sum()), int((d == -1).sum())) for d in diff]
         out.append({

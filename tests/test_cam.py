@@ -386,6 +386,10 @@ def test_verdict_sentences_count_seeds_and_name_a_failure():
         {"model": "g/a", "seed": 1, "spearman_full": 0.7, "passed": False, "reason": "they explain the image"},
         {"model": "g/b", "seed": 0, "spearman_full": 0.2, "passed": True, "reason": "maps change"},
     ])
+    below = energy.assign(model="g/below", excess_mean=-0.1, excess_ci_low=-0.2, excess_ci_high=-0.05)
+    unsure = energy.assign(model="g/unsure", excess_mean=0.05, excess_ci_low=-0.01, excess_ci_high=0.1)
+    readings = explain.verdict_sentences(pd.concat([below, unsure]), verdicts.iloc[:0])
+    assert "less than a uniform map would" in readings[0] and "not shown to favour the lungs" in readings[1]
     lines = explain.verdict_sentences(energy, verdicts)
     assert "passed: its maps favour the lungs" in lines[0] and "4 images of 3 patients" in lines[0]
     assert "averaged over 3 seeds" in lines[0]

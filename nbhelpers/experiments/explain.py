@@ -129,11 +129,18 @@ def verdict_sentences(energy: pd.DataFrame, randomisation: pd.DataFrame) -> list
     lines = []
     table = energy.reset_index() if "model" not in energy.columns else energy
     for row in table.itertuples(index=False):
-        above = row.excess_ci_low > 0 if np.isfinite(row.excess_ci_low) else row.excess_mean > 0
+        low = row.excess_ci_low if np.isfinite(row.excess_ci_low) else row.excess_mean
+        high = row.excess_ci_high if np.isfinite(row.excess_ci_high) else row.excess_mean
+        if low > 0:
+            reading = "passed: its maps favour the lungs"
+        elif high < 0:
+            reading = "failed: its maps favour the lungs less than a uniform map would"
+        else:
+            reading = "failed: not shown to favour the lungs over a uniform map (the interval includes no excess)"
         seeds = getattr(row, "seeds", 1)
         lines.append(
             f"{row.model}: lung energy {row.energy_mean:.2f} against {row.area_mean:.2f} for a uniform map on the film "
-            f"({'passed: its maps favour the lungs' if above else 'failed: its maps favour the lungs no more than a uniform map would'}); "
+            f"({reading}); "
             f"pointing game {row.pointing_rate:.2f} [{row.pointing_low:.2f}, {row.pointing_high:.2f}] "
             f"(chance {row.pointing_chance:.2f}) over {row.images} images"
             + (f" of {row.patients} patients" if hasattr(row, "patients") else "")

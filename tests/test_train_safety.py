@@ -345,3 +345,16 @@ def test_a_second_run_on_the_same_folder_stops_with_one_clear_line(tmp_path, mon
     # The good case: once the other run let go, training proceeds.
     log = fit(_net(), split, split, TrainConfig(epochs=1, **CFG), out, CPU, progress=False)
     assert list(log["epoch"]) == [1]
+
+
+def test_a_preprocessing_field_added_since_a_run_counts_as_its_default():
+    from nbhelpers.training.provenance import provenance_differences
+
+    before = {"model": "m", "preprocess": {"size": 64, "clahe": True}}  # recorded before blackout existed
+    assert provenance_differences(before, {"model": "m", "preprocess": {"size": 64, "clahe": True,
+                                                                        "blackout": "none"}}) == []
+    changed = provenance_differences(before, {"model": "m", "preprocess": {"size": 64, "clahe": True,
+                                                                           "blackout": "lungs"}})
+    assert [key for key, _ in changed] == ["preprocess.blackout"]
+    assert [key for key, _ in provenance_differences(before, {"model": "m", "preprocess": {"size": 32, "clahe": True}})] \
+        == ["preprocess.size"]

@@ -63,9 +63,18 @@ def provenance_differences(
     """What differs between a stored :func:`nbhelpers.training.runs.run_provenance` record and the
     current one, as ``(name, "name saved, not now")`` pairs (TrainConfig fields by name,
     preprocessing fields as ``preprocess.<field>``); names in ``ignore`` are skipped;
-    ``saved=None`` (a run written before records were kept) differs in every entry.  An empty
-    list means the run is the same."""
+    ``saved=None`` (a run written before records were kept) differs in every entry.  A
+    preprocessing field that a saved record lacks was added to the pipeline after the run, and
+    every such field defaults to what the pipeline did before it existed (a mitigation or blackout
+    switched off), so it counts as its default.  An empty list means the run is the same."""
+    from dataclasses import fields
+
+    from nbhelpers.pipeline.preprocess import PreprocessConfig
+
     old, new = _flatten(plain_values(dict(saved or {}))), _flatten(plain_values(dict(now)))
+    if any(key.startswith("preprocess.") for key in old):
+        defaults = {f"preprocess.{f.name}": plain_values(f.default) for f in fields(PreprocessConfig)}
+        old = {**{k: v for k, v in defaults.items() if k in new and k not in old}, **old}
     out = []
     for key in dict.fromkeys([*new, *old]):
         if key in ignore:

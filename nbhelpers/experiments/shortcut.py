@@ -121,7 +121,7 @@ def _probe_images(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 
 def pooled_probe(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int], n_boot: int = M.N_BOOTSTRAP,
-                 level: float = audit.CI_LEVEL) -> pd.DataFrame:
+                 level: float = audit.CI_LEVEL, root: str = PROBE_ROOT) -> pd.DataFrame:
     """Per row: the probes' balanced accuracy over their test images, each image counted once
     (each seed splits the pool anew, so an image tested under several seeds has its correctness
     averaged over them), with a bootstrap interval over patients, the mean over seeds, and the
@@ -132,7 +132,7 @@ def pooled_probe(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[
     ``probe_patients`` count distinct images and patients.  Raises ValueError when two probes
     of a seed were tested on different images.
     """
-    parts = {row.name: [pd.read_csv(probe_dir(grid_root, row, s) / probes.PROBE_PREDICTIONS, keep_default_na=False)
+    parts = {row.name: [pd.read_csv(probe_dir(grid_root, row, s, root) / probes.PROBE_PREDICTIONS, keep_default_na=False)
                         for s in seeds] for row in rows}
     base = next((r.name for r in rows if r.baseline), None)
     images = {name: _probe_images(frames) for name, frames in parts.items()}
@@ -399,9 +399,10 @@ def _optional_tables(args: argparse.Namespace, rows: Sequence[ablation.Row],
         tables.append(("shortcut_external", external_source.external_table(runs)))
     if args.view_probe:
         base = [r for r in rows if r.baseline]
-        views = run_probes(base, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, VIEW_PROBE_LABELS,
-                           args.probe_model, args.preset, args.device, by="view", group0=VIEW_GROUP0,
-                           root=VIEW_PROBE_ROOT, **overrides)
+        run_probes(base, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, VIEW_PROBE_LABELS,
+                   args.probe_model, args.preset, args.device, by="view", group0=VIEW_GROUP0,
+                   root=VIEW_PROBE_ROOT, **overrides)
+        views = pooled_probe(base, args.grid_root, args.seeds, root=VIEW_PROBE_ROOT)
         per_view = pd.concat([audit.per_source_table(
             args.manifest, [ablation.run_dir(args.grid_root, r, s) / "test_predictions.csv" for s in args.seeds],
             by="view").assign(name=r.name) for r in rows], ignore_index=True)

@@ -23,6 +23,10 @@ def test_blackout_sentences_read_shortcut_lungs_and_undecided():
     assert "the lung box is blacked out" in lines[0] and "a shortcut" in lines[0] and "against 0.90" in lines[0]
     assert "carries most of what the model knows" in lines[1] and "shortcut" not in lines[1]
     assert "undecided" in lines[2] and "only the lung box is kept" in lines[2]
+    kept = blackout_sentences(pd.DataFrame([blackout_row("lungs_only", "lungs_only", 0.8, 0.8, 0.6, 0.95),
+                                            blackout_row("lungs_only", "lungs_only", 0.4, 0.1, 0.0, 0.3)]))
+    assert "the lung box alone carries most of it" in kept[0] and "shortcut" not in kept[0]
+    assert "read outside the lungs" in kept[1]
 
 
 def external_row(cls, internal, external, conclusive, spread=0.05):

@@ -37,7 +37,11 @@ def blackout_sentences(table: pd.DataFrame) -> list[str]:
     for row in table[table["blackout"] != "none"].itertuples(index=False):
         words = BLACKOUT_WORDS.get(row.blackout, f"blackout={row.blackout}")
         share = _interval(row.surviving_share, row.surviving_low, row.surviving_high, percent=True)
-        if row.surviving_low > 0.5:
+        if row.blackout == "lungs_only":
+            reading = ("the lung box alone carries most of it" if row.surviving_low > 0.5 else
+                       "the lung box alone carries less than half of it: the rest is read outside the lungs"
+                       if row.surviving_high < 0.5 else "the interval straddles one half: undecided at this size")
+        elif row.surviving_low > 0.5:
             reading = ("most of what the model knows is read outside the part blacked out: "
                        "a shortcut, as Maguolo & Nanni (2021) found")
         elif row.surviving_high < 0.5:

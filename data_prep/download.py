@@ -17,7 +17,6 @@ to do, rather than hanging.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import os
 import shutil

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from data_prep.errors import WorkbookError
-from nbhelpers.experiments import ablation, audit, shortcut
+from nbhelpers.experiments import ablation, shortcut
 from nbhelpers.experiments import probes
 from nbhelpers.experiments.ablation import Row
 from nbhelpers.tools import cli

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from data_prep.datadir import DATA_ENV, DataNotFoundError, data_dir
+from data_prep.datadir import data_dir
 from nbhelpers.settings import keyvalue
 from data_prep.errors import WorkbookError
 

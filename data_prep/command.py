@@ -1,6 +1,7 @@
 """``workbook curate --data-dir D --out O [--per-class N --balance down --seed S ...]``: the curation command.
 
-Loads the sources, curates the balanced set and writes ``manifest.csv``, ``dropped.csv``,
+Loads the sources (and ``--image-folder`` folders of your own images, :mod:`data_prep.folders`),
+curates the balanced set and writes ``manifest.csv``, ``dropped.csv``,
 ``duplicates.csv`` and ``summary.json`` together to ``--out``, then prints the summary; warnings
 (a truncated or unpinned metadata file, a split without every class) go to stderr, one line each,
 and into the summary.  A data problem (missing or misnamed folder, short class, empty, non-UTF-8
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 from data_prep.curate import build
 from data_prep.datadir import data_dir as resolve_data_dir
@@ -23,8 +26,10 @@ from data_prep.recipe import (
     PAPER_MIN_AGE,
     PAPER_PER_CLASS,
     CurationParams,
+    CurationSettingError,
     every_class_from,
 )
+from data_prep.schema import CLASSES
 from data_prep.split import DEFAULT_RATIOS
 from data_prep.sources import SOURCES
 
@@ -49,6 +54,26 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="take every class these sources hold (the paper takes only COVID-19 from ieee8023); "
                         "gives the within-source test of the shortcut audit more images")
     parser.add_argument("--phash-distance", type=int, default=DEFAULT_PHASH_DISTANCE, help="near-duplicate threshold (bits of 256)")
+    parser.add_argument("--image-folder", type=Path, action="append", default=[], metavar="FOLDER",
+                        help="your own images, one subfolder per class (COVID/, Normal/, Viral Pneumonia/, ...) and an "
+                        "optional metadata.csv (filename, patient_id, view, age, sex); repeatable")
+    parser.add_argument("--map-folder", action="append", default=[], metavar="NAME=CLASS",
+                        help=f"take the image-folder subfolder NAME as CLASS ({', '.join(CLASSES)}), e.g. "
+                        "Lung_Opacity=pneumonia; repeatable")
+
+
+def folder_classes(pairs: Sequence[str]) -> dict[str, str]:
+    """``--map-folder NAME=CLASS`` values as a dict; raises :class:`CurationSettingError` for one
+    without ``=`` or with an unknown class."""
+    out = {}
+    for pair in pairs:
+        name, sep, cls = pair.partition("=")
+        if not sep or not name.strip() or cls.strip().lower() not in CLASSES:
+            raise CurationSettingError(
+                f"--map-folder {pair!r}: expected NAME=CLASS with CLASS one of {', '.join(CLASSES)}, "
+                "e.g. --map-folder Lung_Opacity=pneumonia")
+        out[name.strip()] = cls.strip().lower()
+    return out
 
 
 def run_curate_command(args: argparse.Namespace) -> int:
@@ -59,7 +84,9 @@ def run_curate_command(args: argparse.Namespace) -> int:
     params = CurationParams(
         per_class=args.per_class, balance=args.balance, seed=args.seed, split=tuple(args.split),
         allow_ap=args.allow_ap, min_age=args.min_age if args.min_age >= 0 else None, xray_only=not args.keep_ct,
-        dedup=not args.no_dedup, keypoints=not args.no_keypoints, phash_distance=args.phash_distance, **kwargs,
+        dedup=not args.no_dedup, keypoints=not args.no_keypoints, phash_distance=args.phash_distance,
+        image_folders=tuple(str(f) for f in args.image_folder), folder_classes=folder_classes(args.map_folder),
+        **kwargs,
     )
     result = build(resolve_data_dir(args.data_dir), args.out, params, sources=args.sources)
     print(json.dumps(result.summary, indent=2))

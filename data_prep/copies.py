@@ -134,17 +134,21 @@ def band_review(duplicates: pd.DataFrame, n_different: int = 6) -> pd.DataFrame:
              "keypoints_same_patient": "alike, one patient: both kept (one split anyway)",
              "different_film": "different films: both kept"}
     out["decision"] = out["evidence"].map(words)
-    return out[["image_a", "image_b", "patient_a", "patient_b", "distance", "inliers", "decision"]]
+    paths = [c for c in ("path_a", "path_b") if c in out.columns]
+    return out[["image_a", "image_b", "patient_a", "patient_b", "distance", "inliers", "decision", *paths]]
 
 
 def pair_thumbnails(pairs: pd.DataFrame, data_dir: Path) -> tuple[list[np.ndarray], list[str]]:
     """Both images of each pair (``image_a``, ``image_b``: ``source:relative path`` ids) as grey
     arrays, a pair side by side, with short titles: source, patient, and the decision for the
-    second image of each pair."""
+    second image of each pair.  The files are ``path_a``/``path_b`` under ``data_dir`` where the
+    pairs have them (an image folder's images), else the path part of the ids."""
     images, titles = [], []
     for r in pairs.itertuples(index=False):
-        for key, patient in ((r.image_a, r.patient_a), (r.image_b, r.patient_b)):
-            images.append(np.asarray(load_gray(Path(data_dir) / key.split(":", 1)[1])))
+        for key, patient, path in ((r.image_a, r.patient_a, getattr(r, "path_a", None)),
+                                   (r.image_b, r.patient_b, getattr(r, "path_b", None))):
+            rel = path if isinstance(path, str) and path else key.split(":", 1)[1]
+            images.append(np.asarray(load_gray(Path(data_dir) / rel)))
             source, name = key.split(":", 1)[0], Path(key).name
             titles.append(f"{source} {patient.split(':', 1)[-1]}: {name[:18]}")
         titles[-1] += f"\n{r.distance} bits, {r.inliers} matches: {r.decision.split(':')[0]}"

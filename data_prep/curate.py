@@ -12,6 +12,8 @@ goes to ``duplicates.csv``.  Every removed image is listed with its reason (:dat
 including the metadata problems :func:`data_prep.table.load_table` found), and a split left
 without an image of some class is named in the summary's ``warnings``.  The three outputs are
 written together with ``duplicates.csv``, so an interrupted run leaves the previous set whole.
+The user's own image folders (``CurationParams.image_folders``, :mod:`data_prep.folders`) join
+the table here and go through every step; the summary's ``image_folders`` says how each was read.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import pandas as pd
 from data_prep.atomic import replace_together
 from data_prep.dedup import PAIR_COLUMNS, DuplicateScan, find_duplicates, merge_summary
 from data_prep.fingerprint import phash_many
+from data_prep.folders import load_image_folders
 from data_prep.recipe import PAPER_PER_CLASS, PAPER_SPLIT_SIZES, CurationParams, filter_reasons, paper_labels
 from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS, TABLE_COLUMNS
+from data_prep.sources import SOURCES
 from data_prep.table import DROP_COLUMNS, Report, load_table
 from data_prep.split import check_no_leak, split_by_patient
 from data_prep.errors import WorkbookError
@@ -42,6 +46,7 @@ DROP_REASONS: tuple[str, ...] = (
     "conflicting_rows",  # rows listing one image with different labels or patients (from load_table)
     "unsafe_path",  # a metadata path leaving its source folder: '..', absolute, a symlink out (from load_table)
     "missing_image",  # metadata row whose image file is absent (from load_table)
+    "unmapped_folder",  # an image in a subfolder of an image folder that names no class (data_prep.folders)
     "not_xray",
     "view",
     "unmapped_finding",
@@ -171,6 +176,27 @@ def _dropped_frame(drops: list[tuple[str, str, str]]) -> pd.DataFrame:
     return dropped.sort_values(["_order", "image_id"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
+def _with_folders(
+    table: pd.DataFrame, params: CurationParams, data_dir: Path | None, drops: list[tuple[str, str, str]]
+) -> tuple[pd.DataFrame, dict[str, dict[str, object]], list[str]]:
+    """``table`` with the rows of ``params.image_folders`` added (their skipped images appended to
+    ``drops``), each folder's summary entry, and their warnings (also printed to stderr)."""
+    if not params.image_folders:
+        return table, {}, []
+    raw = data_dir if data_dir is not None else table.attrs.get("data_dir")
+    rows, skipped, info, warnings = load_image_folders(params.image_folders, params.folder_classes,
+                                                       Path(raw) if raw is not None else None)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    drops += list(skipped.itertuples(index=False, name=None))
+    attrs = dict(table.attrs)
+    parts = [part for part in (table, rows) if len(part)]
+    table = pd.concat(parts, ignore_index=True) if parts else table
+    table = table.sort_values("image_id", ignore_index=True).astype({"age": float})
+    table.attrs.update(attrs)
+    return table, info, warnings
+
+
 def curate(
     table: pd.DataFrame,
     params: CurationParams | None = None,
@@ -181,12 +207,16 @@ def curate(
     """Filter, de-duplicate, balance and split ``table`` (from :func:`load_table`) by ``params``.
 
     Images are decoded (to find unreadable files and perceptual hashes) from ``data_dir``, which
-    defaults to the folder ``load_table`` recorded in ``table.attrs``.  Rows ``load_table`` skipped
+    defaults to the folder ``load_table`` recorded in ``table.attrs``.  ``params.image_folders``
+    are read here (:func:`data_prep.folders.load_image_folders`) and join the table; the summary's
+    ``image_folders`` holds each one's entry (its ``patient_warning`` says when files have no
+    patient id) and ``warnings`` their warnings.  Rows ``load_table`` skipped
     (``report.skipped``) are carried into ``dropped``.  Returns the manifest (``MANIFEST_COLUMNS``,
     sorted by split, class, image_id), every dropped image with its reason, and a summary whose
     ``warnings`` list the report's warnings and every split too small for its job
     (:func:`split_warnings`; also printed to stderr).
-    Raises :class:`ClassShortageError` under ``balance="strict"`` when a class is short, KeyError
+    Raises :class:`ClassShortageError` under ``balance="strict"`` when a class is short, what
+    :func:`data_prep.folders.load_image_folders` raises for an unusable image folder, KeyError
     when ``table`` lacks schema columns, ValueError when images must be decoded but no data
     directory is known.
     """
@@ -198,6 +228,7 @@ def curate(
     drops: list[tuple[str, str, str]] = []
     if report is not None:
         drops += list(report.skipped[list(DROP_COLUMNS)].itertuples(index=False, name=None))
+    table, folder_info, folder_warnings = _with_folders(table, params, data_dir, drops)
 
     reasons = filter_reasons(table, params)
     drops += [(iid, r, d) for iid, (r, d) in zip(table["image_id"], reasons) if r]
@@ -224,8 +255,11 @@ def curate(
         print(f"warning: {warning}", file=sys.stderr)
 
     dropped = _dropped_frame(drops)
-    warnings = (list(report.warnings) if report is not None else []) + warnings
+    warnings = (list(report.warnings) if report is not None else []) + folder_warnings + warnings
     summary = _summary(table, available, manifest, dropped, params, n, note, report, warnings)
+    summary["sources"].update({s: {"images_found": info["images"], "folder": info["path"]}
+                               for s, info in folder_info.items()})
+    summary["image_folders"] = folder_info
     summary["patient_merges"] = merge_summary(scan)
     pairs = scan.pairs.sort_values(["evidence", "image_a", "image_b"], kind="stable").reset_index(drop=True)
     return CurationResult(manifest=manifest, dropped=dropped, summary=summary, duplicates=pairs)
@@ -338,6 +372,16 @@ def write_outputs(result: CurationResult, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def _load_sources(data_dir: Path, sources: Sequence[str] | None, folders: bool) -> tuple[pd.DataFrame, Report]:
+    """:func:`load_table` of ``data_dir``; with image ``folders`` and no source named or present,
+    an empty table (the folders are curated alone)."""
+    if folders and sources is None and data_dir.is_dir() and not any(s.find(data_dir) for s in SOURCES.values()):
+        table = pd.DataFrame(columns=list(TABLE_COLUMNS)).astype({"age": float})
+        table.attrs["data_dir"] = str(data_dir)
+        return table, Report(data_dir=data_dir, absent=list(SOURCES))
+    return load_table(data_dir, sources=sources, hash_images=True)
+
+
 def build(
     data_dir: Path,
     out_dir: Path,
@@ -347,9 +391,11 @@ def build(
     """Load the sources under ``data_dir``, curate them with ``params``, and write the outputs to ``out_dir``.
 
     Writes ``manifest.csv``, ``dropped.csv``, ``summary.json`` and ``duplicates.csv`` (byte-identical on re-run with
-    the same inputs).  Raises what :func:`load_table` and :func:`curate` raise.
+    the same inputs).  With ``params.image_folders`` a ``data_dir`` holding no source is allowed: the
+    folders are curated alone.  Raises what :func:`load_table` and :func:`curate` raise.
     """
-    table, report = load_table(Path(data_dir), sources=sources, hash_images=True)
+    params = params or CurationParams()
+    table, report = _load_sources(Path(data_dir), sources, bool(params.image_folders))
     result = curate(table, params, data_dir=Path(data_dir), report=report)
     write_outputs(result, out_dir)
     return result

@@ -2,9 +2,10 @@
 
 A copy is found by its bytes, its perceptual hash, or, for pairs in the hash's grey band, by
 keypoint matching (:mod:`data_prep.copies`).  In each group of linked images one is kept (the
-earliest source of :data:`data_prep.sources.SOURCES`); the patients of a film and its copies
-(within and across sources, RSNA's re-encoded NIH films too) are joined before anything is
-sampled or split, and every pair examined is recorded (:data:`PAIR_COLUMNS`, ``duplicates.csv``).
+earliest source of :data:`data_prep.sources.SOURCES`; the user's image folders come after every
+public source, so a re-saved copy of a public film in them is the one dropped); the patients of a
+film and its copies (within and across sources, RSNA's re-encoded NIH films too) are joined
+before anything is sampled or split, and every pair examined is recorded (:data:`PAIR_COLUMNS`, ``duplicates.csv``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from data_prep.sources import SOURCES
 #: The evidence values of grey-band pairs decided by keypoints in ``duplicates.csv``.
 BAND_EVIDENCE = ("keypoints", "keypoints_same_patient", "different_film")
 #: Columns of ``duplicates.csv``: every pair linked as one film, and every grey-band pair decided.
-PAIR_COLUMNS = ("image_a", "image_b", "patient_a", "patient_b", "evidence", "distance", "inliers", "same_film")
+#: ``path_a``/``path_b`` are the images' manifest paths (an image folder's ids do not hold them).
+PAIR_COLUMNS = ("image_a", "image_b", "patient_a", "patient_b", "evidence", "distance", "inliers", "same_film",
+                "path_a", "path_b")
 
 
 def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
@@ -154,7 +157,7 @@ def find_duplicates(
     drops = _copy_drops(kept, bits, max_distance, edges)
     pairs = pd.DataFrame(
         [(kept.at[i, "image_id"], kept.at[j, "image_id"], kept.at[i, "patient_id"], kept.at[j, "patient_id"],
-          evidence, distance, inliers, evidence in ("exact", "hash", "keypoints"))
+          evidence, distance, inliers, evidence in ("exact", "hash", "keypoints"), kept.at[i, "path"], kept.at[j, "path"])
          for i, j, evidence, distance, inliers in edges + band_rows],
         columns=list(PAIR_COLUMNS))
     patient_of, merges = _merge_patients(kept, edges)

@@ -22,6 +22,7 @@ import pandas as pd
 
 from data_prep.datadir import DataNotFoundError
 from data_prep.pins import PINNED
+from data_prep.schema import FOLDER_PREFIX
 from data_prep.errors import WorkbookError
 
 #: How many offending row numbers a metadata warning names.
@@ -54,6 +55,8 @@ class MetadataLog:
 
 def _refetch_hint(source: str) -> str:
     """How to get a good copy of ``source``'s metadata again."""
+    if source.startswith(FOLDER_PREFIX):
+        return "write it as UTF-8 CSV with a header line: filename and any of patient_id, view, age, sex"
     if source == "nih":
         return "download it again by hand from https://nihcc.app.box.com/v/ChestXray-NIHCC"
     return "re-fetch it with `workbook download`"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePath
 
 import pandas as pd
 
@@ -69,6 +70,9 @@ class CurationParams:
     to every restricted source.  ``source_classes`` says which classes each source may supply.
     ``phash_distance`` is in bits of a 256-bit perceptual hash.  ``balance="strict"`` stops when a
     class is short of ``per_class``; ``"down"`` balances every class to the smallest one.
+    ``image_folders`` are the user's own folders of images, one subfolder per class
+    (:mod:`data_prep.folders`), curated with the sources; ``folder_classes`` maps subfolder names
+    that no alias covers to a class (``{"Lung_Opacity": "pneumonia"}``).
     """
 
     per_class: int = PAPER_PER_CLASS
@@ -85,8 +89,18 @@ class CurationParams:
     balance: str = "strict"
     seed: int = 0
     split: tuple[float, float, float] = DEFAULT_RATIOS
+    image_folders: Sequence[str] = ()
+    folder_classes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_folders, (str, PurePath)):
+            self.image_folders = (self.image_folders,)
+        self.image_folders = tuple(str(Path(f).expanduser()) for f in self.image_folders)
+        self.folder_classes = {str(k): str(v) for k, v in dict(self.folder_classes).items()}
+        bad_map = {k: v for k, v in self.folder_classes.items() if v not in CLASSES or not k.strip()}
+        if bad_map:
+            raise CurationSettingError(f"folder_classes {bad_map}: each entry maps a subfolder name to one of {CLASSES}, "
+                                       "e.g. --map-folder Lung_Opacity=pneumonia")
         if not isinstance(self.views, dict):
             self.views = {source: tuple(self.views) for source in PAPER_VIEWS}
         self.views = {s: tuple(v) for s, v in sorted(self.views.items())}
@@ -151,9 +165,12 @@ def paper_labels(table: pd.DataFrame) -> pd.Series:
     """The class the seed paper's literal recipe gives each row, or "" when it does not take the row.
 
     ieee8023: COVID-19 PA X-rays -> covid; Figure1 and Actualmed: every row -> covid ("all data");
-    RSNA/NIH: pneumonia and normal as labelled.  Compare with ``table.label`` to count mislabels.
+    RSNA/NIH: pneumonia and normal as labelled; the user's image folders: none (the paper has none).
+    Compare with ``table.label`` to count mislabels.
     """
     def one(row: pd.Series) -> str:
+        if row["source"] not in PAPER_SOURCE_CLASSES:
+            return ""
         if row["source"] == "ieee8023":
             pa_xray = row["view"] == "PA" and row["modality"] == "X-ray"
             return "covid" if row["label"] == "covid" and pa_xray else ""

@@ -11,9 +11,9 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 # (the same columns plus ``split``).  ``path`` is relative to the data directory, POSIX style,
 # so a manifest stays valid when the data folder moves.
 TABLE_COLUMNS: tuple[str, ...] = (
-    "image_id",  # unique and stable: "<source>:<path>"
-    "source",  # adapter name: ieee8023, figure1, actualmed, nih, rsna
-    "path",  # image file relative to the data directory
+    "image_id",  # unique and stable: "<source>:<path>" (an image folder: "<source>:<path in the folder>")
+    "source",  # adapter name: ieee8023, figure1, actualmed, nih, rsna; folder-<name> for an image folder
+    "path",  # image file relative to the data directory (absolute for an image folder outside it)
     "patient_id",  # namespaced "<source>:<upstream id>" so ids never collide across sources
     "label",  # one of CLASSES, or "" when the upstream finding maps to none of them
     "finding",  # the upstream finding text, unchanged
@@ -25,6 +25,9 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "sha256",  # of the image file bytes; "" until hashed
 )
 MANIFEST_COLUMNS: tuple[str, ...] = TABLE_COLUMNS + ("split",)
+#: Prefix of the source name of each of the user's own image folders (``folder-kaggle_radiography``);
+#: a hyphen, not a colon, since ids are read as ``<source>:<rest>``.
+FOLDER_PREFIX = "folder-"
 
 
 def label_index(label: str) -> int:

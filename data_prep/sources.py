@@ -75,7 +75,8 @@ def _text(value: object) -> str:
     return str(value).strip()
 
 
-def _sex(value: object) -> str:
+def parse_sex(value: object) -> str:
+    """``M``, ``F`` or "" from upstream text (``"M"``, ``"female"``, a DICOM ``PatientSex``)."""
     text = _text(value).upper()[:1]
     return text if text in ("M", "F") else ""
 
@@ -158,7 +159,7 @@ def _read_ieee8023(folder: Path, log: MetadataLog | None = None) -> list[dict[st
             "view": _text(r.view),
             "modality": _text(r.modality),
             "age": parse_age(r.age),
-            "sex": _sex(r.sex),
+            "sex": parse_sex(r.sex),
             "license": _text(r.license),
         }
         for r in frame.itertuples()
@@ -196,7 +197,7 @@ def _read_figure1(folder: Path, log: MetadataLog | None = None) -> list[dict[str
                 "view": _text(r.view),
                 "modality": _text(r.modality),
                 "age": parse_age(r.age),
-                "sex": _sex(r.sex),
+                "sex": parse_sex(r.sex),
                 "license": SOURCES_LICENSES["figure1"],
             }
         )
@@ -218,7 +219,7 @@ def _read_actualmed(folder: Path, log: MetadataLog | None = None) -> list[dict[s
             "view": _text(r.view),
             "modality": _text(r.modality),
             "age": parse_age(r.age),
-            "sex": _sex(r.sex),
+            "sex": parse_sex(r.sex),
             "license": SOURCES_LICENSES["actualmed"],
         }
         for r in frame.itertuples()
@@ -240,7 +241,7 @@ def _read_nih(folder: Path, log: MetadataLog | None = None) -> list[dict[str, ob
             "view": _text(r["View Position"]),
             "modality": "X-ray",
             "age": parse_age(r["Patient Age"]),
-            "sex": _sex(r["Patient Gender"]),
+            "sex": parse_sex(r["Patient Gender"]),
             "license": SOURCES_LICENSES["nih"],
         }
         for number, r in zip(frame.index, frame.to_dict("records"))
@@ -264,7 +265,7 @@ def _read_rsna(folder: Path, log: MetadataLog | None = None) -> list[dict[str, o
         if path.is_file():
             header = pydicom.dcmread(path, stop_before_pixels=True)
             age = parse_age(getattr(header, "PatientAge", ""))
-            sex = _sex(getattr(header, "PatientSex", ""))
+            sex = parse_sex(getattr(header, "PatientSex", ""))
             view = _text(getattr(header, "ViewPosition", ""))
             modality = "X-ray" if _text(getattr(header, "Modality", "CR")) in ("CR", "DX") else _text(header.Modality)
         rows.append(

@@ -15,7 +15,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.images import ImageReadError
 from data_prep.images import load_gray as decode_gray

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.metadata import MetadataLog, SourceFormatError, SourceNotFoundError
 from data_prep.schema import CLASSES, TABLE_COLUMNS
@@ -57,7 +57,12 @@ class Report:
         return {str(k): int(v) for k, v in self.skipped["reason"].value_counts().sort_index().items()}
 
     def __str__(self) -> str:
-        lines = [f"data directory: {self.data_dir}"]
+        return self.describe()
+
+    def describe(self, where: str | None = None) -> str:
+        """What was loaded, absent and skipped, one line each; the data folder shown as ``where``
+        (e.g. ``$CXR_DATA_DIR``) when given."""
+        lines = [f"data directory: {where if where is not None else self.data_dir}"]
         for name in self.loaded:
             lines.append(f"  {name}: {self.rows[name]} metadata rows, {self.images[name]} with an image file")
         if self.absent:

@@ -12,8 +12,21 @@ from nbhelpers.settings.presets import load_preset
 
 def test_profiles_have_the_same_settings():
     profiles = config.load_profiles()
-    assert {"smoke", "full"} <= set(profiles)
-    assert set(profiles["smoke"]) == set(profiles["full"])
+    assert {"smoke", "teach", "full"} <= set(profiles)
+    assert set(profiles["smoke"]) == set(profiles["teach"]) == set(profiles["full"])
+
+
+def test_the_notebooks_default_to_a_profile_the_mirror_can_supply():
+    # Run All in JupyterLab must work where the sources are: the default curates strictly within
+    # what the public sources hold (about 267 COVID-19 PA films), unlike the paper's 475.
+    import papermill
+
+    from nbhelpers.tools import run
+
+    for path in run.ordered_notebooks():
+        assert papermill.inspect_notebook(str(path))["profile"]["default"] == '"teach"', path.name
+    teach = config.load_profile("teach")
+    assert teach["balance"] == "strict" and teach["per_class"] <= 200 and teach["device"] == "cpu"
 
 
 def test_full_profile_is_the_paper_protocol():
@@ -106,3 +119,12 @@ def test_a_settings_file_replaces_the_profile_and_is_checked(tmp_path):
     path.write_text(path.read_text().replace('"clahe": false', '"clahe": "off"'))
     with pytest.raises(config.ProfileError, match="clahe must be true or false"):
         config.resolve("smoke", need_data=False, settings_file=path)
+
+
+def test_display_path_hides_this_machines_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv(datadir.DATA_ENV, str(tmp_path / "sources"))
+    assert config.display_path(config.REPO_ROOT / "results" / "runs" / "teach") == "results/runs/teach"
+    assert config.display_path(tmp_path / "sources" / "nih" / "a.png") == "$CXR_DATA_DIR/nih/a.png"
+    assert config.display_path(tmp_path / "sources") == "$CXR_DATA_DIR"
+    elsewhere = config.display_path(tmp_path / "x" / "y")
+    assert elsewhere == ".../x/y" and str(tmp_path) not in elsewhere

@@ -171,3 +171,15 @@ def test_08_shortcut_audit(workbook):
     assert markers["padding_area"].between(0, 1).all() and markers["padding_energy"].between(0, 1).all()
     for figure in ("08_marker_cams", "08_mitigations"):
         assert (workbook.run_dir / "figures" / f"{figure}.png").stat().st_size > 10_000
+
+
+def test_a_student_meets_no_error_warning_stray_path_or_missing_takeaway(workbook):
+    from nbhelpers.tools import notebook, outputs
+
+    workbook.ran("08")
+    executed = [workbook.done[key] for key in sorted(workbook.done)]
+    assert outputs.run_problems(executed) == {}
+    for path in executed:  # the smoke profile says at the top of every notebook that its numbers mean nothing
+        first = next(c for c in nbformat.read(path, as_version=4).cells if "= start(" in c.source)
+        text = json.dumps(first.get("outputs", []))
+        assert notebook.SMOKE_NOTE in text, f"{path.name}: no smoke banner"

@@ -30,7 +30,7 @@ import torch
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from nbhelpers.pipeline.data import to_model_input
 from nbhelpers.models import cam_reshape_transform, cam_target_layers

@@ -347,3 +347,27 @@ def interval_widths(by_patient: pd.DataFrame | Sequence[dict], by_image: pd.Data
     with np.errstate(invalid="ignore", divide="ignore"):
         out["width_ratio"] = (out["patient_high"] - out["patient_low"]) / (out["image_high"] - out["image_low"])
     return out.reset_index()
+
+
+def reading_notes(test: dict, classes: Sequence[str] = CLASSES) -> list[str]:
+    """Sentences saying how to read a test result (``metrics.json``'s ``test``): the accuracy
+    with its interval against chance, and each degenerate case by name (a model that predicts
+    one class for every image, a test split too small to say much)."""
+    chance = 1 / len(classes)
+    interval = next((c for c in test.get("ci", []) if c["metric"] == "accuracy"), None)
+    n, patients = test.get("n"), test.get("n_patients")
+    notes = []
+    if interval is not None:
+        where = ("above chance: the interval excludes it" if interval["low"] > chance else
+                 "below chance" if interval["high"] < chance else "not distinguishable from chance")
+        notes.append(f"accuracy {test['accuracy']:.2f} (95 % interval over {interval['unit']}s {interval['low']:.2f}-"
+                     f"{interval['high']:.2f}) on {n} test images of {patients} patients; chance is {chance:.2f}: {where}.")
+    predicted = np.asarray(test.get("confusion", [[0]])).sum(axis=0)
+    if predicted.sum() and (predicted > 0).sum() == 1:
+        only = classes[int(np.argmax(predicted))]
+        notes.append(f"the model predicts {only!r} for every test image: a constant predictor. Its accuracy is that "
+                     "class's share, its per-class numbers and AUC say nothing, and its ECE only measures how far its "
+                     "fixed confidence lies from that share.")
+    if n is not None and n < 30:
+        notes.append(f"{n} test images: one image moves the accuracy by {1 / n:.2f}; read the interval, not the digits.")
+    return notes

@@ -15,38 +15,84 @@ import seaborn as sns
 
 from data_prep.schema import CLASSES
 
+#: One colour per class in every figure (Okabe-Ito, readable with colour-blindness).
+CLASS_COLORS = {"covid": "#D55E00", "pneumonia": "#E69F00", "normal": "#0072B2"}
 
-def counts_bar(counts: pd.DataFrame, x: str, hue: str, title: str = "") -> plt.Figure:
-    """Grouped bar chart of a long table with columns ``x``, ``hue`` and ``count``."""
+
+def palette(values) -> dict[str, str] | None:
+    """The class palette when ``values`` are class names, else None (seaborn's default)."""
+    present = {str(v) for v in values}
+    return {c: CLASS_COLORS[c] for c in CLASSES if c in present} if present <= set(CLASS_COLORS) else None
+
+
+def legend_outside(ax: plt.Axes, title: str | None = None) -> None:
+    """Move an axis' legend to its right, off the data."""
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, title=title, fontsize=8)
+
+
+def _order(values) -> list[str] | None:
+    """Classes in their usual order, splits as train, val, test; other values as they come."""
+    present = list(dict.fromkeys(str(v) for v in values))
+    for usual in (list(CLASSES), ["train", "val", "test"]):
+        if set(present) <= set(usual):
+            return [v for v in usual if v in present]
+    return None
+
+
+def counts_bar(counts: pd.DataFrame, x: str, hue: str, title: str = "", ylabel: str = "images") -> plt.Figure:
+    """Grouped bar chart of a long table with columns ``x``, ``hue`` and ``count``; classes in
+    their colours, the legend beside the bars."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    sns.barplot(data=counts, x=x, y="count", hue=hue, ax=ax)
+    colours = palette(counts[hue])
+    sns.barplot(data=counts, x=x, y="count", hue=hue, ax=ax, palette=colours, saturation=1,
+                order=_order(counts[x]), hue_order=list(colours) if colours else _order(counts[hue]))
     for container in ax.containers:
         ax.bar_label(container, fontsize=8)
-    ax.set_title(title)
+    ax.set(title=title, ylabel=ylabel)
+    legend_outside(ax, hue)
     fig.tight_layout()
     return fig
 
 
+def wrap_title(title: str, width: int = 26) -> str:
+    """``title`` wrapped line by line to ``width`` characters, so neighbouring titles never meet."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in str(title).splitlines() or [""])
+
+
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] = (), ncols: int = 4,
-               size: float = 2.4, title: str | None = None) -> plt.Figure:
+               size: float = 2.4, title: str | None = None, map_label: str | None = None,
+               map_range: tuple[float, float] = (0.0, 1.0)) -> plt.Figure:
     """Show grayscale ``images`` in a grid with optional per-image ``titles`` and a figure ``title``.
 
     A uint8 image is drawn on its full 0..255 scale, so one image looks the same in every grid
-    (a dark film stays dark); any other image (a map, a float array) is scaled to its own range."""
+    (a dark film stays dark).  Any other image (a map, a float array) is scaled to its own range,
+    or, with ``map_label``, drawn in the viridis colour map on ``map_range`` with one colour bar
+    so labelled with the maps' unit."""
     n = max(len(images), 1)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + (0.8 if map_label else 0), size * nrows),
+                             squeeze=False)
+    mappable = None
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
             image = np.asarray(images[i])
-            scale = {"vmin": 0, "vmax": 255} if image.dtype == np.uint8 else {}
-            ax.imshow(image, cmap="gray", **scale)
+            if image.dtype == np.uint8:
+                ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+            elif map_label:
+                mappable = ax.imshow(image, cmap="viridis", vmin=map_range[0], vmax=map_range[1])
+            else:
+                ax.imshow(image, cmap="gray")
             if i < len(titles):
-                ax.set_title(titles[i], fontsize=8)
+                ax.set_title(wrap_title(titles[i], width=int(11 * size)), fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02, label=map_label)
     return fig
 
 
@@ -80,7 +126,7 @@ def roc_plot(roc: pd.DataFrame, aucs: dict[str, float] | None = None, title: str
     fig, ax = plt.subplots(figsize=(4.2, 4))
     for name, curve in roc.groupby("class", sort=False):
         label = f"{name} (AUC {aucs[name]:.3f})" if aucs and name in aucs else name
-        ax.step(curve["fpr"], curve["tpr"], where="post", label=label)
+        ax.step(curve["fpr"], curve["tpr"], where="post", label=label, color=CLASS_COLORS.get(str(name)))
     ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=8, loc="lower right")
@@ -140,11 +186,15 @@ def cam_comparison(images: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarr
         raise ValueError(f"no images for CAM row(s) {missing}; give one image list per label")
     images = rows[labels[0]] if labels else list(images)
     n = len(images)
-    fig, axes = plt.subplots(len(labels) + 1, n, figsize=(2.3 * n + 0.8, 2.3 * (len(labels) + 1)), squeeze=False)
+    wrapped = [wrap_title(t) for t in titles]
+    lines = max((t.count("\n") + 1 for t in wrapped), default=0)
+    fig, axes = plt.subplots(len(labels) + 1, n, figsize=(2.3 * n + 0.8, 2.3 * (len(labels) + 1) + 0.15 * lines),
+                             squeeze=False)
+    fig.subplots_adjust(top=1 - 0.15 * lines / fig.get_figheight() - 0.02, wspace=0.08, hspace=0.08)
     mappable = None
     for j in range(n):
         axes[0, j].imshow(images[j], cmap="gray")
-        axes[0, j].set_title(titles[j] if j < len(titles) else "", fontsize=7)
+        axes[0, j].set_title(wrapped[j] if j < len(wrapped) else "", fontsize=8)
         for i, label in enumerate(labels, 1):
             axes[i, j].imshow(rows[label][j], cmap="gray")
             mappable = axes[i, j].imshow(cams[label][j], cmap="jet", alpha=alpha, vmin=0, vmax=1)

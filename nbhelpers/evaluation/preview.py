@@ -46,7 +46,7 @@ def augment_examples(img: np.ndarray, policy: AugmentPolicy, n: int = 8, seed: i
     Goes through :func:`nbhelpers.pipeline.data.to_model_input` exactly as training does, then undoes
     the normalisation, so the pictures show what the model is fed.
     """
-    batch = torch.from_numpy(np.ascontiguousarray(img)).expand(n, 1, -1, -1)
+    batch = torch.from_numpy(np.array(img, copy=True)).expand(n, 1, -1, -1)  # a writable copy
     gen = torch.Generator().manual_seed(seed)
     shown = from_model_input(to_model_input(batch, policy, in_chans=3, train=True, generator=gen))
     return (shown.numpy() * (_U8_LEVELS - 1)).round().astype(np.uint8)
@@ -84,17 +84,30 @@ def plot_clahe_grid(
     return fig
 
 
+def local_contrast(img: np.ndarray, window: int = 15) -> float:
+    """Mean standard deviation of grey levels in ``window``-pixel neighbourhoods: what CLAHE
+    raises even where the global histogram hardly widens."""
+    import cv2
+
+    x = img.astype(np.float32)
+    mean = cv2.blur(x, (window, window))
+    var = np.maximum(cv2.blur(x * x, (window, window)) - mean * mean, 0)
+    return float(np.sqrt(var).mean())
+
+
 def plot_histograms(img: np.ndarray, cfg: PreprocessConfig | None = None) -> Figure:
     """The image and its grey-level histogram before and after :func:`enhance` with ``cfg``."""
     cfg = cfg or PreprocessConfig()
     after = enhance(img, replace(cfg, clahe=True))
     fig, axes = plt.subplots(2, 2, figsize=(2 * PANEL_INCHES * 1.3, 2 * PANEL_INCHES))
     for col, (name, im) in enumerate((("original", img), (f"CLAHE clip {cfg.clip_limit:g}", after))):
+        low, high = np.percentile(im, (5, 95))
         axes[0, col].imshow(im, cmap="gray", vmin=0, vmax=_U8_LEVELS - 1)
-        axes[0, col].set_title(name, fontsize=9)
+        axes[0, col].set_title(f"{name}\n5-95 % of pixels in {low:.0f}-{high:.0f}, local contrast {local_contrast(im):.1f}",
+                               fontsize=8)
         axes[0, col].axis("off")
         axes[1, col].hist(im.ravel(), bins=HIST_BINS, range=(0, _U8_LEVELS), color="0.3")
-        axes[1, col].set_xlabel("grey level")
+        axes[1, col].set_xlabel("grey level (0 black, 255 white)")
         axes[1, col].set_ylabel("pixels")
     fig.tight_layout()
     return fig

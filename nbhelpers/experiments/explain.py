@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.atomic import write_with
 from data_prep.errors import InputNotFoundError

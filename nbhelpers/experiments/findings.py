@@ -95,3 +95,36 @@ def view_sentences(view_probe: pd.DataFrame | None, per_view: pd.DataFrame | Non
                               for r in part.itertuples(index=False))
             lines.append(f"{name}: accuracy per view: {cells}.")
     return lines
+
+
+def paired_sentences(tests: pd.DataFrame) -> list[str]:
+    """One sentence per row of the ablation's paired tests (``paired_tests``): the accuracy
+    difference of the variant against its baseline on the same test images with its intervals,
+    and the verdict; a test of one seed says that the seed interval is undefined."""
+    lines = []
+    for row in tests.itertuples(index=False):
+        seeds = int(row.seeds)
+        seed_part = (f"seed interval {row.seed_ci_low:+.2f} to {row.seed_ci_high:+.2f}" if seeds > 1 and
+                     not np.isnan(row.seed_ci_low) else "one seed, so no interval over seeds")
+        if bool(row.distinguishable):
+            verdict = "distinguishable: " + ("the variant is better" if row.accuracy_diff > 0 else "the variant is worse")
+        else:
+            verdict = "not distinguishable from its baseline on these images"
+        lines.append(f"{row.variant} vs {row.baseline}: accuracy {row.accuracy_diff:+.2f} on {int(row.test_images)} test "
+                     f"images of {int(row.test_patients)} patients (patient bootstrap {row.bootstrap_ci_low:+.2f} to "
+                     f"{row.bootstrap_ci_high:+.2f}; {seed_part}; Holm p {row.p_holm:.2g}): {verdict}.")
+    return lines
+
+
+def probe_sentence(test: dict, what: str = "the archive") -> str:
+    """What a source probe's test result (``probe.json``'s ``test``: balanced_accuracy, low, high,
+    n, patients) says: above chance means the images carry ``what``'s signature."""
+    ba = _interval(test["balanced_accuracy"], test["low"], test["high"])
+    if test["low"] > CHANCE:
+        verdict = f"above chance: the images carry {what}'s signature, a cue the diagnosis model can use"
+    elif test["high"] < CHANCE:
+        verdict = "below chance: a probe that learnt something wrong, or a split too small to trust"
+    else:
+        verdict = f"not distinguishable from chance: no signature of {what} shown at this size"
+    return (f"Probe: balanced accuracy {ba} over {test['n']} test images of {test.get('patients', '?')} patients "
+            f"(chance {CHANCE}): {verdict}.")

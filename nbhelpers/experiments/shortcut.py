@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.errors import InputNotFoundError
 from data_prep.options import add_data_dir, add_out

@@ -29,7 +29,7 @@ import torch
 from ptflops import get_model_complexity_info
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.options import add_out
 from nbhelpers.models import create, list_models, model_spec

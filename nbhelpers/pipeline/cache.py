@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.atomic import write_text
 from data_prep.errors import WorkbookError

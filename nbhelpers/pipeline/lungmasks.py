@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.annotations import MASK_THRESHOLD, _from_mask_source, box_index, box_mask, find_masks, load_mask
 from data_prep.images import load_gray

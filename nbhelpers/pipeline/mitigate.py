@@ -274,7 +274,7 @@ def lung_box_check(data_dir: Path | str, progress: bool = True) -> pd.DataFrame:
     pixels inside the box), ``box_share`` / ``mask_box_share`` (areas as shares of the image).
     Raises :class:`data_prep.annotations.LungMaskError` when the masks are missing.
     """
-    from tqdm.auto import tqdm
+    from data_prep.progress import tqdm
 
     from data_prep.images import load_gray
     from data_prep.annotations import load_mask, mask_folder, mask_index

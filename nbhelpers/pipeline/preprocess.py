@@ -38,7 +38,7 @@ from typing import Any, Literal, Mapping
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.images import load_gray
 from nbhelpers.pipeline.mitigate import (

@@ -34,6 +34,7 @@ RUN_PARAMETERS = ("profile", "data_dir", "run_dir", "settings_file")
 #: What the notebook parameters that are not profile settings hold (a contract test keeps every
 #: declared parameter either here or in the profiles), so a runner override can be type-checked.
 NOTEBOOK_PARAMETERS: dict[str, Any] = {
+    "image_folders": (list, str),   # 01: the user's own folders of images, one subfolder per class
     "augment": str,            # 02: augmentation policy shown
     "epochs": int,             # 04, 06: preset's epochs overridden
     "pretrained": bool,        # 04: preset's ImageNet weights overridden
@@ -176,6 +177,28 @@ def resolve(
         run_dir=out.resolve(),
         values=values,
     )
+
+
+def display_path(path: str | os.PathLike | None) -> str:
+    """``path`` as a notebook should show it, without this machine's folders: relative to the
+    repository when inside it, ``$CXR_DATA_DIR/...`` inside the data folder named by that
+    variable, ``~/...`` inside the home folder, else the last two parts after ``.../``."""
+    if path is None:
+        return ""
+    path = Path(path).expanduser().resolve()
+    from data_prep.datadir import DATA_ENV
+
+    anchors = [(REPO_ROOT, "")]
+    if os.environ.get(DATA_ENV):
+        anchors.insert(0, (Path(os.environ[DATA_ENV]).expanduser().resolve(), f"${DATA_ENV}"))
+    anchors.append((Path.home().resolve(), "~"))
+    for root, name in anchors:
+        if path == root or root in path.parents:
+            rel = path.relative_to(root).as_posix()
+            if not name:
+                return rel if rel != "." else "."
+            return name if rel == "." else f"{name}/{rel}"
+    return ".../" + "/".join(path.parts[-2:])
 
 
 def load_reported(path: Path = REPORTED_FILE) -> "pd.DataFrame":

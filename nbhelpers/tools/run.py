@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from data_prep import datadir
 from data_prep.atomic import write_text
 from data_prep.errors import InputNotFoundError, WorkbookError
 from data_prep.options import add_data_dir, add_out
+from data_prep.progress import PROGRESS_ENV, QUIET
 from nbhelpers.settings import config, keyvalue
 
 NOTEBOOK_DIR = config.REPO_ROOT / "notebooks"
@@ -161,6 +163,8 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], cell_
         declared = pm.inspect_notebook(str(notebook))
     passed = {k: v for k, v in parameters.items() if k in declared}
     start = time.perf_counter()
+    previous = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = QUIET  # the kernel inherits it: one line per progress bar, headless
     try:
         pm.execute_notebook(
             str(notebook),
@@ -173,11 +177,16 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], cell_
         )
     except Exception as error:  # papermill raises its own error type, nbclient timeouts others
         raise NotebookFailed(_failure_message(notebook, output, error)) from error
+    finally:
+        if previous is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = previous
     return time.perf_counter() - start
 
 
 def run_workbook(
-    profile: str = "full",
+    profile: str = "teach",
     data_dir: str | None = None,
     out_dir: Path | None = None,
     only: Sequence[str] = (),
@@ -255,7 +264,8 @@ def _run_locked(profile: str, data: Path, run_dir: Path, notebooks: Sequence[Pat
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``workbook run``."""
-    parser.add_argument("--profile", default="full", help="run profile from nbhelpers/settings/profiles.toml (default: full)")
+    parser.add_argument("--profile", default="teach",
+                        help="run profile from nbhelpers/settings/profiles.toml: smoke, teach (default) or full")
     add_data_dir(parser)
     add_out(parser, "the executed notebooks and everything they write", default_text="results/runs/<profile>")
     parser.add_argument("--only", nargs="+", default=(), metavar="NN", help="run only notebooks starting with these numbers")

@@ -1,0 +1,125 @@
+"""Read an executed notebook as a student would, and list what would trip them up.
+
+:func:`output_problems` returns one line per problem in an executed notebook: an error output,
+a stderr block longer than :data:`MAX_STDERR_LINES`, a warning raised by the project's own code,
+a ``PosixPath(...)`` shown as a result, a path of the machine it ran on, or a notebook that does
+not end with a takeaway (a markdown cell headed ``Takeaway``).  The tests run it on the committed
+``teach`` run and on a fresh smoke run; ``workbook html`` refuses to render a run that has any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from data_prep.atomic import write_text
+from data_prep.errors import WorkbookError
+from data_prep.options import add_out
+
+#: Longest stderr block a notebook may show (a line or two of a library's notice is fine).
+MAX_STDERR_LINES = 5
+#: How a takeaway cell begins.
+TAKEAWAY = re.compile(r"^#+\s*Takeaway", re.IGNORECASE | re.MULTILINE)
+#: A warning printed by Python's warnings module from a file of this project.
+OWN_WARNING = re.compile(r"(nbhelpers|data_prep)/[\w/]+\.py:\d+: \w*Warning")
+#: Any warning category printed by the warnings module, e.g. ``TqdmWarning: IProgress not found``.
+ANY_WARNING = re.compile(r"\b\w*Warning: ")
+#: Absolute paths of a machine (a home, a temp or a work folder) that mean nothing to a reader.
+HOST_PATH = re.compile(r"(?<![\w.$~])/(?:root|home|tmp|work|Users|var/folders)/[\w.-]+")
+
+
+def _text(output: dict) -> str:
+    if output.get("output_type") == "stream":
+        text = output.get("text", "")
+    else:
+        text = output.get("data", {}).get("text/plain", "")
+    return "".join(text) if isinstance(text, list) else str(text)
+
+
+def output_problems(notebook: dict, allowed_warnings: Sequence[str] = ()) -> list[str]:
+    """Problems a reader would meet in the executed ``notebook`` (an nbformat dict), one line
+    each, naming the cell.  ``allowed_warnings`` are substrings of warnings from other libraries
+    that are accepted (each must be justified where it is passed)."""
+    problems: list[str] = []
+    cells = notebook.get("cells", [])
+    for number, cell in enumerate(cells):
+        where = f"cell {number}"
+        for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            kind, text = output.get("output_type"), _text(output)
+            if kind == "error":
+                problems.append(f"{where}: error output {output.get('ename')}: {output.get('evalue')}")
+                continue
+            if kind == "stream" and output.get("name") == "stderr":
+                lines = [line for line in text.splitlines() if line.strip()]
+                if len(lines) > MAX_STDERR_LINES:
+                    problems.append(f"{where}: stderr block of {len(lines)} lines: {lines[0][:80]!r} ...")
+            for match in ANY_WARNING.finditer(text):
+                line = text[max(0, text.rfind("\n", 0, match.start()) + 1):].splitlines()[0]
+                if OWN_WARNING.search(line) or not any(a in line for a in allowed_warnings):
+                    problems.append(f"{where}: warning shown: {line.strip()[:120]}")
+            if kind in ("execute_result", "display_data") and "PosixPath(" in text:
+                problems.append(f"{where}: a Path object shown as a result: {text.strip()[:80]}")
+            if kind != "error" and (match := HOST_PATH.search(text)):
+                problems.append(f"{where}: a path of this machine shown: {match.group(0)}")
+    last = next((c for c in reversed(cells) if "".join(c.get("source", "")).strip()), None)
+    if last is None or last.get("cell_type") != "markdown" or not TAKEAWAY.search("".join(last.get("source", ""))):
+        problems.append("last cell: not a markdown cell headed 'Takeaway'")
+    return problems
+
+
+def run_problems(paths: Iterable[Path], allowed_warnings: Sequence[str] = ()) -> dict[str, list[str]]:
+    """:func:`output_problems` of each executed notebook in ``paths``, keyed by its name (only
+    those with problems)."""
+    import nbformat
+
+    out = {}
+    for path in paths:
+        found = output_problems(nbformat.read(path, as_version=4), allowed_warnings)
+        if found:
+            out[Path(path).name] = found
+    return out
+
+
+class UnreadableRun(WorkbookError, ValueError):
+    """An executed run holds problems a reader would meet (see :func:`output_problems`)."""
+
+
+def render_html(run_dir: Path, out_dir: Path, allowed_warnings: Sequence[str] = ()) -> list[Path]:
+    """Render the executed notebooks ``NN_*.ipynb`` of ``run_dir`` to ``out_dir/NN_*.html`` (nbconvert's
+    lab template, figures embedded) with an ``index.html`` linking them in order; return the pages.
+    Refuses (:class:`UnreadableRun`, nothing written) when a notebook has a problem."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebooks = sorted(Path(run_dir).glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise UnreadableRun(f"no executed notebooks NN_*.ipynb in {run_dir}: run `workbook run --out {run_dir}` first")
+    problems = run_problems(notebooks, allowed_warnings)
+    if problems:
+        first = next(iter(problems.items()))
+        raise UnreadableRun(f"{sum(map(len, problems.values()))} problem(s) in {len(problems)} notebook(s), e.g. "
+                            f"{first[0]}: {first[1][0]}; fix them and rerun before rendering")
+    exporter = HTMLExporter(template_name="lab")
+    pages = []
+    for path in notebooks:
+        body, _ = exporter.from_notebook_node(nbformat.read(path, as_version=4))
+        pages.append(write_text(Path(out_dir) / f"{path.stem}.html", body))
+    links = "\n".join(f'<li><a href="{p.name}">{p.stem.replace("_", " ")}</a></li>' for p in pages)
+    write_text(Path(out_dir) / "index.html", f"<!doctype html><meta charset='utf-8'><title>cxr-workbook</title>"
+                                             f"<h1>cxr-workbook: the executed notebooks</h1><ol>\n{links}\n</ol>\n")
+    return pages
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook html``."""
+    parser.add_argument("run_dir", type=Path, help="folder of an executed run (workbook run --out)")
+    add_out(parser, "the HTML pages", default_text="RUN_DIR/html")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``workbook html``: check an executed run as a reader would and render it to HTML."""
+    pages = render_html(args.run_dir, args.out or args.run_dir / "html")
+    print(f"{len(pages)} pages in {(args.out or args.run_dir / 'html')}, index.html links them in order")
+    return 0

@@ -1,0 +1,80 @@
+"""What a notebook's session shows and checks: readable tables, the supply check before curating,
+the missing-step error, quiet progress bars, and one-line errors in IPython."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from data_prep import progress
+from data_prep.errors import WorkbookError
+from nbhelpers.settings import config
+from nbhelpers.tools import notebook
+
+
+def test_readable_unpacks_dicts_rounds_and_drops_the_index():
+    table = pd.DataFrame({"name": ["a", "b"], "ci": [{"low": 0.123456, "high": 0.9}, {"low": 0.2, "high": 0.8}],
+                          "x": [1.0 / 3, 2.0 / 3]}, index=[7, 9])
+    shown = notebook.readable(table, columns=["name", "ci", "x"])
+    assert list(shown.columns) == ["name", "ci.low", "ci.high", "x"]
+    assert list(shown.index) == [0, 1]
+    assert shown.loc[0, "ci.low"] == 0.123 and shown.loc[0, "x"] == 0.333
+
+
+def test_show_table_says_when_it_cuts(monkeypatch):
+    shown = []
+    monkeypatch.setattr(notebook, "_display", shown.append)
+    notebook.show_table(pd.DataFrame({"i": range(36), "j": range(36)}), columns=["i"], where="tables/t.csv")
+    styled = shown[0]
+    assert len(styled.data) == notebook.SHOW_ROWS
+    assert styled.caption == "showing 20 of 36 rows; 1 of 2 columns; all in tables/t.csv"
+
+
+def _session(profile: str, data_dir, tmp_path, **values) -> notebook.Session:
+    settings = config.resolve(profile, data_dir_=str(data_dir), run_dir=str(tmp_path), **values)
+    return notebook.Session(settings, device=None)
+
+
+def test_the_supply_check_stops_the_paper_profile_on_the_public_sources(data_dir, tmp_path):
+    with pytest.raises(notebook.SupplyError, match=r"needs 475 images per class.*covid \d+.*profile = \"teach\""):
+        notebook.check_supply(_session("full", data_dir, tmp_path))
+
+
+def test_the_supply_check_passes_the_teach_profile(data_dir, tmp_path):
+    counts = notebook.check_supply(_session("teach", data_dir, tmp_path))
+    assert min(counts.values()) >= config.load_profile("teach")["per_class"]
+
+
+def test_a_later_notebook_without_the_curated_set_names_notebook_01(data_dir, tmp_path):
+    with pytest.raises(notebook.MissingStepError, match="run notebook 01 first"):
+        _ = _session("teach", data_dir, tmp_path).manifest_path
+
+
+def test_quiet_progress_prints_one_closing_line(monkeypatch, capsys):
+    monkeypatch.setenv(progress.PROGRESS_ENV, progress.QUIET)
+    assert list(progress.tqdm(range(5), desc="hashing", unit="image")) == [0, 1, 2, 3, 4]
+    for _ in progress.tqdm(range(100), desc="batches", leave=False):
+        pass
+    with progress.tqdm(total=10, desc="cache", unit="img") as bar:
+        bar.update(4)
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("hashing: 5 image in ") and lines[1].startswith("cache: 4/10 img")
+    assert out.err == ""
+
+
+def test_live_progress_is_tqdm_when_not_quiet(monkeypatch):
+    monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
+    from tqdm.auto import tqdm as live
+
+    bar = progress.tqdm(range(2), disable=True)
+    assert isinstance(bar, live)
+
+
+def test_a_workbook_error_shows_as_one_line_in_ipython():
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    notebook._one_line_errors()
+    lines = shell.CustomTB(WorkbookError, WorkbookError("no data here;\n set CXR_DATA_DIR"), None)
+    assert lines == ["\033[0;31mWorkbookError\033[0m: no data here; set CXR_DATA_DIR"]

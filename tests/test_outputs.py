@@ -1,0 +1,98 @@
+"""The reader's check of executed notebooks: each problem it looks for is built and found, a clean
+notebook passes, and the committed ``teach`` run (and its HTML pages) passes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from nbhelpers.settings import config
+from nbhelpers.tools import outputs, run
+
+TEACH_RUN = config.RESULTS_DIR / "teach"
+
+
+def _notebook(*outs: dict, last: str = "## Takeaway\n\nWhat was shown.") -> dict:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x = 1")
+    cell.outputs = [nbformat.from_dict(o) for o in outs]
+    nb.cells = [cell, nbformat.v4.new_markdown_cell(last)]
+    return nb
+
+
+def _stream(text: str, name: str = "stdout") -> dict:
+    return {"output_type": "stream", "name": name, "text": text}
+
+
+def _result(text: str) -> dict:
+    return {"output_type": "execute_result", "execution_count": 1, "metadata": {}, "data": {"text/plain": text}}
+
+
+def test_a_clean_notebook_passes():
+    nb = _notebook(_stream("accuracy 0.75 (0.65-0.84)\n"), _stream("one line of a library\n", "stderr"))
+    assert outputs.output_problems(nb) == []
+
+
+@pytest.mark.parametrize("out, expected", [
+    ({"output_type": "error", "ename": "ValueError", "evalue": "bad", "traceback": []}, "error output"),
+    (_stream("".join(f"epoch {i}\n" for i in range(12)), "stderr"), "stderr block of 12 lines"),
+    (_stream("/x/nbhelpers/evaluation/preview.py:49: UserWarning: not writable\n", "stderr"), "warning shown"),
+    (_stream("TqdmWarning: IProgress not found\n", "stderr"), "warning shown"),
+    (_result("PosixPath('results/tables/a.csv')"), "Path object"),
+    (_stream("data directory: /root/data/cxr-sources\n"), "path of this machine"),
+    (_stream("wrote /tmp/pytest-of-root/run/tables/a.csv\n"), "path of this machine"),
+])
+def test_each_problem_is_found(out, expected):
+    problems = outputs.output_problems(_notebook(out))
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_notebook_without_a_takeaway_fails():
+    problems = outputs.output_problems(_notebook(last="## More results"))
+    assert problems == ["last cell: not a markdown cell headed 'Takeaway'"]
+
+
+def test_an_allowed_library_warning_passes_but_ours_never_does():
+    theirs = _stream("site-packages/lib/x.py:3: FutureWarning: will change\n", "stderr")
+    assert outputs.output_problems(_notebook(theirs), allowed_warnings=["FutureWarning: will change"]) == []
+    ours = _stream("/x/nbhelpers/a.py:3: FutureWarning: will change\n", "stderr")
+    assert outputs.output_problems(_notebook(ours), allowed_warnings=["FutureWarning: will change"])
+
+
+def test_render_refuses_a_run_with_problems(tmp_path):
+    nbformat.write(_notebook(_result("PosixPath('x')")), tmp_path / "01_x.ipynb")
+    with pytest.raises(outputs.UnreadableRun, match="Path object"):
+        outputs.render_html(tmp_path, tmp_path / "html")
+    assert not (tmp_path / "html").exists()
+
+
+def test_render_writes_pages_and_an_index(tmp_path):
+    nbformat.write(_notebook(_stream("fine\n")), tmp_path / "01_x.ipynb")
+    nbformat.write(_notebook(_stream("fine\n")), tmp_path / "02_y.ipynb")
+    pages = outputs.render_html(tmp_path, tmp_path / "html")
+    assert [p.name for p in pages] == ["01_x.html", "02_y.html"]
+    index = (tmp_path / "html" / "index.html").read_text()
+    assert index.index("01_x.html") < index.index("02_y.html")
+
+
+def test_source_notebooks_are_output_free_and_end_with_a_takeaway():
+    for path in run.ordered_notebooks():
+        nb = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code"), \
+            f"{path.name} holds outputs: clear them before committing"
+        problems = outputs.output_problems(nb)
+        assert problems == [], f"{path.name}: {problems}"
+
+
+def test_the_committed_teach_run_reads_cleanly():
+    executed = sorted(TEACH_RUN.glob("[0-9][0-9]_*.ipynb"))
+    assert [p.name for p in executed] == [p.name for p in run.ordered_notebooks()], \
+        "results/teach must hold every notebook, executed (make teach)"
+    assert outputs.run_problems(executed) == {}
+    for path in executed:
+        nb = nbformat.read(path, as_version=4)
+        assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} was not executed"
+        assert nb.metadata.get("papermill", {}).get("parameters", {}).get("profile") == "teach", path.name
+        assert (TEACH_RUN / "html" / f"{path.stem}.html").is_file(), f"{path.stem}.html missing: make html"

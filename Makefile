@@ -1,18 +1,19 @@
 # cxr-workbook: `make workbook` runs every notebook, `make test` runs the test suite.
-# Both create the virtual environment in .venv on first use.
+# Both create the virtual environment in .venv on first use.  `make teach` runs the classroom
+# profile and keeps its executed notebooks in results/teach; `make html` renders them.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 KERNEL := cxr-workbook
-PROFILE ?= full
+PROFILE ?= teach
 # Where the upstream sources live; empty means: use $CXR_DATA_DIR.
 DATA ?=
 PYTEST_ARGS ?=
 # Extra runner arguments, e.g. ARGS="-p balance=down --only 01 02".
 ARGS ?=
 
-.PHONY: install workbook test lab clean-runs
+.PHONY: install workbook test lab teach html clean-runs gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +30,25 @@ workbook: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Jupyter refuses to start as root unless told; containers and CI often run as root.
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# The committed classroom run: executed into results/runs/teach (checkpoints and caches stay
+# there, ignored), its notebooks and timings copied to results/teach, then rendered.
+TEACH_RUN := results/runs/teach
+teach: install
+	$(PY) -m nbhelpers run --profile teach $(if $(DATA),--data-dir $(DATA)) --out $(TEACH_RUN) $(ARGS)
+	mkdir -p results/teach
+	cp $(TEACH_RUN)/[0-9][0-9]_*.ipynb $(TEACH_RUN)/workbook_run.json results/teach/
+	$(MAKE) html
+
+html: install
+	$(PY) -m nbhelpers html results/teach --out results/teach/html
 
 clean-runs:
 	rm -rf results/runs results/cache
+
+# The GPU check with the machine's own python3 (build gpu_cache/ first: workbook gpu-check build-cache).
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)

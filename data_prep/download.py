@@ -1,60 +1,58 @@
 """Fetch the upstream sources into a data directory laid out like the mirror.
 
-``workbook download --to DIR [--sources ieee8023 figure1 actualmed rsna nih]``
+``workbook download --to DIR [--sources ieee8023 figure1 actualmed rsna nih] [--mirror URL]``
 
-* ieee8023, Figure1, Actualmed: GitHub archives of pinned commits, resumable, with the metadata
-  file checked against its known SHA-256 (byte-identical to the development mirror).
-* RSNA Pneumonia Detection Challenge: through the Kaggle API (``pip install kaggle``, an API token
-  in ``~/.kaggle/kaggle.json`` or ``$KAGGLE_USERNAME``/``$KAGGLE_KEY``, and the competition rules
-  accepted on kaggle.com).
-* NIH ChestX-ray14: the 12 image archives from the NIH Box links (about 45 GB); the metadata file
-  ``Data_Entry_2017_v2020.csv`` must be downloaded by hand from the NIH Box folder.
+* ieee8023, Figure1, Actualmed: the GitHub archive of each pinned commit (:data:`data_prep.pins.PINNED`),
+  checked before it is unpacked (the whole gzip stream, and the SHA-256 of the metadata file
+  inside, which is byte-identical to the development mirror's).
+* RSNA Pneumonia Detection Challenge: the competition archive from Kaggle's API with the user's
+  API token (:mod:`data_prep.credentials`); the competition rules must be accepted on kaggle.com.
+* NIH ChestX-ray14 (not in the default set: about 45 GB): the 12 image archives from the NIH Box
+  links; ``Data_Entry_2017_v2020.csv``, which NIH offers only behind its web page, is unpacked
+  from the torchxrayvision wheel (:data:`data_prep.pins.PACKAGED`) and its origin recorded in
+  ``Data_Entry_2017_v2020.csv.origin``.
 
-Every network step has a timeout, so an offline machine fails fast with a message saying what
-to do, rather than hanging.
+Transfers resume where they broke off and unpack whole or not at all (:mod:`data_prep.fetch`);
+archives are deleted once unpacked; a source already in place is not fetched again, and a folder
+of another version is never overwritten.  Every network step has a timeout.  A failure is one
+line naming the source, what went wrong and how to fetch it by hand (exit status 2);
+``$CXR_DOWNLOAD_BASE`` (or ``--mirror``) reads every file from a mirror instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib.metadata
 import importlib.util
 import os
 import shutil
-import socket
-import tarfile
-import urllib.error
-import urllib.request
-import zipfile
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from data_prep.pins import PINNED
+from data_prep.atomic import atomic_path, write_text
+from data_prep.credentials import kaggle_credentials
+from data_prep.fetch import (
+    MIRROR_ENV, DownloadError, check_tar, check_zip, fetch_verified, mirror_base, mirrored, unpack_tar, unpack_zip,
+)
+from data_prep.pins import PACKAGED, PINNED
 from data_prep.sources import SOURCES
 from data_prep.table import sha256_file
-from data_prep.errors import WorkbookError
 
-#: Seconds a connection or a single read may stall before the download gives up.
-TIMEOUT_S = 30
-CHUNK_BYTES = 1 << 20
-PART_SUFFIX = ".part"
-DOWNLOADS_DIR = ".downloads"  # archives are kept here under the target folder, so a rerun resumes
+__all__ = ["DownloadError", "download", "download_github", "download_nih", "download_rsna", "nih_metadata"]
+
+DOWNLOADS_DIR = ".downloads"  # archives and partial transfers, under the target folder
 GITHUB_ARCHIVE = "https://github.com/{repo}/archive/{commit}.tar.gz"
 DEFAULT_SOURCES = ("ieee8023", "figure1", "actualmed", "rsna")  # the seed paper's four sources
-USER_AGENT = "cxr-workbook data_prep.download"
-
-
-class DownloadError(WorkbookError, RuntimeError):
-    """A source could not be fetched or verified; the message says why and what to do.  The
-    command exits with status 1: the network or the upstream failed, not the settings."""
-
-    exit_status = 1
-
-
 RSNA_COMPETITION = "rsna-pneumonia-detection-challenge"
+#: Kaggle's REST endpoint for a competition's whole data archive (what ``kaggle competitions
+#: download -c NAME`` requests); it answers with a redirect to the archive in cloud storage.
+KAGGLE_ARCHIVE = "https://www.kaggle.com/api/v1/competitions/data/download-all/{competition}"
+RSNA_DONE = ("stage_2_detailed_class_info.csv", "stage_2_train_images")
 NIH_PAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 NIH_METADATA = "Data_Entry_2017_v2020.csv"
+ORIGIN_SUFFIX = ".origin"
 #: The NIH-published download links of images_001.tar.gz ... images_012.tar.gz.
 NIH_ARCHIVES: tuple[str, ...] = tuple(
     f"https://nihcc.box.com/shared/static/{key}.gz"
@@ -69,168 +67,166 @@ NIH_ARCHIVES: tuple[str, ...] = tuple(
 )
 
 
-def fetch(url: str, dest: Path, sha256: str | None = None, timeout: float = TIMEOUT_S) -> Path:
-    """Download ``url`` to ``dest`` with a progress bar, resuming a partial ``dest.part`` when the server allows.
-
-    Returns ``dest`` (at once when it already exists).  With ``sha256`` the finished file is
-    verified and a mismatch deletes it.  Raises :class:`DownloadError` naming the URL on network
-    errors, timeouts (``timeout`` seconds without progress), HTTP errors and hash mismatches.
-    """
-    dest = Path(dest)
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + PART_SUFFIX)
-    offset = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            resumed = offset > 0 and response.status == 206  # a 200 means the server sent it all again
-            start = offset if resumed else 0
-            length = response.headers.get("Content-Length")
-            total = start + int(length) if length else None
-            with open(part, "ab" if resumed else "wb") as out, tqdm(
-                total=total, initial=start, unit="B", unit_scale=True, desc=dest.name
-            ) as bar:
-                for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as err:
-        raise DownloadError(f"{url} answered HTTP {err.code} {err.reason}; the link may have moved") from err
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as err:
-        reason = getattr(err, "reason", err)
-        raise DownloadError(
-            f"could not download {url}: {reason}. Check the network connection (and any proxy); "
-            f"a rerun resumes from {part.name}. Offline, point $CXR_DATA_DIR at a local mirror instead."
-        ) from err
-    if sha256 is not None:
-        got = sha256_file(part)
-        if got != sha256:
-            part.unlink()
-            raise DownloadError(f"{url}: SHA-256 {got} != expected {sha256}; the partial file was deleted, rerun")
-    part.replace(dest)
-    return dest
+def _failed(name: str, error: DownloadError, by_hand: str, mirror: str | None) -> DownloadError:
+    """``error`` as one line naming source ``name`` and how to fetch it without this command."""
+    message = str(error).rstrip(".")
+    base = mirror_base(mirror)
+    other = f"or check the mirror {base}" if base else f"or set ${MIRROR_ENV} to a mirror of the upstream hosts"
+    return DownloadError(f"{name}: {message}. By hand: {by_hand}; {other}", error.status)
 
 
-def _extract_tar(archive: Path, target: Path, strip_top: bool) -> None:
-    """Extract ``archive`` into ``target`` (safely: no absolute paths or ``..``), optionally dropping its top folder."""
-    with tarfile.open(archive) as tar:
-        members = tar.getmembers()
-        if strip_top:
-            for member in members:
-                member.name = member.name.partition("/")[2]
-            members = [m for m in members if m.name]
-        for member in tqdm(members, desc=f"extracting {archive.name}", unit="file"):
-            tar.extract(member, target, filter="data")
+def _refuse_other_version(name: str, folder: Path, what: str) -> DownloadError:
+    return DownloadError(f"{name}: {folder} exists but {what}; it is left as it is: move it away (or delete it) "
+                         "and rerun to fetch the pinned version")
 
 
-def download_github(name: str, to: Path, url_template: str = GITHUB_ARCHIVE) -> Path:
+def download_github(name: str, to: Path, mirror: str | None = None) -> Path:
     """Fetch source ``name`` (ieee8023, figure1, actualmed) at its pinned commit into ``to/<folder>``.
 
-    Skipped when the folder already holds the pinned metadata.  Raises :class:`DownloadError` on
-    network problems or when the extracted metadata is not the pinned version.
+    Returns at once, without network, when the folder holds the pinned metadata.  ``mirror``
+    replaces ``$CXR_DOWNLOAD_BASE``.  Raises :class:`DownloadError` naming the source and the
+    manual way when the folder holds another version, the archive cannot be fetched, or it comes
+    twice without the pinned metadata.
     """
     snap = PINNED[name]
     folder = to / SOURCES[name].folders[0]
     check = folder / snap.check_file
-    if check.is_file() and sha256_file(check) == snap.check_sha256:
-        return folder
-    url = url_template.format(repo=snap.repo, commit=snap.commit)
-    archive = fetch(url, to / DOWNLOADS_DIR / f"{folder.name}-{snap.commit}.tar.gz")
-    staging = to / DOWNLOADS_DIR / f"{folder.name}-{snap.commit}"
-    shutil.rmtree(staging, ignore_errors=True)
+    if folder.exists():
+        if check.is_file() and sha256_file(check) == snap.check_sha256:
+            return folder
+        state = "has another " + snap.check_file if check.is_file() else "has no " + snap.check_file
+        raise _refuse_other_version(name, folder, f"{state} than commit {snap.commit} of {snap.repo}")
+    url = GITHUB_ARCHIVE.format(repo=snap.repo, commit=snap.commit)
+    by_hand = (f"download {url} (or clone https://github.com/{snap.repo} and check out {snap.commit}) and "
+               f"unpack it as {folder}")
+    archive = to / DOWNLOADS_DIR / f"{folder.name}-{snap.commit}.tar.gz"
     try:
-        _extract_tar(archive, staging, strip_top=True)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        archive.unlink(missing_ok=True)
-        raise DownloadError(f"archive {archive} from {url} is corrupt ({err}); it was deleted, rerun") from err
-    got = sha256_file(staging / snap.check_file) if (staging / snap.check_file).is_file() else "missing"
-    if got != snap.check_sha256:
-        raise DownloadError(
-            f"{url}: {snap.check_file} has SHA-256 {got}, expected {snap.check_sha256}; "
-            f"is commit {snap.commit} still in {snap.repo}?"
-        )
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.replace(folder)
+        fetch_verified(mirrored(url, mirror), archive, lambda p: check_tar(p, snap.check_file, snap.check_sha256))
+        unpack_tar(archive, folder, strip_top=True)
+    except DownloadError as err:
+        raise _failed(name, err, by_hand, mirror) from None
+    archive.unlink()
     return folder
 
 
-def _kaggle_credentials() -> bool:
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-        return True
-    config = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-    return (config / "kaggle.json").is_file()
+def packaged_file(source: str) -> tuple[Path, str] | None:
+    """The file that a library ships for ``source`` (:data:`PACKAGED`) and the library's installed
+    version, or None when the library is not installed.  The library is located, not imported
+    (torchxrayvision takes seconds to import)."""
+    pin = PACKAGED[source]
+    spec = importlib.util.find_spec(pin.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / pin.member
+    return (path, importlib.metadata.version(pin.package)) if path.is_file() else None
 
 
-def download_rsna(to: Path) -> Path:
-    """Fetch the RSNA Pneumonia Detection Challenge through the Kaggle API into ``to/<rsna folder>``.
+def nih_metadata(folder: Path) -> Path:
+    """Put ``Data_Entry_2017_v2020.csv`` into the NIH ``folder``: kept when it is there, else
+    unpacked from the installed torchxrayvision wheel, checked against its pinned SHA-256, with a
+    ``.origin`` file saying where it came from.  Returns its path.
 
-    Raises :class:`DownloadError` when the ``kaggle`` package or the API credentials are missing
-    (checked before any network use), or when the download fails (network, rules not accepted).
+    Raises :class:`DownloadError` saying what to install or fetch by hand when torchxrayvision is
+    not installed or its copy is not the pinned file.
     """
-    folder = to / SOURCES["rsna"].folders[0]
-    if (folder / "stage_2_detailed_class_info.csv").is_file() and (folder / "stage_2_train_images").is_dir():
-        return folder
-    if importlib.util.find_spec("kaggle") is None:
-        raise DownloadError("RSNA comes from Kaggle: install its client with `pip install kaggle` and rerun")
-    if not _kaggle_credentials():
-        raise DownloadError(
-            "RSNA needs Kaggle API credentials: create a token at https://www.kaggle.com/settings "
-            "(API > Create New Token) and save it as ~/.kaggle/kaggle.json, or set KAGGLE_USERNAME "
-            f"and KAGGLE_KEY; also accept the rules at https://www.kaggle.com/c/{RSNA_COMPETITION}/rules"
-        )
-    from kaggle.api.kaggle_api_extended import KaggleApi  # imported late: it reads credentials on import
-
-    downloads = to / DOWNLOADS_DIR
-    downloads.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(TIMEOUT_S)  # the client sets no timeout of its own: never hang offline
-    try:
-        api = KaggleApi()
-        api.authenticate()
-        api.competition_download_files(RSNA_COMPETITION, path=str(downloads), quiet=False)
-    except Exception as err:  # the client raises its own and requests' errors: re-raise all with advice
-        raise DownloadError(
-            f"Kaggle download of {RSNA_COMPETITION} failed: {type(err).__name__}: {err}. Check the network, "
-            f"the credentials, and that the competition rules are accepted on kaggle.com"
-        ) from err
-    finally:
-        socket.setdefaulttimeout(previous)
-    archive = downloads / f"{RSNA_COMPETITION}.zip"
-    with zipfile.ZipFile(archive) as zf:
-        for member in tqdm(zf.infolist(), desc=f"extracting {archive.name}", unit="file"):
-            zf.extract(member, folder)
-    return folder
+    pin = PACKAGED["nih"]
+    dest = folder / pin.name
+    if dest.is_file():
+        return dest
+    by_hand = f"download {pin.name} from {NIH_PAGE} and save it as {dest}"
+    found = packaged_file("nih")
+    if found is None:
+        raise DownloadError(f"nih: {pin.name} is not in {folder} and {pin.package}, whose wheel ships it, is not "
+                            f"installed: `pip install {pin.package}=={pin.version}` and rerun, or {by_hand}")
+    source, version = found
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        with gzip.open(source) as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out)
+        got = sha256_file(tmp)
+        if got != pin.sha256:
+            raise DownloadError(f"nih: {source} ({pin.package} {version}) unpacks to SHA-256 {got}, not the pinned "
+                                f"{pin.sha256} of {pin.package} {pin.version}: install that version, or {by_hand}")
+    write_text(folder / f"{pin.name}{ORIGIN_SUFFIX}",
+               f"{pin.name}: unpacked from {pin.package} {version} ({pin.package}/{pin.member}), SHA-256 {got}\n")
+    print(f"nih: {pin.name} unpacked from {pin.package} {version}", file=sys.stderr)
+    return dest
 
 
-def download_nih(to: Path) -> Path:
-    """Fetch the 12 NIH ChestX-ray14 image archives into ``to/ChestX-ray14/images``.
+def download_nih(to: Path, mirror: str | None = None) -> Path:
+    """Fetch NIH ChestX-ray14 into ``to/ChestX-ray14``: its metadata (:func:`nih_metadata`) and
+    the 12 image archives into ``images/``.
 
-    The metadata file must be fetched by hand (NIH publishes no direct link); raises
-    :class:`DownloadError` with instructions when it is absent after the images are in place,
-    or when a download fails.
+    Each archive is checked whole, unpacked beside the folder, its images moved in (each file
+    whole), marked done and deleted, so a rerun continues with the next one.  Raises
+    :class:`DownloadError` naming the source and the manual way when a step fails.
     """
     folder = to / SOURCES["nih"].folders[0]
+    nih_metadata(folder)
+    images = folder / "images"
+    downloads = to / DOWNLOADS_DIR
+    by_hand = f"download images_001.tar.gz ... images_012.tar.gz from {NIH_PAGE} and unpack them into {folder}"
     for number, url in enumerate(NIH_ARCHIVES, start=1):
-        done = folder / DOWNLOADS_DIR / f"images_{number:03d}.done"
+        stem = f"images_{number:03d}"
+        done = downloads / f"{stem}.done"
         if done.is_file():
             continue
-        archive = fetch(url, to / DOWNLOADS_DIR / f"images_{number:03d}.tar.gz")
-        _extract_tar(archive, folder, strip_top=False)  # members are images/<name>.png
-        done.parent.mkdir(parents=True, exist_ok=True)
+        archive, unpacked = downloads / f"{stem}.tar.gz", downloads / stem
+        shutil.rmtree(unpacked, ignore_errors=True)  # an earlier run stopped while moving its images
+        try:
+            fetch_verified(mirrored(url, mirror), archive, lambda p: check_tar(p, strip_top=False))
+            unpack_tar(archive, unpacked)
+        except DownloadError as err:
+            raise _failed("nih", err, by_hand, mirror) from None
+        images.mkdir(parents=True, exist_ok=True)
+        for path in sorted((unpacked / "images").glob("*")):
+            os.replace(path, images / path.name)
+        shutil.rmtree(unpacked)
+        archive.unlink()
         done.touch()
-    if not (folder / NIH_METADATA).is_file():
-        raise DownloadError(
-            f"NIH images are in {folder / 'images'}; now download {NIH_METADATA} by hand from {NIH_PAGE} "
-            f"and save it as {folder / NIH_METADATA}"
-        )
     return folder
 
 
-def download(to: Path, sources: Sequence[str] = DEFAULT_SOURCES) -> dict[str, Path]:
-    """Fetch each of ``sources`` into ``to``; return their folders.  Raises :class:`DownloadError` at the first failure."""
+def download_rsna(to: Path, mirror: str | None = None) -> Path:
+    """Fetch the RSNA Pneumonia Detection Challenge from Kaggle into ``to/<rsna folder>``.
+
+    Returns at once when the folder holds the class table and the training images.  Raises
+    :class:`~data_prep.credentials.CredentialsError` saying where to put a Kaggle token when
+    there is none (before any network use), and :class:`DownloadError` for a token Kaggle
+    refuses, competition rules not accepted, or a failed transfer.  The key never appears in a
+    message.
+    """
+    folder = to / SOURCES["rsna"].folders[0]
+    if folder.exists():
+        if all((folder / name).exists() for name in RSNA_DONE):
+            return folder
+        raise _refuse_other_version("rsna", folder, f"lacks {' or '.join(RSNA_DONE)}")
+    token = kaggle_credentials()
+    url = KAGGLE_ARCHIVE.format(competition=RSNA_COMPETITION)
+    page = f"https://www.kaggle.com/c/{RSNA_COMPETITION}"
+    by_hand = (f"download the data at {page}/data (or `kaggle competitions download -c {RSNA_COMPETITION}`) and "
+               f"unzip it into {folder}")
+    archive = to / DOWNLOADS_DIR / f"{RSNA_COMPETITION}.zip"
+    try:
+        fetch_verified(mirrored(url, mirror), archive, check_zip,
+                       headers={"Authorization": token.authorization()}, secrets=token.secrets())
+        unpack_zip(archive, folder)
+    except DownloadError as err:
+        if err.status == 401:
+            raise DownloadError(f"rsna: Kaggle refused the API token from {token.origin} (HTTP 401); create a new "
+                                f"one at https://www.kaggle.com/settings and save it there", 401) from None
+        if err.status == 403:
+            raise DownloadError(f"rsna: Kaggle refused the download (HTTP 403); accept the competition rules at "
+                                f"{page}/rules with the account of the token from {token.origin}, then rerun",
+                                403) from None
+        raise _failed("rsna", err, by_hand, mirror) from None
+    archive.unlink()
+    return folder
+
+
+def download(to: Path, sources: Sequence[str] = DEFAULT_SOURCES, mirror: str | None = None) -> dict[str, Path]:
+    """Fetch each of ``sources`` into ``to``, from ``mirror`` when given (else ``$CXR_DOWNLOAD_BASE``
+    or upstream); return their folders.  Raises :class:`DownloadError` at the first failure."""
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise DownloadError(f"unknown source(s) {unknown}; known: {', '.join(SOURCES)}")
@@ -239,11 +235,11 @@ def download(to: Path, sources: Sequence[str] = DEFAULT_SOURCES) -> dict[str, Pa
     folders = {}
     for name in sources:
         if name in PINNED:
-            folders[name] = download_github(name, to)
+            folders[name] = download_github(name, to, mirror)
         elif name == "rsna":
-            folders[name] = download_rsna(to)
+            folders[name] = download_rsna(to, mirror)
         else:
-            folders[name] = download_nih(to)
+            folders[name] = download_nih(to, mirror)
     return folders
 
 
@@ -251,12 +247,15 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``workbook download``."""
     parser.add_argument("--to", type=Path, required=True, metavar="FOLDER",
                         help="data directory to fill (becomes $CXR_DATA_DIR)")
-    parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(DEFAULT_SOURCES))
+    parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(DEFAULT_SOURCES),
+                        help=f"default: {' '.join(DEFAULT_SOURCES)} (nih is about 45 GB)")
+    parser.add_argument("--mirror", metavar="URL", default=None,
+                        help=f"read every file from URL/<upstream host>/<path> (default: ${MIRROR_ENV}, else upstream)")
 
 
 def run_download_command(args: argparse.Namespace) -> int:
     """``workbook download``: fetch the sources into ``--to`` and print their folders; returns 0
-    (a failed fetch raises :class:`DownloadError`, exit status 1)."""
-    for name, folder in download(args.to, args.sources).items():
+    (a failed fetch raises :class:`DownloadError`, exit status 2)."""
+    for name, folder in download(args.to, args.sources, args.mirror).items():
         print(f"{name}: {folder}")
     return 0

@@ -1,5 +1,6 @@
 """The upstream versions the workbook was built against: each GitHub source at a pinned commit,
-with the SHA-256 and data row count of its metadata file."""
+with the SHA-256 and data row count of its metadata file, and the metadata files that a library
+ships in its wheel (:data:`PACKAGED`)."""
 
 from __future__ import annotations
 
@@ -32,5 +33,30 @@ PINNED: dict[str, GitSnapshot] = {
     "actualmed": GitSnapshot(
         "agchung/Actualmed-COVID-chestxray-dataset", "27240dd8", "metadata.csv",
         "df7d0b406282d9b8e7163316c9028410f50502ea55159863d798bc6e0c35e10e", 238,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    """An upstream metadata file that a PyPI package ships (gzip'd) inside its wheel: the package,
+    the version checked, the member below the package folder, the file name in the source folder,
+    and the SHA-256 and data row count of the unpacked file."""
+
+    package: str
+    version: str
+    member: str
+    name: str
+    sha256: str
+    rows: int
+
+
+#: Metadata that a library ships, so nobody has to fetch it by hand.  NIH publishes
+#: Data_Entry_2017_v2020.csv only behind its Box web page; torchxrayvision's wheel carries the
+#: same file (the mirror's NIH rows are byte-identical lines of it).
+PACKAGED: dict[str, PackagedFile] = {
+    "nih": PackagedFile(
+        "torchxrayvision", "1.5.7", "data/Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017_v2020.csv",
+        "dc1d2df67fdc1c5a7601d48699cda2b13dc2c4841488b4183dcf04884dbaca11", 112120,
     ),
 }

@@ -1,4 +1,5 @@
-"""Download code paths that need no internet: local HTTP server, offline errors, missing credentials."""
+"""Download building blocks that need no internet: fetch against a plain local server, offline
+errors, mirror URLs, Kaggle credentials (the whole command: tests/test_download_server.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import functools
 import hashlib
 import http.server
 import io
+import re
 import socket
 import tarfile
 import threading
@@ -15,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from data_prep import download as dl
+from data_prep.credentials import CredentialsError, kaggle_credentials
+from data_prep.download import DownloadError, download_github
+from data_prep.fetch import MIRROR_ENV, fetch, mirrored
 from data_prep.pins import GitSnapshot
-from data_prep.download import DownloadError, download_github, download_rsna, fetch
 from nbhelpers.tools.cli import main
 
 
@@ -28,7 +32,7 @@ def server(tmp_path: Path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *args: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", root
     httpd.shutdown()
@@ -69,7 +73,7 @@ def test_fetch_rejects_wrong_hash(server, tmp_path: Path) -> None:
 
 def test_offline_fails_fast_with_clear_message(tmp_path: Path) -> None:
     start = time.monotonic()
-    with pytest.raises(DownloadError, match="could not download .*Check the network"):
+    with pytest.raises(DownloadError, match="could not download .*check the network"):
         fetch(f"http://127.0.0.1:{_closed_port()}/x.tar.gz", tmp_path / "x.tar.gz", timeout=5)
     assert time.monotonic() - start < 5
 
@@ -80,9 +84,10 @@ def test_http_error_names_url(server, tmp_path: Path) -> None:
         fetch(f"{base}/missing.tar.gz", tmp_path / "missing.tar.gz")
 
 
-def _github_archive(root: Path, top: str, metadata: bytes) -> None:
-    """A tarball laid out like GitHub's: everything under one ``<repo>-<commit>/`` folder."""
-    with tarfile.open(root / "archive.tar.gz", "w:gz") as tar:
+def _github_archive(root: Path, path: str, top: str, metadata: bytes) -> None:
+    """A tarball laid out like GitHub's (everything under one ``<repo>-<commit>/`` folder) at ``root/path``."""
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / path, "w:gz") as tar:
         for name, data in ((f"{top}/metadata.csv", metadata), (f"{top}/images/a.png", b"png")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -92,34 +97,56 @@ def _github_archive(root: Path, top: str, metadata: bytes) -> None:
 def test_github_snapshot_is_extracted_and_verified(server, tmp_path: Path, monkeypatch) -> None:
     base, root = server
     metadata = b"patientid,finding\n1,COVID-19\n"
-    _github_archive(root, "Figure1-COVID-chestxray-dataset-95bb569e", metadata)
     snap = GitSnapshot("agchung/Figure1-COVID-chestxray-dataset", "95bb569e", "metadata.csv",
                        hashlib.sha256(metadata).hexdigest())
+    _github_archive(root, f"github.com/{snap.repo}/archive/{snap.commit}.tar.gz",
+                    "Figure1-COVID-chestxray-dataset-95bb569e", metadata)
     monkeypatch.setitem(dl.PINNED, "figure1", snap)
-    folder = download_github("figure1", tmp_path / "data", url_template=f"{base}/archive.tar.gz")
+    folder = download_github("figure1", tmp_path / "data", mirror=base)
     assert folder == tmp_path / "data" / "Figure1-COVID-chestxray-dataset"
     assert (folder / "metadata.csv").read_bytes() == metadata and (folder / "images" / "a.png").is_file()
     # A different version upstream is refused rather than silently used.
     monkeypatch.setitem(dl.PINNED, "figure1", GitSnapshot(snap.repo, snap.commit, "metadata.csv", "f" * 64))
     with pytest.raises(DownloadError, match="metadata.csv has SHA-256"):
-        download_github("figure1", tmp_path / "other", url_template=f"{base}/archive.tar.gz")
+        download_github("figure1", tmp_path / "other", mirror=base)
+    assert not (tmp_path / "other" / "Figure1-COVID-chestxray-dataset").exists()
 
 
-def test_rsna_without_kaggle_client_or_credentials(tmp_path: Path, monkeypatch) -> None:
-    real_find_spec = dl.importlib.util.find_spec
-    monkeypatch.setattr(dl.importlib.util, "find_spec", lambda name: None if name == "kaggle" else real_find_spec(name))
-    with pytest.raises(DownloadError, match="pip install kaggle"):
-        download_rsna(tmp_path)
-    monkeypatch.setattr(dl.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
-    monkeypatch.delenv("KAGGLE_KEY", raising=False)
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
-    with pytest.raises(DownloadError, match="kaggle.json"):
-        download_rsna(tmp_path)
+def test_mirrored_urls_keep_the_upstream_host_and_path(monkeypatch) -> None:
+    url = "https://github.com/a/b/archive/c.tar.gz"
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
+    assert mirrored(url) == url
+    assert mirrored(url, "http://m:8/base/") == "http://m:8/base/github.com/a/b/archive/c.tar.gz"
+    monkeypatch.setenv(MIRROR_ENV, "file-server")
+    assert mirrored("https://h/x?y=1") == "file-server/h/x?y=1" and mirrored(url, "") == url
 
 
-def test_command_line_reports_failure(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(dl, "GITHUB_ARCHIVE", f"http://127.0.0.1:{_closed_port()}/{{repo}}/{{commit}}.tar.gz")
-    monkeypatch.setattr(dl.download_github, "__defaults__", (dl.GITHUB_ARCHIVE,))
-    assert main(["download", "--to", str(tmp_path), "--sources", "actualmed"]) == 1
-    assert "could not download" in capsys.readouterr().err
+def test_kaggle_credentials_are_found_where_the_client_looks(tmp_path: Path, monkeypatch) -> None:
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(CredentialsError, match=re.escape(str(tmp_path / ".kaggle" / "kaggle.json"))):
+        kaggle_credentials()
+    (tmp_path / ".config" / "kaggle").mkdir(parents=True)
+    (tmp_path / ".config" / "kaggle" / "kaggle.json").write_text('{"username": "u1", "key": "k1"}')
+    assert kaggle_credentials().username == "u1"  # the XDG place
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle" / "kaggle.json").write_text('{"username": "u2", "key": "secret-2"}')
+    found = kaggle_credentials()
+    assert (found.username, found.key) == ("u2", "secret-2") and "secret-2" not in repr(found)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "kaggle.json").write_text("{not json: secret-3}")
+    with pytest.raises(CredentialsError, match="cannot read the Kaggle token") as caught:
+        kaggle_credentials()
+    assert "secret-3" not in str(caught.value)
+    monkeypatch.setenv("KAGGLE_USERNAME", "u4")
+    monkeypatch.setenv("KAGGLE_KEY", "k4")
+    assert kaggle_credentials().origin == "$KAGGLE_USERNAME/$KAGGLE_KEY"  # the environment comes first
+
+
+def test_command_line_reports_failure(tmp_path: Path, capsys) -> None:
+    mirror = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["download", "--to", str(tmp_path), "--sources", "actualmed", "--mirror", mirror]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: actualmed: could not download") and err.count("\n") == 1

@@ -3,6 +3,8 @@
 Architecture modules register a builder with :func:`register_model`; users call :func:`create`.
 A builder takes ``(num_classes, in_chans, pretrained, **options)`` and returns a model whose
 Grad-CAM target layers are named by :func:`set_cam_layers`, so CAM code needs no per-model branches.
+``pretrained`` reaches a builder as False, True (ImageNet) or ``"xrv:NAME"`` (torchxrayvision's
+chest X-ray weights, only for models registered with ``weights=(..., "xrv")``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any, Callable
 
 from torch import nn
 from data_prep.errors import WorkbookError
+
+from .pretrained import PretrainedWeightsError
+from .xrv import XRV_DENSENET_WEIGHTS, XRV_PREFIX, xrv_weights_name
 
 #: Attributes the registry sets on every model it creates.
 CAM_LAYERS_ATTR = "cam_layer_names"
@@ -43,6 +48,7 @@ class ModelSpec:
     source: str = ""  # "seed 001", "timm", "torchvision", ...
     image_size: int = 224  # the input size its paper uses
     description: str = ""
+    weights: tuple[str, ...] = ("imagenet",)  # what pretrained= may name: "imagenet" (True), "xrv"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -55,13 +61,15 @@ def register_model(
     source: str = "",
     image_size: int = 224,
     description: str = "",
+    weights: tuple[str, ...] = ("imagenet",),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering ``builder`` under ``name``; raise ValueError if the name is taken."""
+    """Decorator registering ``builder`` under ``name``; raise ValueError if the name is taken.
+    ``weights`` names the pretrained weights the builder can load ("imagenet", "xrv")."""
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice ({_REGISTRY[name].builder.__module__})")
-        _REGISTRY[name] = ModelSpec(name, builder, dict(options or {}), source, image_size, description)
+        _REGISTRY[name] = ModelSpec(name, builder, dict(options or {}), source, image_size, description, tuple(weights))
         return builder
 
     return decorator
@@ -84,15 +92,43 @@ def model_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-def create(name: str, num_classes: int = 3, in_chans: int = 3, pretrained: bool = False, **options: Any) -> nn.Module:
+def resolve_pretrained(name: str, pretrained: bool | str | None) -> bool | str:
+    """What ``pretrained`` asks of model ``name``: False (none), True (ImageNet) or ``"xrv:NAME"``.
+
+    Accepts a bool (or None), "none"/"false", "imagenet"/"true" and ``"xrv:NAME"``; raises
+    :class:`PretrainedWeightsError` naming the valid values for anything else, or the models
+    that have torchxrayvision weights when ``name`` has none.
+    """
+    spec = model_spec(name)
+    if not isinstance(pretrained, str):
+        return bool(pretrained)
+    if pretrained.lower() in ("none", "false", ""):
+        return False
+    if pretrained.lower() in ("imagenet", "true"):
+        return True
+    if xrv_weights_name(pretrained) is not None:
+        if "xrv" not in spec.weights:
+            having = ", ".join(n for n, s in sorted(_REGISTRY.items()) if "xrv" in s.weights)
+            raise PretrainedWeightsError(f"model {name!r} has no torchxrayvision weights ({pretrained!r}); they exist "
+                                         f"for {having}; pretrained=True gives ImageNet weights")
+        return str(pretrained)
+    names = ", ".join(f"{XRV_PREFIX}{n}" for n in XRV_DENSENET_WEIGHTS)
+    raise PretrainedWeightsError(f"pretrained={pretrained!r} for {name!r}: use False, True (or 'imagenet') or one of "
+                                 f"{names}")
+
+
+def create(name: str, num_classes: int = 3, in_chans: int = 3, pretrained: bool | str = False,
+           **options: Any) -> nn.Module:
     """Build model ``name`` for ``num_classes`` outputs from ``in_chans``-channel images.
 
-    ``pretrained=True`` loads ImageNet weights where torchvision/timm offer them (into the
-    backbone of the seed models).  ``options`` are the model's documented switches (see
+    ``pretrained=True`` (or ``"imagenet"``) loads ImageNet weights where torchvision/timm offer
+    them (into the backbone of the seed models); ``pretrained="xrv:densenet121-res224-all"``
+    loads torchxrayvision's chest X-ray weights into DenseNet121 backbones (see
+    :mod:`nbhelpers.models.xrv`).  ``options`` are the model's documented switches (see
     ``model_spec(name).options``).  Raises :class:`UnknownModelError` for an unknown name,
     :class:`ModelOptionError` (a TypeError) for an unknown option (naming the valid ones),
     ValueError for bad values and :class:`~nbhelpers.models.pretrained.PretrainedWeightsError`
-    when weights cannot be fetched.
+    for a ``pretrained`` value the model has no weights for, or weights that cannot be fetched.
     """
     spec = model_spec(name)
     unknown = sorted(set(options) - set(spec.options))
@@ -102,7 +138,8 @@ def create(name: str, num_classes: int = 3, in_chans: int = 3, pretrained: bool 
     if num_classes < 1 or in_chans < 1:
         raise ValueError(f"model {name!r}: num_classes and in_chans must be >= 1, got {num_classes}, {in_chans}")
     settings = {**spec.options, **options}
-    model = spec.builder(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **settings)
+    weights = resolve_pretrained(name, pretrained)
+    model = spec.builder(num_classes=num_classes, in_chans=in_chans, pretrained=weights, **settings)
     if not getattr(model, CAM_LAYERS_ATTR, None):
         raise RuntimeError(f"builder of {name!r} did not name its Grad-CAM layers (call set_cam_layers)")
     model.model_name = name

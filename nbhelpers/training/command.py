@@ -1,6 +1,11 @@
 """``workbook train --model M --manifest F --data-dir D --preset P --seed S --out O``: one training
 run from the shell.  It runs :func:`nbhelpers.training.runs.train_run` and prints the test summary.
 
+``torchrun --nproc-per-node N -m nbhelpers train ...`` trains the same run on N processes with
+DistributedDataParallel (NCCL on GPUs, gloo on the CPU; ``--dist-backend`` chooses, ``--sync-bn``
+synchronises BatchNorm on GPUs); ``--set batch_size`` stays the global batch, and rank 0 alone
+writes and prints (:mod:`nbhelpers.training.distributed`).
+
 A problem with the input or the setup (unknown preset, setting or model, a value of the wrong
 type, a missing manifest or data folder, a run folder in use, a damaged or foreign ``last.pt``
 with ``--resume``, a full disk) raises a :class:`~data_prep.errors.WorkbookError`, which the
@@ -16,6 +21,7 @@ from pathlib import Path
 from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
 from nbhelpers.settings.options import add_assignments, add_device, add_set
+from nbhelpers.training import distributed
 from nbhelpers.training.config import parse_options, parse_preprocess, parse_set
 from nbhelpers.training.runs import train_run
 
@@ -37,19 +43,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_assignments(parser, "--preprocess", "PreprocessConfig fields", "clahe=false")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--n-boot", type=int, default=M.N_BOOTSTRAP, help="bootstrap resamples for the test CIs")
+    parser.add_argument("--dist-backend", choices=distributed.BACKENDS, default="auto",
+                        help="under torchrun: nccl (CUDA GPUs), gloo (CPU) or auto (nccl on CUDA, else gloo)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
 
 
 def run_command(args: argparse.Namespace) -> int:
     """``workbook train``: run :func:`~nbhelpers.training.runs.train_run` with the parsed options
     and print the test summary; returns 0.  ``--set`` values are typed by the TrainConfig field
     (or ``image_size`` / ``pretrained``) they set, ``--preprocess`` values by the
-    PreprocessConfig field; ``--option`` values are parsed only (the model checks them)."""
-    result = train_run(
-        args.model, args.manifest, args.data_dir, args.out, preset=args.preset, seed=args.seed,
-        device=args.device, model_options=parse_options(args.option, args.model), cache_root=args.cache_root,
-        preprocess=parse_preprocess(args.preprocess), workers=args.workers, resume=args.resume,
-        n_boot=args.n_boot, **parse_set(args.set),
-    )
+    PreprocessConfig field; ``--option`` values are parsed only (the model checks them).  Under
+    torchrun the process joins the run's process group first and only rank 0 prints; raises
+    :class:`~nbhelpers.training.distributed.DistributedSetupError` for ``--dist-backend nccl``
+    without GPUs, and for ``--dist-backend``/``--sync-bn`` outside torchrun."""
+    ranks = None
+    if distributed.launched():
+        ranks = distributed.start(args.device, args.dist_backend, args.sync_bn)
+    elif args.dist_backend != "auto" or args.sync_bn:
+        raise distributed.DistributedSetupError(
+            "--dist-backend and --sync-bn apply to a run started by torchrun "
+            "(torchrun --nproc-per-node N -m nbhelpers train ...); leave them out for one process")
+    try:
+        result = train_run(
+            args.model, args.manifest, args.data_dir, args.out, preset=args.preset, seed=args.seed,
+            device=args.device, model_options=parse_options(args.option, args.model), cache_root=args.cache_root,
+            preprocess=parse_preprocess(args.preprocess), workers=args.workers, resume=args.resume,
+            n_boot=args.n_boot, progress=ranks is None or ranks.main, ranks=ranks, **parse_set(args.set),
+        )
+    finally:
+        distributed.stop(ranks)
+    if ranks is not None and not ranks.main:
+        return 0
     test = result.metrics["test"] or {}
     print(json.dumps({k: v for k, v in test.items() if not isinstance(v, (dict, list))}, indent=2))
     print(f"run written to {result.out_dir}")

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep import atomic
 from data_prep.errors import first_line

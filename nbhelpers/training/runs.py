@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,9 @@ from nbhelpers.training.config import (
 )
 from nbhelpers.training.loop import fit
 from nbhelpers.training.provenance import check_resumable, jsonable, plain_values, saved_record
+
+if TYPE_CHECKING:
+    from nbhelpers.training.distributed import Ranks
 
 #: Manifest columns a training run needs, and the splits it cannot do without.
 RUN_COLUMNS = ("image_id", "path", "label", "split")
@@ -260,6 +264,7 @@ def train_run(
     on_epoch: Callable[[pd.DataFrame], None] | None = None,
     classes: Sequence[str] = CLASSES,
     task: str | None = None,
+    ranks: Ranks | None = None,
     **preset_overrides: Any,
 ) -> RunResult:
     """Train ``model_name`` under protocol ``preset`` and evaluate it once on the test split.
@@ -287,13 +292,23 @@ def train_run(
     when ``resume`` meets another run's ``last.pt``,
     :class:`~nbhelpers.training.checkpoint.RunFolderInUse` when another run holds ``out_dir`` and
     :class:`data_prep.atomic.WriteError` naming the file when the disk is full.
+
+    ``ranks`` (from :func:`nbhelpers.training.distributed.start`, under torchrun) makes this
+    process one rank of a data-parallel run on ``ranks.device``: rank 0 builds the cache and writes
+    every file, the others train their share and return a result without metrics
+    (:mod:`nbhelpers.training.distributed`); ``metrics.json`` then records the processes.
     """
     from data_prep.datadir import data_dir as resolve_data_dir
     from nbhelpers import models
     from nbhelpers.pipeline.cache import build_cache
+    from nbhelpers.training.distributed import check_batch, fit_distributed, main_first
 
     plan = plan_run(model_name, manifest, preset, seed, model_options, preprocess, classes, task, **preset_overrides)
     cfg, extras, table, pcfg, options = plan.cfg, plan.extras, plan.table, plan.preprocess, plan.options
+    if ranks is not None:
+        check_batch(cfg.batch_size, ranks.world)
+        device = ranks.device
+    main = ranks is None or ranks.main
     source = resolve_data_dir(data_dir)
     out_dir = Path(out_dir)
     device = pick_device(str(device), verbose=progress) if not isinstance(device, torch.device) else device
@@ -301,24 +316,32 @@ def train_run(
     # The model first: a wrong option or an unreachable weights file stops the run before preprocessing.
     net = models.create(model_name, num_classes=len(plan.classes), in_chans=cfg.in_chans,
                         pretrained=extras["pretrained"], **options)
-    with hold_run_folder(out_dir):
+    with hold_run_folder(out_dir) if main else nullcontext():
         last = out_dir / LAST_NAME
         if resume and last.is_file():
             # Say what differs before the cache is built (fit checks again, with the weights).
             check_resumable(saved_record(read_resumable(last, torch.device("cpu"))), plan.provenance, last)
-        if not resume:
+        if not resume and main:
             # A fresh run: results of an earlier run here must not be mistaken for this one's.
             for name in (METRICS_NAME, PREDICTIONS_NAME, CURVES_NAME):
                 (out_dir / name).unlink(missing_ok=True)
-        cache = build_cache(table, source, Path(cache_root) if cache_root else out_dir / "cache", pcfg,
-                            workers=workers, progress=progress)
+        with main_first(ranks):  # the other ranks reuse the cache rank 0 built
+            cache = build_cache(table, source, Path(cache_root) if cache_root else out_dir / "cache", pcfg,
+                                workers=workers, progress=progress)
         meta = {"model": model_name, "options": options, "preset": preset, "pretrained": extras["pretrained"],
                 "preprocess": asdict(pcfg), "cache_key": cache.key, "classes": list(plan.classes),
                 **({"task": task} if task is not None else {})}
         started = time.perf_counter()
-        log = fit(net, cache.split("train"), cache.split("val"), cfg, out_dir, device, meta=meta, resume=resume,
-                  progress=progress, on_epoch=on_epoch, provenance=plan.provenance, classes=plan.classes)
+        if ranks is None:
+            log = fit(net, cache.split("train"), cache.split("val"), cfg, out_dir, device, meta=meta, resume=resume,
+                      progress=progress, on_epoch=on_epoch, provenance=plan.provenance, classes=plan.classes)
+        else:
+            log = fit_distributed(net, cache.split("train"), cache.split("val"), cfg, out_dir, ranks, meta=meta,
+                                  resume=resume, progress=progress, on_epoch=on_epoch, provenance=plan.provenance,
+                                  classes=plan.classes)
         train_seconds = time.perf_counter() - started
+        if not main:
+            return RunResult(out_dir=out_dir, log=log, metrics={}, config=cfg)
         if len(log):
             _save_curves(log, out_dir / CURVES_NAME)
         fitted = json.loads((out_dir / CONFIG_NAME).read_text())
@@ -326,6 +349,8 @@ def train_run(
         test_metrics = _score_test(net, cache, plan, device, out_dir, n_boot)
         result = _metrics_record(model_name, preset, manifest, source, plan, cache, device, best, fitted,
                                  train_seconds, test_metrics)
+        if ranks is not None:
+            result["distributed"] = ranks.record()
         atomic.write_text(out_dir / METRICS_NAME, json.dumps(result, indent=2) + "\n")
     return RunResult(out_dir=out_dir, log=log, metrics=result, config=cfg)
 

@@ -45,7 +45,7 @@ def test_installed_versions_match_the_pins():
     from importlib.metadata import version
 
     for package, pinned in _pins("requirements.txt", "requirements-dev.txt").items():
-        installed = version(package).split("+")[0]  # torch reports e.g. 2.14.1+cu130
+        installed = version(package.split("[")[0]).split("+")[0]  # ray[tune]: ray's; torch: 2.14.1+cu130
         assert installed == pinned, f"{package}: installed {installed}, pinned {pinned}"
 
 

@@ -29,12 +29,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from data_prep.errors import WorkbookError
 from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
 from nbhelpers.evaluation.stats import t_interval
+from nbhelpers.experiments.engines import LOCAL, Engine, Job, add_engine, from_args, run_jobs
 from nbhelpers.settings.options import add_device, add_set
 
 GRID_FILE = Path(__file__).parents[1] / "settings" / "ablations.toml"
@@ -161,7 +161,8 @@ def _take_over(twin: Path, folder: Path) -> None:
 
 
 def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir: Path | str | None,
-             out_root: Path, seeds: Sequence[int], preset: str, device: str = "auto", **overrides: Any) -> pd.DataFrame:
+             out_root: Path, seeds: Sequence[int], preset: str, device: str = "auto", engine: Engine | None = None,
+             **overrides: Any) -> pd.DataFrame:
     """Train every row for every seed (reusing finished runs that match) and return :func:`collect`'s table.
 
     ``overrides`` change preset settings for every row (a row's own ``overrides`` win).  All rows
@@ -171,14 +172,17 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
     what differs is printed and the run is trained afresh, unless another row's finished run
     under ``out_root`` has the very same record: its results are then copied.  Every row's
     settings are checked
-    (types included) before the first run trains.  Raises what
-    :func:`nbhelpers.training.runs.train_run` raises.
+    (types included) before the first run trains.  ``engine`` says where the runs train
+    (:mod:`nbhelpers.experiments.engines`; default: one after another here), checked before anything
+    is written.  Raises what :func:`nbhelpers.training.runs.train_run` and
+    :func:`nbhelpers.experiments.engines.run_jobs` raise.
     """
     from nbhelpers.experiments.external_source import EXTERNAL_PREDICTIONS, external_split, score_external
     from nbhelpers.experiments.audit import _read_table
     from nbhelpers.training.config import METRICS_NAME
     from nbhelpers.training.runs import run_provenance, train_run
 
+    (engine or LOCAL).check(device)
     out_root = Path(out_root)
     table = _read_table(manifest, "manifest") if any(row.train_sources for row in rows) else None
     # A row with train_sources trains on its internal archives only, split anew by patient.
@@ -201,12 +205,12 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
             todo.append((row, seed))
     print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} runs already finished with these "
           f"settings; {len(todo)} to train")
-    for row, seed in tqdm(todo, desc="ablation runs"):
-        # resume=False: a stale run's files are replaced, never continued.
-        internal = manifests[row.name][0]
-        train_run(row.model, internal, data_dir, run_dir(out_root, row, seed), preset=preset, seed=seed,
-                  device=device, model_options=row.options, cache_root=out_root / "cache", preprocess=row.preprocess,
-                  progress=False, **{**overrides, **row.overrides})
+    # resume=False: a stale run's files are replaced, never continued.
+    jobs = [Job(run_dir(out_root, row, seed), (row.model, manifests[row.name][0], data_dir, run_dir(out_root, row, seed)),
+                dict(preset=preset, seed=seed, device=device, model_options=row.options, cache_root=out_root / "cache",
+                     preprocess=row.preprocess, progress=False, **{**overrides, **row.overrides}))
+            for row, seed in todo]
+    run_jobs(train_run, jobs, engine, out_root, desc="ablation runs")
     for row, seed in product(rows, seeds):  # external images scored once per finished run
         external = manifests[row.name][1]
         if external is not None and not (run_dir(out_root, row, seed) / EXTERNAL_PREDICTIONS).is_file():
@@ -361,6 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", nargs="+", help="only these groups of ablations.toml")
     add_device(parser, "training")
     add_set(parser, "a preset setting for every run")
+    add_engine(parser, "the grid's runs")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -375,7 +380,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     rows = load_grid(groups=args.groups)
     runs = run_grid(rows, args.manifest, args.data_dir, args.out, args.seeds, args.preset, args.device,
-                    **parse_set(args.set))
+                    from_args(args), **parse_set(args.set))
     summary, tests = summarise(runs, rows), paired_tests(rows, args.out, args.seeds)
     sources = per_source(rows, args.out, args.seeds, args.manifest)
     with pd.option_context("display.width", 200, "display.max_columns", 30):

@@ -10,7 +10,7 @@ The options shared by several subcommands mean the same everywhere: ``--data-dir
 KEY=VALUE`` (typed by :mod:`nbhelpers.settings.keyvalue`) and ``--grid-root`` (the folder of
 ``workbook grid``'s runs).  A problem with the input or the setup
 (:class:`data_prep.errors.WorkbookError`) is one line ``error: ...`` on stderr and exit status 2
-(1 for a failing notebook or download); any other exception is a bug and keeps its traceback.
+(1 for a failing notebook); any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from nbhelpers.experiments import ablation, audit, explain, shortcut
 from nbhelpers.experiments import probes
 from nbhelpers.models import complexity
 from nbhelpers.pipeline import mitigate
-from nbhelpers.tools import bench, bench_train
+from nbhelpers.tools import bench, bench_train, outputs
+from nbhelpers.tools import bench_engine
+from nbhelpers.tools import bench_ddp, gpu_cache, gpu_check
 from nbhelpers.tools import run as workbook_run
 from nbhelpers.training import command as training_command
 
@@ -51,6 +53,8 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand | dict[str, Subcommand]] = {
     "run": Subcommand("run the notebooks in order under one profile (papermill)",
                       workbook_run.add_arguments, workbook_run.run_command),
+    "html": Subcommand("check an executed run as a reader would, then render it to HTML pages",
+                       outputs.add_arguments, outputs.run_command),
     "curate": Subcommand("curate the balanced COVID-19 / pneumonia / normal set from the sources",
                          curation_command.add_curate_arguments, curation_command.run_curate_command),
     "download": Subcommand("fetch the sources from upstream (pinned versions)",
@@ -80,13 +84,24 @@ SUBCOMMANDS: dict[str, Subcommand | dict[str, Subcommand]] = {
                                   bench.add_clahe_order_arguments, bench.run_clahe_order_command),
         "train": Subcommand("training and inference throughput per model",
                             bench_train.add_arguments, bench_train.run_command),
+        "ddp": Subcommand("training throughput of N ranks under torchrun against one process with N threads",
+                          bench_ddp.add_arguments, bench_ddp.run_command),
+        "engine": Subcommand("Ray Tune's cost per trial against the same work in this process",
+                             bench_engine.add_arguments, bench_engine.run_command),
     },
     "lung-box": Subcommand("the lung-crop rule against the ieee8023 lung masks",
                            mitigate.add_lung_box_arguments, mitigate.run_lung_box_command),
+    "gpu-check": {
+        "build-cache": Subcommand("curate and pack the paper set at 224 px for the GPU check (gpu_cache/)",
+                                  gpu_cache.add_build_arguments, gpu_cache.run_build_command),
+        "run": Subcommand("the GPU check: environment, throughput, the seed001 protocol, DDP (gpu_*.txt)",
+                          gpu_check.add_arguments, gpu_check.run_command),
+    },
 }
 #: The one-line help of the subcommands that have subcommands of their own.
 GROUP_HELP = {"audit": "the shortcut audit of one run: source probe and per-source tables",
-              "bench": "throughput and design measurements"}
+              "bench": "throughput and design measurements",
+              "gpu-check": "a ready-made check of a GPU machine: build its cache here, run it there"}
 
 
 def _add(parsers: argparse._SubParsersAction, name: str, subcommand: Subcommand) -> None:

@@ -25,9 +25,11 @@ def test_show_table_says_when_it_cuts(monkeypatch):
     shown = []
     monkeypatch.setattr(notebook, "_display", shown.append)
     notebook.show_table(pd.DataFrame({"i": range(36), "j": range(36)}), columns=["i"], where="tables/t.csv")
-    styled = shown[0]
-    assert len(styled.data) == notebook.SHOW_ROWS
-    assert styled.caption == "showing 20 of 36 rows; 1 of 2 columns; all in tables/t.csv"
+    table = shown[0]
+    assert len(table.table) == notebook.SHOW_ROWS and list(table.table.columns) == ["i"]
+    assert table.note == "showing 20 of 36 rows; 1 of 2 columns; all in tables/t.csv"
+    assert "<caption>showing 20 of 36 rows" in table._repr_html_() and "0x" not in repr(table)
+    assert repr(table).splitlines()[0].split() == ["i"] and repr(table).endswith("all in tables/t.csv)")
 
 
 def _session(profile: str, data_dir, tmp_path, **values) -> notebook.Session:

@@ -169,6 +169,8 @@ def test_08_shortcut_audit(workbook):
     markers = _table(workbook, "08_marker_attention")
     assert len(markers) >= 1 and (markers["marker_area"] > 0).all() and markers["marker_energy"].between(0, 1).all()
     assert markers["padding_area"].between(0, 1).all() and markers["padding_energy"].between(0, 1).all()
+    blackout = _table(workbook, "08_blackout").set_index("name")
+    assert list(blackout.index) == ["whole_image", "lungs_blacked"] and blackout["accuracy"].between(0, 1).all()
     for figure in ("08_marker_cams", "08_mitigations"):
         assert (workbook.run_dir / "figures" / f"{figure}.png").stat().st_size > 10_000
 

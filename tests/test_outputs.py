@@ -84,6 +84,7 @@ def test_source_notebooks_are_output_free_and_end_with_a_takeaway():
             f"{path.name} holds outputs: clear them before committing"
         problems = outputs.output_problems(nb)
         assert problems == [], f"{path.name}: {problems}"
+        assert "TEACH_" not in nb.cells[0].source, f"{path.name}: the measured teach time is not filled in"
 
 
 def test_the_committed_teach_run_reads_cleanly():

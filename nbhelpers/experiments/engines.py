@@ -217,7 +217,7 @@ def run_jobs(function: Callable[..., Any], jobs: Sequence[Job], engine: Engine |
     engine = engine or LOCAL
     if engine.name == "local":
         seconds = []
-        for job in tqdm(jobs, desc=desc):
+        for job in tqdm(jobs, desc=desc, unit="run"):
             started = time.perf_counter()
             function(*job.args, **job.kwargs)
             seconds.append(time.perf_counter() - started)

@@ -202,7 +202,7 @@ def _explain_seed(args: argparse.Namespace, rows: Sequence[Row], seed: int, mani
     trained = {f"{row.group}/{row.name}": load_trained(ablation.run_dir(args.grid_root, row, seed)) for row in rows}
     found.size = PreprocessConfig(**next(iter(trained.values()))[1].metrics["data"]["preprocess"]).size
     layers, found.side = layers_for_grid({label: net for label, (net, _) in trained.items()}, found.size)
-    for row in tqdm(rows, desc=f"explaining seed {seed}", disable=None):
+    for row in tqdm(rows, desc=f"explaining seed {seed}", unit="run", disable=None):
         label = f"{row.group}/{row.name}"
         net, run = trained[label]
         cache = run_cache(run, manifest, data, args.grid_root / "cache")

@@ -87,7 +87,7 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
                 todo.append((row, seed))
     print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} probes already finished with these "
           f"settings; {len(todo)} to train")
-    for row, seed in tqdm(todo, desc=f"{by} probes"):
+    for row, seed in tqdm(todo, desc=f"{by} probes", unit="probe"):
         probes.source_probe(pool, data_dir, probe_dir(grid_root, row, seed, root), label=list(labels), sources=group0,
                            model=model, preset=preset, seed=seed, device=device, progress=False,
                            preprocess=dict(row.preprocess), by=by, **overrides)

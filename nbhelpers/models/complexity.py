@@ -157,7 +157,7 @@ def complexity_table(names: Iterable[str | tuple[str, dict[str, Any]]] | None = 
     rows = []
     items = [(n, {}) if isinstance(n, str) else n for n in (names or list_models())]
     torch.manual_seed(SEED)
-    for name, options in tqdm(items, desc="models"):
+    for name, options in tqdm(items, desc="models", unit="model"):
         spec = model_spec(name)
         size = image_size or spec.image_size
         model = create(name, in_chans=in_chans, **options)

@@ -47,6 +47,7 @@ NOTEBOOK_PARAMETERS: dict[str, Any] = {
     "probe_epochs": int,            # 08: the probe's epochs
     "probe_variants": (list, str),  # 08: mitigation sets probed again
     "marker_images": int,           # 08: marker images shown
+    "blackout_rows": (list, str),   # 08: rows of the blackout group trained on this run's set
 }
 
 

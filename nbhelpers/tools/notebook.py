@@ -162,17 +162,23 @@ def show_table(table: pd.DataFrame, columns: list[str] | None = None, rows: int 
         notes.append(f"{len(shown.columns)} of {len(table.columns)} columns")
     if notes and where:
         notes.append(f"all in {where}")
-    shown = shown.head(rows)
-    try:
-        styled = shown.style.hide(axis="index").format(precision=SHOW_DECIMALS, na_rep="")
-        if notes:
-            styled = styled.set_caption("; ".join(notes))
-    except ImportError:  # no jinja2: plain text
-        _display(shown)
-        if notes:
-            print("; ".join(notes))
-        return
-    _display(styled)
+    _display(_Table(shown.head(rows), "; ".join(notes)))
+
+
+class _Table:
+    """A table as notebooks show it: HTML without the index (with its note as caption), and the
+    same as plain text for text viewers, never an object's address."""
+
+    def __init__(self, table: pd.DataFrame, note: str = "") -> None:
+        self.table, self.note = table, note
+
+    def _repr_html_(self) -> str:
+        styled = self.table.style.hide(axis="index").format(precision=SHOW_DECIMALS, na_rep="")
+        return (styled.set_caption(self.note) if self.note else styled).to_html()
+
+    def __repr__(self) -> str:
+        text = self.table.to_string(index=False, na_rep="")
+        return f"{text}\n({self.note})" if self.note else text
 
 
 def _display(obj: Any) -> None:

@@ -375,7 +375,7 @@ def _fit(model, train_split, val_split, cfg: TrainConfig, out_dir: Path, device:
         standing = _Standing()
     # Only a last.pt of this run is worth keeping as last.prev.pt.
     keep_previous = resuming
-    for epoch in tqdm(range(standing.start, cfg.epochs + 1), desc="epochs", initial=standing.start - 1,
+    for epoch in tqdm(range(standing.start, cfg.epochs + 1), desc="epochs", unit="epoch", initial=standing.start - 1,
                       total=cfg.epochs, disable=not progress):
         improved = _epoch(parts, train_split, val_split, cfg, device, epoch, standing, progress)
         _save_epoch(model, parts, cfg, meta, record, out_dir, standing, improved, keep_previous)

@@ -55,3 +55,11 @@ def test_view_sentences_say_whether_the_probe_beats_chance():
     lines = view_sentences(above, per_view)
     assert "above chance" in lines[0] and lines[1] == "base: accuracy per view: AP 0.60 [0.50, 0.70] (n=30), PA 0.80 [0.70, 0.90] (n=60)."
     assert "not above chance" in view_sentences(chance, None)[0]
+
+
+def test_a_blackout_against_a_baseline_at_chance_says_nothing():
+    at_chance = pd.DataFrame([blackout_row("whole_image", "none", 1 / 3, 1.0, 1.0, 1.0),
+                              blackout_row("lungs_blacked", "lungs", 1 / 3, float("nan"), 1.0, 1.0)])
+    (line,) = blackout_sentences(at_chance.assign(seeds=1))
+    assert "not above chance" in line and "says nothing" in line and "1 seed:" in line
+    assert "nan" not in line and "shortcut" not in line

@@ -37,6 +37,13 @@ def blackout_sentences(table: pd.DataFrame) -> list[str]:
     for row in table[table["blackout"] != "none"].itertuples(index=False):
         words = BLACKOUT_WORDS.get(row.blackout, f"blackout={row.blackout}")
         share = _interval(row.surviving_share, row.surviving_low, row.surviving_high, percent=True)
+        seeds = f"{row.seeds} seed" + ("s" if row.seeds != 1 else "")
+        if (np.isfinite(base_acc) and base_acc <= row.chance) or not np.isfinite(row.surviving_share):
+            lines.append(f"{row.name}: when {words}, accuracy is {_interval(row.accuracy, row.accuracy_low, row.accuracy_high)}"
+                         f" against {base_acc:.2f} on the whole image (chance {row.chance:.2f}) over {row.test_images} "
+                         f"test images and {seeds}: the whole-image model is not above chance, so there is no "
+                         "above-chance accuracy to lose and the test says nothing.")
+            continue
         if row.blackout == "lungs_only":
             reading = ("the lung box alone carries most of it" if row.surviving_low > 0.5 else
                        "the lung box alone carries less than half of it: the rest is read outside the lungs"
@@ -51,7 +58,7 @@ def blackout_sentences(table: pd.DataFrame) -> list[str]:
         lines.append(f"{row.name}: when {words}, accuracy is {_interval(row.accuracy, row.accuracy_low, row.accuracy_high)}"
                      f" against {base_acc:.2f} on the whole image (chance {row.chance:.2f}); {share} of the "
                      f"above-chance accuracy survives over {row.test_images} test images of {row.test_patients} "
-                     f"patients and {row.seeds} seeds: {reading}.")
+                     f"patients and {seeds}: {reading}.")
     return lines
 
 

@@ -39,6 +39,7 @@ from data_prep.errors import WorkbookError
 from data_prep.images import ImageReadError, load_gray
 from data_prep.schema import CLASSES, SPLITS, label_index
 from data_prep.table import sha256_file
+from nbhelpers.settings.config import display_path
 from nbhelpers.pipeline.preprocess import (
     PIPELINE_VERSION,
     PreprocessConfig,
@@ -358,7 +359,7 @@ def build_cache(
     if cfg.lung_crop:
         meta["lung_box_missing"] = no_box
         print(f"lung crop: no lung box found for {len(no_box)} of {len(manifest)} images; they are kept uncropped "
-              f"(listed under lung_box_missing in {final / META_FILE})")
+              f"(listed under lung_box_missing in {display_path(final / META_FILE)})")
     if reference is not None:
         meta["reference_histogram"] = [round(float(v), 8) for v in reference]
     try:

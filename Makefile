@@ -39,9 +39,7 @@ lab: install
 TEACH_RUN := results/runs/teach
 teach: install
 	$(PY) -m nbhelpers run --profile teach $(if $(DATA),--data-dir $(DATA)) --out $(TEACH_RUN) $(ARGS)
-	mkdir -p results/teach
-	cp $(TEACH_RUN)/[0-9][0-9]_*.ipynb $(TEACH_RUN)/workbook_run.json results/teach/
-	$(MAKE) html
+	$(PY) -m nbhelpers html $(TEACH_RUN) --publish results/teach
 
 html: install
 	$(PY) -m nbhelpers html results/teach --out results/teach/html

@@ -46,6 +46,8 @@ def output_problems(notebook: dict, allowed_warnings: Sequence[str] = ()) -> lis
     cells = notebook.get("cells", [])
     for number, cell in enumerate(cells):
         where = f"cell {number}"
+        if cell.get("cell_type") == "code" and (match := HOST_PATH.search("".join(cell.get("source", "")))):
+            problems.append(f"{where}: a path of this machine in the cell's code: {match.group(0)}")
         for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
             kind, text = output.get("output_type"), _text(output)
             if kind == "error":
@@ -112,14 +114,57 @@ def render_html(run_dir: Path, out_dir: Path, allowed_warnings: Sequence[str] = 
     return pages
 
 
+def publish(run_dir: Path, dest: Path) -> list[Path]:
+    """Copy the executed notebooks of ``run_dir`` and its ``workbook_run.json`` to ``dest`` with
+    this machine's folders replaced by what a reader can use (see
+    :func:`nbhelpers.settings.config.display_path`) in the parameters papermill injected and in
+    its metadata; returns the copied notebooks."""
+    import json
+
+    import nbformat
+
+    from nbhelpers.settings.config import display_path
+
+    def shown(value):
+        return display_path(value) if isinstance(value, str) and value.startswith("/") else value
+
+    copied = []
+    for path in sorted(Path(run_dir).glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        params = nb.metadata.get("papermill", {}).get("parameters", {})
+        for key, value in list(params.items()):
+            params[key] = shown(value)
+        for cell in nb.cells:
+            if "injected-parameters" in cell.metadata.get("tags", []):
+                cell.source = "\n".join(["# Parameters"] + [f"{k} = {v!r}" for k, v in params.items()])
+        for key in ("input_path", "output_path"):
+            if key in nb.metadata.get("papermill", {}):
+                nb.metadata["papermill"][key] = Path(nb.metadata["papermill"][key]).name
+        copied.append(write_text(Path(dest) / path.name, nbformat.writes(nb) + "\n"))
+    record = Path(run_dir) / "workbook_run.json"
+    if record.is_file():
+        data = json.loads(record.read_text())
+        data["data_dir"] = shown(data.get("data_dir"))
+        write_text(Path(dest) / record.name, json.dumps(data, indent=2) + "\n")
+    return copied
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``workbook html``."""
     parser.add_argument("run_dir", type=Path, help="folder of an executed run (workbook run --out)")
     add_out(parser, "the HTML pages", default_text="RUN_DIR/html")
+    parser.add_argument("--publish", type=Path, metavar="FOLDER",
+                        help="first copy the run's notebooks and timings here, without this machine's folders, "
+                             "and render that copy (to FOLDER/html unless --out)")
 
 
 def run_command(args: argparse.Namespace) -> int:
     """``workbook html``: check an executed run as a reader would and render it to HTML."""
-    pages = render_html(args.run_dir, args.out or args.run_dir / "html")
-    print(f"{len(pages)} pages in {(args.out or args.run_dir / 'html')}, index.html links them in order")
+    source = args.run_dir
+    if args.publish is not None:
+        print(f"{len(publish(args.run_dir, args.publish))} notebooks copied to {args.publish}")
+        source = args.publish
+    out = args.out or source / "html"
+    pages = render_html(source, out)
+    print(f"{len(pages)} pages in {out}, index.html links them in order")
     return 0

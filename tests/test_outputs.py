@@ -97,3 +97,25 @@ def test_the_committed_teach_run_reads_cleanly():
         assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} was not executed"
         assert nb.metadata.get("papermill", {}).get("parameters", {}).get("profile") == "teach", path.name
         assert (TEACH_RUN / "html" / f"{path.stem}.html").is_file(), f"{path.stem}.html missing: make html"
+
+
+def test_the_injected_parameters_are_read_unless_asked_not_to():
+    nb = _notebook(_stream("fine\n"))
+    injected = nbformat.v4.new_code_cell('data_dir = "/root/cxr-sources"')
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(0, injected)
+    assert any("cell's code: /root/cxr-sources" in p for p in outputs.output_problems(nb))
+    assert outputs.output_problems(nb, injected=False) == []
+
+
+def test_publish_replaces_this_machines_folders(tmp_path):
+    nb = _notebook(_stream("fine\n"))
+    injected = nbformat.v4.new_code_cell(f'run_dir = "{config.REPO_ROOT}/results/runs/teach"')
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(0, injected)
+    nb.metadata["papermill"] = {"parameters": {"run_dir": f"{config.REPO_ROOT}/results/runs/teach", "profile": "teach"}}
+    nbformat.write(nb, tmp_path / "01_x.ipynb")
+    (copied,) = outputs.publish(tmp_path, tmp_path / "out")
+    published = nbformat.read(copied, as_version=4)
+    assert published.cells[0].source == "# Parameters\nprofile = 'teach'\nrun_dir = 'results/runs/teach'"
+    assert outputs.output_problems(published) == []

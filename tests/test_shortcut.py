@@ -122,7 +122,9 @@ def test_cli_reads_pretrained_false_as_false(monkeypatch, tmp_path, capsys):
     code = cli.main(["shortcut", "--grid-root", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--pool-manifest",
                      str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path),
                      "--set", "pretrained=false", "--set", "epochs=2"])
+    engine = seen.pop("engine")
     assert code == 2 and seen == {"pretrained": False, "epochs": 2}  # bool("false") would have been True
+    assert engine.name == "local"
     assert capsys.readouterr().err == "error: stop here\n"
 
 
@@ -209,3 +211,13 @@ def test_blackout_table_flags_accuracy_that_survives_without_the_lungs(tmp_path)
     assert not table.loc["lungs_only", "shortcut"] and table.loc["lungs_only", "surviving_share"] < 0.3
     assert table.loc["whole_image", "retained"] == 1.0 and not table.loc["whole_image", "shortcut"]
     assert table.loc["center_blacked", "test_images"] == 120 and table.loc["center_blacked", "test_patients"] == 60
+
+
+def test_the_probes_take_the_grids_engine_options(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
+    code = cli.main(["shortcut", "--grid-root", str(tmp_path / "grid"), "--manifest", str(tmp_path / "m.csv"),
+                     "--pool-manifest", str(tmp_path / "pool.csv"), "--seeds", "0", "--out", str(tmp_path / "out"),
+                     "--engine", "slurm"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "sbatch" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "grid").exists() and not (tmp_path / "out").exists()

@@ -29,15 +29,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from data_prep.progress import tqdm
 
 from data_prep.errors import InputNotFoundError
 from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
-from nbhelpers.experiments import ablation, audit
-from nbhelpers.experiments import probes
 from nbhelpers.evaluation import stats
-from nbhelpers.experiments import external_source
+from nbhelpers.experiments import ablation, audit, engines, external_source, probes
 from nbhelpers.settings.options import add_device, add_set
 
 GROUP = "shortcut"
@@ -60,7 +57,8 @@ def probe_dir(grid_root: Path, row: ablation.Row, seed: int, root: str = PROBE_R
 def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame | Path | str,
                data_dir: Path | str | None, seeds: Sequence[int], labels: Sequence[str] = PROBE_LABELS,
                model: str = "densenet121", preset: str = "smoke", device: str = "cpu", by: str = "source",
-               group0: Sequence[str] | None = None, root: str = PROBE_ROOT, **overrides: Any) -> pd.DataFrame:
+               group0: Sequence[str] | None = None, root: str = PROBE_ROOT, engine: engines.Engine | None = None,
+               **overrides: Any) -> pd.DataFrame:
     """Train the source probe of every row and seed with the row's preprocessing and return one
     line per probe: group, name, seed, n, balanced_accuracy with its interval (low, high),
     accuracy, auc.  ``by="view"`` with ``group0=["PA"]`` and ``root=VIEW_PROBE_ROOT`` trains the
@@ -70,8 +68,10 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
     :func:`nbhelpers.experiments.probes.probe_provenance` for this row and seed (model, preprocessing,
     effective settings, probe manifest, cache key); otherwise what differs is printed and the
     probe is trained afresh.  Every probe's settings are checked before the first one trains.
-    Raises what :func:`nbhelpers.experiments.probes.source_probe` raises.
+    ``engine`` says where the probes train, as for the grid (:mod:`nbhelpers.experiments.engines`).
+    Raises what :func:`nbhelpers.experiments.probes.source_probe` and ``engines.run_jobs`` raise.
     """
+    (engine or engines.LOCAL).check(device)
     pool = audit._read_table(pool, "pool manifest")  # read once, hashed per probe
     todo = []
     for row in rows:
@@ -87,10 +87,10 @@ def run_probes(rows: Sequence[ablation.Row], grid_root: Path, pool: pd.DataFrame
                 todo.append((row, seed))
     print(f"{len(rows) * len(seeds) - len(todo)} of {len(rows) * len(seeds)} probes already finished with these "
           f"settings; {len(todo)} to train")
-    for row, seed in tqdm(todo, desc=f"{by} probes", unit="probe"):
-        probes.source_probe(pool, data_dir, probe_dir(grid_root, row, seed, root), label=list(labels), sources=group0,
-                           model=model, preset=preset, seed=seed, device=device, progress=False,
-                           preprocess=dict(row.preprocess), by=by, **overrides)
+    jobs = [engines.Job(probe_dir(grid_root, row, seed, root), (pool, data_dir, probe_dir(grid_root, row, seed, root)),
+                        dict(label=list(labels), sources=group0, model=model, preset=preset, seed=seed, device=device,
+                             progress=False, preprocess=dict(row.preprocess), by=by, **overrides)) for row, seed in todo]
+    engines.run_jobs(probes.source_probe, jobs, engine, grid_root, desc=f"{by} probes")
     return collect_probes(rows, grid_root, seeds, root)
 
 
@@ -376,6 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="smoke")
     add_device(parser, "the probes")
     add_set(parser, "preset settings of the probes")
+    engines.add_engine(parser, "the probes")
     parser.add_argument("--cam-table", type=Path, help="cam_lung_energy.csv of workbook explain for this group")
     add_out(parser, "the tables", required=True)
     parser.add_argument("--external", action="store_true",
@@ -405,7 +406,7 @@ def _optional_tables(args: argparse.Namespace, rows: Sequence[ablation.Row],
         base = [r for r in rows if r.baseline]
         run_probes(base, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, VIEW_PROBE_LABELS,
                    args.probe_model, args.preset, args.device, by="view", group0=VIEW_GROUP0,
-                   root=VIEW_PROBE_ROOT, **overrides)
+                   root=VIEW_PROBE_ROOT, engine=engines.from_args(args), **overrides)
         views = pooled_probe(base, args.grid_root, args.seeds, root=VIEW_PROBE_ROOT)
         per_view = pd.concat([audit.per_source_table(
             args.manifest, [ablation.run_dir(args.grid_root, r, s) / "test_predictions.csv" for s in args.seeds],
@@ -428,7 +429,7 @@ def run_command(args: argparse.Namespace) -> int:
     rows = ablation.load_grid(groups=[args.group])
     optional = _optional_tables(args, rows, overrides)
     probe_table = run_probes(rows, args.grid_root, args.pool_manifest, args.data_dir, args.seeds, args.probe_labels,
-                             args.probe_model, args.preset, args.device, **overrides)
+                             args.probe_model, args.preset, args.device, engine=engines.from_args(args), **overrides)
     within = within_source(rows, args.grid_root, args.seeds, args.manifest)
     cams = pd.read_csv(args.cam_table) if args.cam_table else None
     table = mitigation_table(rows, args.grid_root, args.seeds, args.manifest, cams)

@@ -38,15 +38,18 @@ def _text(output: dict) -> str:
     return "".join(text) if isinstance(text, list) else str(text)
 
 
-def output_problems(notebook: dict, allowed_warnings: Sequence[str] = ()) -> list[str]:
+def output_problems(notebook: dict, allowed_warnings: Sequence[str] = (), injected: bool = True) -> list[str]:
     """Problems a reader would meet in the executed ``notebook`` (an nbformat dict), one line
     each, naming the cell.  ``allowed_warnings`` are substrings of warnings from other libraries
-    that are accepted (each must be justified where it is passed)."""
+    that are accepted (each must be justified where it is passed).  With ``injected`` false the
+    parameters papermill injected (this machine's folders, until :func:`publish` replaces them)
+    are not read."""
     problems: list[str] = []
     cells = notebook.get("cells", [])
     for number, cell in enumerate(cells):
         where = f"cell {number}"
-        if cell.get("cell_type") == "code" and (match := HOST_PATH.search("".join(cell.get("source", "")))):
+        skip = not injected and "injected-parameters" in cell.get("metadata", {}).get("tags", [])
+        if cell.get("cell_type") == "code" and not skip and (match := HOST_PATH.search("".join(cell.get("source", "")))):
             problems.append(f"{where}: a path of this machine in the cell's code: {match.group(0)}")
         for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
             kind, text = output.get("output_type"), _text(output)
@@ -71,14 +74,14 @@ def output_problems(notebook: dict, allowed_warnings: Sequence[str] = ()) -> lis
     return problems
 
 
-def run_problems(paths: Iterable[Path], allowed_warnings: Sequence[str] = ()) -> dict[str, list[str]]:
+def run_problems(paths: Iterable[Path], allowed_warnings: Sequence[str] = (), injected: bool = True) -> dict[str, list[str]]:
     """:func:`output_problems` of each executed notebook in ``paths``, keyed by its name (only
     those with problems)."""
     import nbformat
 
     out = {}
     for path in paths:
-        found = output_problems(nbformat.read(path, as_version=4), allowed_warnings)
+        found = output_problems(nbformat.read(path, as_version=4), allowed_warnings, injected)
         if found:
             out[Path(path).name] = found
     return out

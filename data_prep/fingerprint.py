@@ -12,7 +12,6 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image
 from data_prep.progress import tqdm
@@ -54,6 +53,8 @@ def load_gray(path: Path) -> Image.Image:
 @functools.lru_cache(maxsize=PHASH_CACHE_SIZE)
 def _phash_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
     # Keyed on modification time and size too, so a replaced file is hashed again.
+    import imagehash  # here, not at import: only curation hashes, and a GPU machine may lack it
+
     bits = imagehash.phash(load_gray(Path(path)), hash_size=PHASH_SIZE).hash.flatten()
     bits.setflags(write=False)  # shared by every caller of the cache
     return bits

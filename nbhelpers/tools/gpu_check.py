@@ -26,8 +26,7 @@ stops between models or epochs when it is spent, saying so in its file.  A faili
 writes its error there and the rest still run (exit status 1).  ``--dry-run`` runs every step on
 the CPU at toy size (32 px, 2 steps, 1 epoch, gloo).  The GPU machine lacks the curation's
 imagehash and pydicom, papermill, grad-cam and ptflops: the steps import the package's training
-code lazily, and an absent imagehash (imported by ``data_prep`` at start-up, used only to curate)
-gets a stand-in that refuses to be used.
+code lazily, and ``data_prep`` imports imagehash only when it hashes images.
 """
 
 from __future__ import annotations
@@ -36,46 +35,12 @@ import argparse
 import importlib.util
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-#: Packages that data_prep imports at start-up but that no step of the check uses.
-ABSENT_ON_GPU_MACHINE = ("imagehash",)
-
-
-class _Absent(types.ModuleType):
-    """A stand-in for a package this machine lacks: importable, refusing any use."""
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        raise ImportError(f"{self.__name__} is not installed here; the GPU check does not curate images "
-                          f"(curate and build the cache on a machine with the project's requirements)")
-
-
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a finder that refuses the name
-        return False
-
-
-def allow_absent(names: Sequence[str] = ABSENT_ON_GPU_MACHINE) -> list[str]:
-    """Put a refusing stand-in in ``sys.modules`` for each of ``names`` that cannot be imported;
-    returns the names stood in for."""
-    missing = [n for n in names if n not in sys.modules and not _importable(n)]
-    for name in missing:
-        sys.modules[name] = _Absent(name)
-    return missing
-
-
-STOOD_IN = allow_absent()
-
-# After the stand-ins: data_prep imports imagehash when it starts.
-from data_prep.errors import WorkbookError  # noqa: E402
-from nbhelpers.tools.gpu_cache import DEFAULT_CACHE, Packed, read_packed  # noqa: E402
+from data_prep.errors import WorkbookError
+from nbhelpers.tools.gpu_cache import DEFAULT_CACHE, Packed, read_packed
 
 DEFAULT_OUT = Path("results/benchmarks")
 MODELS = ("densenet121", "densenet121_cbam", "resnet50")
@@ -157,8 +122,6 @@ def step_env(check: Check, budget: float) -> list[str]:
     for name in ("torchvision", "timm", "numpy", "pandas", "scipy", "sklearn", "cv2"):
         spec = importlib.util.find_spec(name)
         lines.append(f"{name}: {getattr(__import__(name), '__version__', '?') if spec else 'absent'}")
-    if STOOD_IN:
-        lines.append(f"absent here, stood in for at import (unused by the check): {', '.join(STOOD_IN)}")
     device = check.device
     if device.type == "cuda":
         nccl = torch.cuda.nccl.version()

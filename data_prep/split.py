@@ -2,8 +2,13 @@
 
 Every image of a patient lands in the same split, so follow-up films of one patient can never
 be in train and test at once (the per-image split of the seed paper allows that).  Within each
-class, patients are shuffled with the seed and placed largest first into the split that is
-furthest below its target, which hits the ratios closely while keeping patients whole.
+class, patients are drawn at random, stratified by film count: each stratum of patients with
+several films is shuffled and cut in the ratios (so a patient's chance of each split does not
+depend on how many films it has, and serial films of the sicker, hospitalised patients reach
+test as often as train), and the one-film patients fill what each split still lacks of the class's
+target.  Each split's image count then hits its target exactly whenever the one-film patients can
+make up the difference, and otherwise misses it by less than the class's largest patients
+(:data:`FILM_STRATA` strata, each off by under its largest patient).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from data_prep.errors import WorkbookError
 DEFAULT_RATIOS: tuple[float, float, float] = (0.7, 0.1, 0.2)
 #: How far the ratios may sum from 1 before they are rejected as a typo.
 RATIO_TOLERANCE = 1e-6
+#: Lower edges of the film-count strata: patients of 1, 2, 3-4 and 5 or more films are shared out
+#: separately, so every split gets its share of each.
+FILM_STRATA: tuple[int, ...] = (1, 2, 3, 5)
 #: How many offending patients a leak error names.
 LEAKS_SHOWN = 10
 
@@ -62,6 +70,50 @@ def _patient_classes(df: pd.DataFrame) -> pd.Series:
     return counts.drop_duplicates("patient_id").set_index("patient_id")["label"]
 
 
+def _film_stratum(size: int) -> int:
+    """The film-count stratum of a patient of ``size`` films: its index in :data:`FILM_STRATA`."""
+    return max(i for i, low in enumerate(FILM_STRATA) if size >= low)
+
+
+def _circular_cut(sizes: np.ndarray, ratios: Sequence[float], offset: float) -> np.ndarray:
+    """Each patient's group index when patients of ``sizes`` (in their shuffled order) are laid end to
+    end on a circle of their total length, turned by ``offset`` (a share of the circle), and cut at
+    the cumulative ``ratios``: a patient goes where its middle falls.  Every patient, whatever its
+    size, lands in group k with probability ratios[k] over the offset, and each group's total misses
+    its share by less than the largest patient."""
+    total = float(sizes.sum())
+    middles = (np.cumsum(sizes) - sizes / 2.0 + offset * total) % total
+    edges = np.cumsum(ratios)[:-1] * total
+    return np.searchsorted(edges, middles, side="right")
+
+
+def _assign_class(sizes: pd.Series, ratios: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """Group indices for the patients of one class (``sizes``: films per patient, in sorted order).
+
+    Patients of several films are cut stratum by stratum (:data:`FILM_STRATA`) in random order
+    (:func:`_circular_cut`), so each stratum is shared out in ``ratios`` and a patient's film count
+    does not decide where it goes.  The one-film patients come last, shuffled, and fill what each
+    group still lacks of the class's target (:func:`allocate`), so the class total hits the target
+    exactly unless the larger patients overshoot a group by more than the one-film patients can
+    make up."""
+    counts = sizes.to_numpy()
+    strata = np.array([_film_stratum(int(s)) for s in counts])
+    out = np.zeros(len(counts), dtype=int)
+    filled = np.zeros(len(ratios))
+    for stratum in range(len(FILM_STRATA) - 1, 0, -1):
+        members = rng.permutation(np.flatnonzero(strata == stratum))
+        if len(members) == 0:
+            continue
+        out[members] = _circular_cut(counts[members], ratios, rng.random())
+        np.add.at(filled, out[members], counts[members])
+    singles = rng.permutation(np.flatnonzero(strata == 0))
+    need = np.clip(np.array(allocate(int(counts.sum()), ratios)) - filled, 0, None)
+    if len(singles):
+        share = allocate(len(singles), need / need.sum()) if need.sum() > 0 else allocate(len(singles), ratios)
+        out[singles] = np.repeat(np.arange(len(ratios)), share)
+    return out
+
+
 def _assign_groups(df: pd.DataFrame, ratios: Sequence[float], names: Sequence[Hashable], seed: int) -> pd.Series:
     """Assign every patient, class by class, to one of ``names`` in proportion to ``ratios``."""
     rng = np.random.default_rng(seed)
@@ -70,16 +122,9 @@ def _assign_groups(df: pd.DataFrame, ratios: Sequence[float], names: Sequence[Ha
     classes = [c for c in CLASSES if c in set(patient_class)] + sorted(set(patient_class) - set(CLASSES))
     assignment: dict[str, Hashable] = {}
     for cls in classes:
-        patients = np.array(sorted(patient_class.index[patient_class == cls]))
-        patients = patients[rng.permutation(len(patients))]
-        # Largest patients first (stable, so equal sizes keep their shuffled order): small ones fill gaps.
-        patients = sorted(patients, key=lambda p: -sizes[p])
-        targets = allocate(int(sizes[patients].sum()), ratios)
-        filled = [0] * len(names)
-        for patient in patients:
-            k = max(range(len(names)), key=lambda i: (targets[i] - filled[i], -i))
-            assignment[patient] = names[k]
-            filled[k] += int(sizes[patient])
+        patients = sorted(patient_class.index[patient_class == cls])
+        groups = _assign_class(sizes[patients], ratios, rng)
+        assignment.update({p: names[g] for p, g in zip(patients, groups)})
     return df["patient_id"].map(assignment)
 
 

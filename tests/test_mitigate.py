@@ -194,21 +194,43 @@ def test_a_lung_crop_fills_the_square_without_letterbox_bars(data_dir: Path) -> 
 
 def test_blackout_variants_on_a_real_film(data_dir):
     from data_prep.images import load_gray
-    from nbhelpers.pipeline.mitigate import blackout, center_box, lung_box
+    from nbhelpers.pipeline.mitigate import LUNG_BOX, blackout, center_box, share_box
     from nbhelpers.pipeline.preprocess import PreprocessConfig
 
     img = load_gray(next((data_dir / "nih-cxr14-subset" / "images").glob("*.png")))
     box = center_box(img.shape)
-    centre, _ = blackout(img, "center")
+    centre = blackout(img, "center")
     assert (centre[box.top:box.bottom, box.left:box.right] == 0).all()
     assert (centre[: box.top] == img[: box.top]).all()
-    lungs = lung_box(img)
-    only, found = blackout(img, "lungs_only")
-    if found:
-        assert (only[lungs.top:lungs.bottom, lungs.left:lungs.right] == img[lungs.top:lungs.bottom, lungs.left:lungs.right]).all()
-        assert only.sum() < img.sum()
-    assert blackout(img, "none")[0] is img
+    lungs = share_box(img.shape, LUNG_BOX)
+    only = blackout(img, "lungs_only")
+    assert (only[lungs.top:lungs.bottom, lungs.left:lungs.right] == img[lungs.top:lungs.bottom, lungs.left:lungs.right]).all()
+    assert only[: lungs.top].sum() == 0 and only.sum() < img.sum()
+    assert blackout(img, "lungs")[lungs.top:lungs.bottom, lungs.left:lungs.right].sum() == 0
+    assert blackout(img, "none") is img
     with pytest.raises(ValueError, match="blackout must be one of"):
         blackout(img, "middle")
     # A config without blackout keeps the cache key it had before the option existed.
     assert PreprocessConfig().key() == PreprocessConfig(blackout="none").key() != PreprocessConfig(blackout="center").key()
+
+
+def test_the_fixed_lung_box_is_the_median_of_the_mirrors_lung_masks(data_dir):
+    """The blackout's one lung box for every film is where the ieee8023 lungVAE masks put the
+    lungs (median box edges), and the same shares on every archive's films."""
+    from data_prep.annotations import load_mask, mask_folder, mask_index
+    from data_prep.images import load_gray
+    from nbhelpers.pipeline.mitigate import LUNG_BOX, share_box
+
+    masks = mask_index(data_dir)
+    images = {p.stem: p for p in (mask_folder(data_dir).parent.parent / "images").iterdir()}
+    edges = []
+    for stem, path in sorted(masks.items())[:80]:
+        if stem in images:
+            img = load_gray(images[stem])
+            ys, xs = np.nonzero(load_mask(path, img.shape))
+            if len(ys):
+                h, w = img.shape
+                edges.append((ys.min() / h, (ys.max() + 1) / h, xs.min() / w, (xs.max() + 1) / w))
+    assert np.abs(np.median(edges, axis=0) - np.array(LUNG_BOX)).max() < 0.03
+    shares = {share_box(shape, LUNG_BOX).area() / (shape[0] * shape[1]) for shape in [(1024, 1024), (2000, 2500)]}
+    assert max(shares) - min(shares) < 0.01

@@ -44,6 +44,7 @@ from data_prep.images import load_gray
 from nbhelpers.pipeline.mitigate import (
     BLACKOUTS,
     Box,
+    LUNG_BOX,
     blackout,
     crop,
     histogram,
@@ -148,6 +149,8 @@ class PreprocessConfig:
                 del payload[name]
         if payload["blackout"] == "none":
             del payload["blackout"]
+        elif payload["blackout"] != "center":  # the lung blackouts moved to one fixed box for every film
+            payload["blackout_box"] = list(LUNG_BOX)
         payload["clip_limit"] = float(self.clip_limit)  # 2 and 2.0 are the same setting
         payload["pipeline_version"] = PIPELINE_VERSION
         return _hash_text(json.dumps(payload, sort_keys=True))
@@ -235,7 +238,7 @@ def source_content(img: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, 
     if cfg.mask_markers:
         img = mask_markers(img)
     if cfg.blackout != "none":
-        img = blackout(img, cfg.blackout)[0]
+        img = blackout(img, cfg.blackout)
     box = lung_box(img) if cfg.lung_crop else None
     return crop(img, box), box
 

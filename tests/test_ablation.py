@@ -97,16 +97,72 @@ def test_p_values_are_holm_adjusted_within_a_group(tmp_path):
 
     assert np.allclose(tests["p_holm"], holm(tests["p_value"].to_numpy()))
     assert (tests["p_holm"] >= tests["p_value"]).all()
-    assert (tests["distinguishable"] == (tests["p_holm"] < 0.05)).all()
+    # one seed: no seed interval, so no verdict either way, however small p is
+    assert (tests["verdict"] == "undetermined (1 seed)").all() and not tests["distinguishable"].any()
 
 
-def test_summary_gives_mean_std_and_interval():
+@pytest.mark.parametrize("n_seeds", [1, 2, 3])
+def test_a_verdict_needs_three_seeds_and_is_monotone_in_evidence(tmp_path, n_seeds):
+    """The same clear gain: undetermined with 1 or 2 seeds (where the earlier rule said
+    "distinguishable" for 1 and "not" for 2), better with 3."""
+    base, good = Row("g", "base", "m", baseline=True), Row("g", "good", "m")
+    rng = np.random.default_rng(0)
+    for seed in range(n_seeds):
+        reference = rng.random(200) < 0.6
+        _fake_run(tmp_path, base, seed, reference)
+        _fake_run(tmp_path, good, seed, reference | (rng.random(200) < 0.5))
+    row = ablation.paired_tests([base, good], tmp_path, list(range(n_seeds))).iloc[0]
+    assert row["p_holm"] < 1e-3
+    if n_seeds < 3:
+        assert row["verdict"] == f"undetermined ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
+        assert np.isnan(row["seed_ci_low"]) and np.isnan(row["seed_ci_high"])  # shown "—", never ±1.00
+    else:
+        assert row["verdict"] == "better" and row["seed_ci_low"] > 0
+
+
+def test_verdict_rule_both_sides():
+    assert ablation.verdict(3, 0.01, 0.02, 0.1, 0.05) == "better"
+    assert ablation.verdict(3, 0.01, -0.1, -0.02, -0.05) == "worse"
+    assert ablation.verdict(3, 0.01, -0.01, 0.1, 0.05) == "not distinguishable"  # seed interval holds 0
+    assert ablation.verdict(3, 0.2, 0.02, 0.1, 0.05) == "not distinguishable"  # p too large
+    assert ablation.verdict(2, 0.001, float("nan"), float("nan"), 0.05) == "undetermined (2 seeds)"
+
+
+def test_paired_tests_match_images_by_id_across_seeds(tmp_path):
+    """A seed whose predictions list the images in another order is matched by id, not by row;
+    a seed scored on other images is refused."""
+    base, variant = Row("g", "base", "m", baseline=True), Row("g", "v", "m")
+    reference = np.r_[np.ones(20, bool), np.zeros(20, bool)]
+    for seed in (0, 1, 2):
+        _fake_run(tmp_path, base, seed, reference)
+        _fake_run(tmp_path, variant, seed, reference)
+    shuffled = ablation.run_dir(tmp_path, variant, 1) / "test_predictions.csv"
+    table = pd.read_csv(shuffled)
+    table.iloc[::-1].to_csv(shuffled, index=False)  # same calls, reversed rows
+    row = ablation.paired_tests([base, variant], tmp_path, [0, 1, 2]).iloc[0]
+    assert row["accuracy_diff"] == 0 and row["variant_better"] == 0 and row["variant_worse"] == 0
+    table.assign(image_id=table["image_id"] + "x").to_csv(shuffled, index=False)
+    with pytest.raises(ValueError, match="seed 1 was scored on other test images"):
+        ablation.paired_tests([base, variant], tmp_path, [0, 1, 2])
+
+
+def test_summary_gives_mean_std_and_both_intervals(tmp_path):
     runs = pd.DataFrame({"group": "g", "name": "a", "baseline": True, "seed": [0, 1, 2],
                          "accuracy": [0.8, 0.82, 0.84], "macro_sensitivity": 0.8, "macro_specificity": 0.9,
                          "macro_f1": 0.8})
-    table = ablation.summarise(runs, [Row("g", "a", "m", baseline=True, paper_accuracy=86.1)]).iloc[0]
+    row = Row("g", "a", "m", baseline=True, paper_accuracy=86.1)
+    table = ablation.summarise(runs, [row]).iloc[0]
     assert table["accuracy_mean"] == pytest.approx(0.82) and table["accuracy_std"] == pytest.approx(0.02)
-    assert table["accuracy_ci_low"] < 0.82 < table["accuracy_ci_high"] and table["paper_accuracy"] == 86.1
+    assert table["accuracy_seed_low"] < 0.82 < table["accuracy_seed_high"]
+    assert table["paper_accuracy"] == pytest.approx(0.861)  # a fraction, like ours
+    # the patient bootstrap of the seed-averaged accuracy, from the runs' predictions
+    rng = np.random.default_rng(1)
+    for seed in (0, 1, 2):
+        _fake_run(tmp_path, row, seed, rng.random(100) < 0.8)
+    table = ablation.summarise(runs, [row], tmp_path, [0, 1, 2]).iloc[0]
+    assert table["accuracy_boot_low"] < table["accuracy_boot_high"] and table["test_images"] == 100
+    two = ablation.summarise(runs.head(2), [row]).iloc[0]
+    assert np.isnan(two["accuracy_seed_low"])  # two seeds: no t-interval of [0, 1]
 
 
 def test_per_source_pools_seeds_and_splits_by_archive(tmp_path):

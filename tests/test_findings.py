@@ -19,14 +19,26 @@ def test_blackout_sentences_read_shortcut_lungs_and_undecided():
                           blackout_row("center_blacked", "center", 0.4, 0.1, 0.0, 0.3),
                           blackout_row("lungs_only", "lungs_only", 0.6, 0.5, 0.3, 0.7)])
     lines = blackout_sentences(table)
-    assert len(lines) == 3  # the baseline gets no sentence
-    assert "the lung box is blacked out" in lines[0] and "a shortcut" in lines[0] and "against 0.90" in lines[0]
-    assert "carries most of what the model knows" in lines[1] and "shortcut" not in lines[1]
+    assert len(lines) == 4  # the baseline gets no sentence; a closing sentence reads the rows together
+    assert "the lung box is blacked out" in lines[0] and "allows most of the whole-image accuracy" in lines[0]
+    assert "against 0.90" in lines[0]
+    assert "less than half" in lines[1] and "shortcut" not in lines[1]
     assert "undecided" in lines[2] and "only the lung box is kept" in lines[2]
+    assert "shortcut the data offer" in lines[3] and "Each row is its own model" in lines[3]
     kept = blackout_sentences(pd.DataFrame([blackout_row("lungs_only", "lungs_only", 0.8, 0.8, 0.6, 0.95),
                                             blackout_row("lungs_only", "lungs_only", 0.4, 0.1, 0.0, 0.3)]))
-    assert "the lung box alone carries most of it" in kept[0] and "shortcut" not in kept[0]
-    assert "read outside the lungs" in kept[1]
+    assert "the lung box alone allows most" in kept[0] and "shortcut" not in kept[0]
+    assert "allows less than half" in kept[1]
+
+
+def test_both_blackouts_keeping_most_is_read_as_signal_in_both_places_not_a_contradiction():
+    table = pd.DataFrame([blackout_row("whole_image", "none", 0.9, 1.0, 1.0, 1.0),
+                          blackout_row("lungs_blacked", "lungs", 0.8, 0.8, 0.6, 0.95),
+                          blackout_row("lungs_only", "lungs_only", 0.85, 0.9, 0.7, 1.0)])
+    lines = blackout_sentences(table.assign(surviving_capped=[False, False, True]))
+    assert "at least 70 %" in lines[1] and "123" not in lines[1]  # a capped share reads "at least"
+    assert "in both places" in lines[-1] and "not what the whole-image model reads" in lines[-1]
+    assert not any("outside the lungs" in line for line in lines)
 
 
 def external_row(cls, internal, external, conclusive, spread=0.05):
@@ -34,15 +46,30 @@ def external_row(cls, internal, external, conclusive, spread=0.05):
             "internal_high": internal + spread, "internal_n": 40, "internal_sources": "nih",
             "external_accuracy": external, "external_low": external - spread, "external_high": external + spread,
             "external_n": 30 if conclusive else 4, "external_patients": 20 if conclusive else 2,
-            "external_sources": "ieee8023", "conclusive": conclusive}
+            "external_sources": "ieee8023", "conclusive": conclusive,
+            "drop": internal - external, "drop_low": internal - external - 2 * spread,
+            "drop_high": internal - external + 2 * spread,
+            "internal_specificity": 0.9, "external_specificity": 0.9, "external_spec_low": 0.8, "external_spec_high": 0.95,
+            "external_auc": 0.9, "external_auc_low": 0.8, "external_auc_high": 0.95}
 
 
 def test_external_sentences_name_a_drop_an_overlap_and_a_thin_cell():
     lines = external_sentences(pd.DataFrame([external_row("covid", 0.9, 0.4, True), external_row("normal", 0.8, 0.78, True),
                                              external_row("pneumonia", 0.9, 0.1, False)]))
-    assert "learnt the archive" in lines[0]
-    assert "no drop shown" in lines[1]
+    assert "learnt the archive" in lines[0] and "drop +0.50 [+0.40, +0.60]" in lines[0]
+    assert "no drop in sensitivity shown" in lines[1]
     assert "too few images or patients to conclude" in lines[2] and "learnt the archive" not in lines[2]
+
+
+def test_a_high_external_sensitivity_with_low_specificity_is_no_transfer():
+    """COVID 0.93 vs 0.93 from a model that calls most external films COVID (AUROC 0.59)."""
+    row = external_row("covid", 0.93, 0.93, True) | {"external_specificity": 0.1, "external_spec_low": 0.05,
+                                                     "external_spec_high": 0.2, "external_auc": 0.59,
+                                                     "external_auc_low": 0.48, "external_auc_high": 0.70}
+    (line,) = external_sentences(pd.DataFrame([row]))
+    assert "no drop in sensitivity" in line and "shows no transfer" in line and "specificity 0.10" in line
+    (fine,) = external_sentences(pd.DataFrame([external_row("covid", 0.93, 0.93, True)]))
+    assert "shows no transfer" not in fine
 
 
 def test_view_sentences_say_whether_the_probe_beats_chance():

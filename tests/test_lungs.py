@@ -165,7 +165,10 @@ def test_table_and_summary_flag_a_model_that_looks_outside():
     assert summary.loc["inside", "energy_mean"] == pytest.approx(1.0)
     assert summary.loc["uniform", "energy_mean"] == pytest.approx(0.25)
     assert summary.loc["uniform", "area_mean"] == pytest.approx(0.25)
-    assert summary["looks_outside"].to_dict() == {"inside": False, "uniform": True, "outside": True}
+    # decided by the interval: a uniform map (excess exactly 0) is not measurably outside
+    assert summary["looks_outside"].to_dict() == {"inside": False, "uniform": False, "outside": True}
+    assert summary["lung_verdict"].to_dict() == {"inside": lungs.FAVOURS_LUNGS, "uniform": lungs.UNDETERMINED,
+                                                 "outside": lungs.AVOIDS_LUNGS}
     assert summary.loc["outside", "outside_share"] == 1.0 and summary.loc["inside", "outside_share"] == 0.0
     assert summary.loc["inside", "excess_ci_low"] <= 0.75 <= summary.loc["inside", "excess_ci_high"]
     with pytest.raises(ValueError, match="shape"):
@@ -274,3 +277,10 @@ def test_summary_counts_each_image_once_over_seeds_and_resamples_patients():
     # four distinct images, not eight seed-image pairs: the interval is that of the seed-averaged values
     pairs = pd.concat(seeds).assign(image_id=lambda t: t["image_id"] + "/" + t["seed"].astype(str))
     assert lungs.summarise_lung_energy(pairs).loc["m", "images"] == 8
+
+
+def test_lung_verdict_reads_the_interval_not_the_point():
+    assert lungs.lung_verdict(0.01, 0.2) == lungs.FAVOURS_LUNGS
+    assert lungs.lung_verdict(-0.2, -0.01) == lungs.AVOIDS_LUNGS
+    assert lungs.lung_verdict(-0.2, 0.01) == lungs.UNDETERMINED  # a negative point estimate is not enough
+    assert lungs.lung_verdict(float("nan"), float("nan")) == lungs.UNDETERMINED

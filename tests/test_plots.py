@@ -37,9 +37,17 @@ def test_roc_and_reliability_figures():
 
 def test_ablation_bars_show_every_row_and_the_papers_marks():
     summary = pd.DataFrame({"group": ["g", "g"], "name": ["a", "b"], "accuracy_mean": [0.5, 0.6],
-                            "accuracy_std": [0.1, np.nan], "paper_accuracy": [83.3, np.nan]})
+                            "accuracy_std": [0.1, np.nan], "paper_accuracy": [0.833, np.nan]})
     fig = plots.ablation_bars(summary)
     assert len(fig.axes[0].patches) == 2 and [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b"]
+
+
+def test_interval_plot_greys_thin_cells():
+    table = pd.DataFrame({"cell": ["AP", "PA"], "accuracy": [0.5, 0.7], "low": [0.1, 0.6], "high": [0.9, 0.8],
+                          "conclusive": [False, True]})
+    fig = plots.interval_plot(table, "cell", reference=1 / 3)
+    labels = {t.get_text(): t.get_color() for t in fig.axes[0].get_yticklabels()}
+    assert labels == {"AP (thin)": "0.55", "PA": "k"}
 
 
 def test_cam_comparison_has_a_row_per_model():

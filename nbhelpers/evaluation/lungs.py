@@ -105,6 +105,21 @@ def lung_energy_table(cams: Mapping[str, np.ndarray], masks: LungMasks | np.ndar
                                        "pointing_hit", "blank"])
 
 
+#: The three readings of a lung-energy excess interval.
+FAVOURS_LUNGS, AVOIDS_LUNGS, UNDETERMINED = "favours the lungs", "favours the lungs less than a uniform map", "undetermined"
+
+
+def lung_verdict(low: float, high: float) -> str:
+    """What an interval of the lung-energy excess says: :data:`FAVOURS_LUNGS` when it lies above
+    zero, :data:`AVOIDS_LUNGS` below :data:`OUTSIDE_MARGIN`, else :data:`UNDETERMINED` (also for
+    a missing interval)."""
+    if np.isfinite(low) and low > 0:
+        return FAVOURS_LUNGS
+    if np.isfinite(high) and high < OUTSIDE_MARGIN:
+        return AVOIDS_LUNGS
+    return UNDETERMINED
+
+
 def summarise_lung_energy(per_image: pd.DataFrame) -> pd.DataFrame:
     """Lung energy per model beside the uniform baseline, from :func:`lung_energy_table`.
 
@@ -116,8 +131,9 @@ def summarise_lung_energy(per_image: pd.DataFrame) -> pd.DataFrame:
     Columns: ``images`` (distinct, with a map), ``patients``, ``seeds``, ``energy_mean``,
     ``energy_std`` (over the images), ``area_mean`` (uniform-map share), ``excess_mean`` with its
     :data:`CONFIDENCE` interval ``excess_ci_low``/``excess_ci_high``, ``outside_share`` (share of
-    images flagged), ``looks_outside`` (mean excess <= :data:`OUTSIDE_MARGIN`: on average no more
-    on the lungs than a uniform map), the pointing game's hits (seed-averaged) and rate with the
+    images flagged), ``looks_outside`` (the whole interval of the excess below
+    :data:`OUTSIDE_MARGIN`: measurably less on the lungs than a uniform map), ``lung_verdict``
+    (:func:`lung_verdict`), the pointing game's hits (seed-averaged) and rate with the
     wider of the patient bootstrap and the Wilson interval (``pointing_chance``: the rate of a
     random point on the film, the mean lung area share), ``blank_maps`` (maps that were all zero,
     counted over images and seeds and left out of the means), and ``grid`` / ``target`` when the
@@ -148,7 +164,8 @@ def summarise_lung_energy(per_image: pd.DataFrame) -> pd.DataFrame:
             "energy_mean": images["lung_energy"].mean(), "energy_std": images["lung_energy"].std(ddof=1),
             "area_mean": images["lung_area"].mean(),
             "excess_mean": mean, "excess_ci_low": low, "excess_ci_high": high,
-            "outside_share": images["outside"].mean(), "looks_outside": bool(mean <= OUTSIDE_MARGIN),
+            "outside_share": images["outside"].mean(), "looks_outside": bool(high < OUTSIDE_MARGIN),
+            "lung_verdict": lung_verdict(low, high),
             "pointing_hits": float(pointing["correct"]), "pointing_rate": pointing["accuracy"],
             "pointing_low": pointing["low"], "pointing_high": pointing["high"],
             "pointing_chance": images["lung_area"].mean(),

@@ -151,22 +151,52 @@ def reliability_diagram(bins: pd.DataFrame, ece: float | None = None, title: str
 
 
 def ablation_bars(summary: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
-    """Mean ``metric`` per ablation row (bars, ± one std over seeds), grouped by ablation group,
-    with the paper's reported accuracy (on its own data) as a marker where it gives one."""
+    """Mean ``metric`` per ablation row (bars), grouped by ablation group, with the 95 % patient
+    bootstrap interval of the seed-averaged accuracy where the summary has it (else ± one std
+    over seeds), and the paper's reported accuracy (on its own data, a fraction) as a marker."""
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(summary) + 1.5), 3.6))
     x = np.arange(len(summary))
     colours = dict(zip(summary["group"].unique(), sns.color_palette(n_colors=summary["group"].nunique())))
-    ax.bar(x, summary[f"{metric}_mean"], yerr=summary[f"{metric}_std"].fillna(0), capsize=3,
-           color=[colours[g] for g in summary["group"]])
+    mean = summary[f"{metric}_mean"]
+    if metric == "accuracy" and "accuracy_boot_low" in summary and summary["accuracy_boot_low"].notna().all():
+        yerr = np.vstack([mean - summary["accuracy_boot_low"], summary["accuracy_boot_high"] - mean])
+        ylabel = "test accuracy (95 % interval over patients)"
+    else:
+        yerr, ylabel = summary[f"{metric}_std"].fillna(0), f"test {metric} (± std over seeds)"
+    ax.bar(x, mean, yerr=yerr, capsize=3, color=[colours[g] for g in summary["group"]])
     if metric == "accuracy" and "paper_accuracy" in summary:
-        ax.scatter(x, summary["paper_accuracy"] / 100, marker="_", s=300, color="k", label="paper (its data)", zorder=3)
+        ax.scatter(x, summary["paper_accuracy"].astype(float), marker="_", s=300, color="k",
+                   label="paper (its data)", zorder=3)
         if "ours_on_paper_metric" in summary:  # ours on the metric the paper reports (paper 000: its ACC)
             has = summary["paper_accuracy"].notna()
             ax.scatter(x[has], summary.loc[has, "ours_on_paper_metric"], marker="D", s=22, facecolor="white",
                        edgecolor="k", label="ours, on the paper's metric", zorder=4)
-        ax.legend(fontsize=8, loc="lower right")
+        legend_outside(ax)
     ax.set_xticks(x, summary["name"], rotation=40, ha="right", fontsize=8)
-    ax.set(ylabel=f"test {metric}", ylim=(0, 1))
+    ax.set(ylabel=ylabel, ylim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+
+def interval_plot(table: pd.DataFrame, label: str, value: str = "accuracy", low: str = "low", high: str = "high",
+                  title: str = "", reference: float | None = None, xlabel: str = "accuracy") -> plt.Figure:
+    """One point with its interval per row of ``table`` (labelled by ``label``), a row per line.
+    Rows whose ``conclusive`` column is false (too few images or patients to read) are drawn in
+    grey and marked "(thin)"; ``reference`` (e.g. chance) is a dashed line."""
+    fig, ax = plt.subplots(figsize=(6.0, 0.28 * len(table) + 1.2))
+    y = np.arange(len(table))[::-1]
+    ok = table["conclusive"].astype(bool).to_numpy() if "conclusive" in table else np.ones(len(table), bool)
+    for yi, (_, row), good in zip(y, table.iterrows(), ok):
+        colour = "k" if good else "0.7"
+        ax.plot([row[low], row[high]], [yi, yi], color=colour, lw=1.5)
+        ax.plot(row[value], yi, "o", color=colour, ms=4)
+    names = [f"{n}" + ("" if good else " (thin)") for n, good in zip(table[label].astype(str), ok)]
+    ax.set_yticks(y, names, fontsize=8)
+    for tick, good in zip(ax.get_yticklabels()[::-1], ok[::-1]):
+        tick.set_color("k" if good else "0.55")
+    if reference is not None:
+        ax.axvline(reference, ls="--", color="0.5", lw=1)
+    ax.set(xlabel=xlabel, xlim=(0, 1), title=wrap_title(title, 60) if title else "")
     fig.tight_layout()
     return fig
 

@@ -203,11 +203,30 @@ def balanced_accuracy_ci(y: np.ndarray, correct: np.ndarray, groups: Sequence | 
     return score(everything), float(low), float(high)
 
 
+#: Fewest seeds from which an interval over seeds is given and read.  With two, the t quantile is
+#: 12.7 and the interval nearly always spans the metric's whole range, so it can never exclude 0:
+#: a verdict that needs it would say "not distinguishable" from a test that could not have said more.
+MIN_SEEDS = 3
+#: Fewest distinct images and patients a table cell needs to be read (below: ``inconclusive``).
+MIN_CELL_IMAGES = 10
+MIN_CELL_PATIENTS = 5
+
+
+def conclusive(n: int | float, patients: int | float) -> bool:
+    """Whether a cell of ``n`` distinct images of ``patients`` patients is large enough to read
+    (:data:`MIN_CELL_IMAGES`, :data:`MIN_CELL_PATIENTS`)."""
+    return bool(n >= MIN_CELL_IMAGES and patients >= MIN_CELL_PATIENTS)
+
+
+def undetermined(seeds: int) -> str:
+    """The verdict of a comparison over too few seeds to read a seed interval."""
+    return f"undetermined ({seeds} seed{'s' if seeds != 1 else ''})"
+
+
 def t_interval(values: np.ndarray, bounds: tuple[float, float], level: float = CI_LEVEL) -> tuple[float, float]:
-    """The ``level`` t-interval of the mean of ``values`` (e.g. one metric over seeds), cut to the metric's possible ``bounds`` (with
-    two seeds the t quantile is 12.7, so the raw interval easily leaves them); NaNs for fewer
-    than two values."""
-    if len(values) < 2:
+    """The ``level`` t-interval of the mean of ``values`` (e.g. one metric over seeds), cut to the
+    metric's possible ``bounds``; NaNs (shown as "—") for fewer than :data:`MIN_SEEDS` values."""
+    if len(values) < MIN_SEEDS:
         return float("nan"), float("nan")
     half = sps.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
     return float(max(values.mean() - half, bounds[0])), float(min(values.mean() + half, bounds[1]))

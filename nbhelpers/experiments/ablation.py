@@ -50,10 +50,14 @@ STATISTICS_NOTE = (
     "Unit: the test image, counted once (its correctness averaged over the seeds); `test_images` / "
     "`test_patients` and per-source `n` / `patients` count distinct images and patients. Bootstrap intervals "
     "and the sign-flip test (`p_value`) resample or flip patients with all their films; `mcnemar_p_seeds` is "
-    "McNemar's exact test of each seed alone. `p_holm`: Holm-adjusted within each group; `distinguishable` "
-    "needs p_holm < 0.05 and a seed interval that excludes 0. Paper 000's ACC (eq. 12) is `macro_ovr_accuracy` "
-    "(mean one-vs-rest accuracy), shown as `ours_on_paper_metric` beside `paper_accuracy`; overall `accuracy` is "
-    "paper 001's."
+    "McNemar's exact test of each seed alone. `p_holm`: Holm-adjusted within each group; `verdict` "
+    "is better/worse only when p_holm < 0.05 and the seed interval excludes 0, \"undetermined (n seeds)\" under "
+    "3 seeds. Two intervals per summary row: `accuracy_seed_*`, a t-interval over seeds on this one test set (seed "
+    "noise; \"—\" under 3 seeds), and `accuracy_boot_*`, a bootstrap over test patients of the seed-averaged "
+    "correctness (test-set noise). Every accuracy is a fraction; `paper_accuracy` (the paper's own figure on its "
+    "own data, converted from %) is paper 000's ACC (eq. 12) where `paper_metric` is `macro_ovr_accuracy` (mean "
+    "one-vs-rest accuracy), shown as `ours_on_paper_metric` beside it; overall `accuracy` is paper 001's. These "
+    "are reduced 64 px CPU runs from scratch: they check the pipeline, not the papers' claims."
 )
 #: Significance level of the verdict, applied to Holm-adjusted p-values within a group.
 ALPHA = 0.05
@@ -231,21 +235,38 @@ def collect(rows: Sequence[Row], out_root: Path, seeds: Sequence[int]) -> pd.Dat
     return pd.DataFrame(lines)
 
 
-def summarise(runs: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
-    """Per row: number of seeds, mean and std of each metric, the 95 % t-interval of the mean
-    test accuracy over seeds, the figure the paper reports (where it does, on its own data),
-    what that figure measures (``paper_metric``) and ours on the same metric
-    (``ours_on_paper_metric``), so paper 000's ACC is compared with its own definition."""
+def summarise(runs: pd.DataFrame, rows: Sequence[Row], out_root: Path | None = None,
+              seeds: Sequence[int] | None = None, n_boot: int = N_BOOT, boot_seed: int = 0) -> pd.DataFrame:
+    """Per row: number of seeds, mean and std of each metric, two 95 % intervals of the test
+    accuracy, the figure the paper reports (where it does, on its own data, as a fraction like
+    ours), what that figure measures (``paper_metric``) and ours on the same metric
+    (``ours_on_paper_metric``), so paper 000's ACC is compared with its own definition.
+
+    The intervals answer two questions: ``accuracy_seed_low/high``, the t-interval over seeds,
+    how much another seed would move the mean on *this* test set (NaN, shown "—", under
+    :data:`~nbhelpers.evaluation.stats.MIN_SEEDS` seeds); ``accuracy_boot_low/high`` (given
+    ``out_root`` and ``seeds``), a percentile bootstrap over test **patients** of the seed-averaged
+    correctness (each image once), how much another test set of patients would move it."""
     paper = {r.name: r.paper_accuracy for r in rows}
     paper_metric = {r.name: r.paper_metric for r in rows}
+    by_name = {r.name: r for r in rows}
     out = []
     for (group, name), part in runs.groupby(["group", "name"], sort=False):
         line = {"group": group, "name": name, "seeds": len(part)}
         for m in METRICS:  # a metric older runs did not record is NaN
             values = part[m] if m in part else pd.Series(np.nan, index=part.index)
             line[f"{m}_mean"], line[f"{m}_std"] = values.mean(), values.std(ddof=1)
-        line["accuracy_ci_low"], line["accuracy_ci_high"] = t_interval(part["accuracy"].to_numpy(), (0.0, 1.0))
-        line["paper_accuracy"] = paper.get(name)
+        line["accuracy_seed_low"], line["accuracy_seed_high"] = t_interval(part["accuracy"].to_numpy(), (0.0, 1.0))
+        line["accuracy_boot_low"] = line["accuracy_boot_high"] = np.nan
+        if out_root is not None and seeds is not None:
+            images = seed_averaged_correct(out_root, by_name[name], seeds)
+            rng = np.random.default_rng(boot_seed)
+            draws = [images["correct"].to_numpy()[idx].mean()
+                     for idx in M.resample_indices(len(images), n_boot, rng, images["patient_id"].to_numpy())]
+            line["accuracy_boot_low"], line["accuracy_boot_high"] = np.quantile(draws, [(1 - CONFIDENCE) / 2,
+                                                                                         (1 + CONFIDENCE) / 2])
+            line["test_images"], line["test_patients"] = len(images), images["patient_id"].nunique()
+        line["paper_accuracy"] = paper.get(name) / 100.0 if paper.get(name) is not None else None
         line["paper_metric"] = paper_metric.get(name, "accuracy")
         line["ours_on_paper_metric"] = line[f"{line['paper_metric']}_mean"]
         out.append(line)
@@ -265,6 +286,25 @@ def _correct(out_root: Path, row: Row, seed: int, image_ids: Sequence[str] | Non
     return pd.DataFrame({"correct": (table["pred"] == table["label"]).astype(int), "patient_id": patients})
 
 
+def _aligned(frames: Sequence[pd.DataFrame], what: str) -> list[pd.DataFrame]:
+    """``frames`` (one per seed, indexed by image id) in the first one's image order; ValueError
+    when a seed scored other images, so no image is paired with another."""
+    first = frames[0].index
+    for i, frame in enumerate(frames[1:], 1):
+        if set(frame.index) != set(first) or len(frame.index) != len(first):
+            raise ValueError(f"{what}: seed {i} was scored on other test images than seed 0")
+    return [frame.loc[first] for frame in frames]
+
+
+def seed_averaged_correct(out_root: Path, row: Row, seeds: Sequence[int],
+                          image_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """One line per test image of ``row`` (indexed by image id): ``correct`` averaged over the
+    seeds and ``patient_id``; ValueError when the seeds were scored on different images."""
+    frames = _aligned([_correct(out_root, row, s, image_ids) for s in seeds], row.name)
+    return pd.DataFrame({"correct": pd.concat([f["correct"] for f in frames], axis=1).mean(axis=1),
+                         "patient_id": frames[0]["patient_id"]})
+
+
 def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_boot: int = N_BOOT,
                  boot_seed: int = 0, image_ids: Sequence[str] | None = None) -> pd.DataFrame:
     """Compare each non-baseline row with its group's baseline on the same test images (only
@@ -279,9 +319,9 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     with one seed and one image per patient it is McNemar's exact test), McNemar's exact p-value
     of each seed on its own (``mcnemar_p_seeds``), and the p-value adjusted by Holm within the
     group (``p_holm``, the family being the group's comparisons with its baseline).
-    ``distinguishable``: the Holm-adjusted p is below 0.05 and the seed interval (where there
-    are two or more seeds) excludes zero.  Raises ValueError when the two runs of a seed were
-    scored on different images.
+    ``verdict`` (:func:`verdict`) and ``distinguishable`` (the verdict is better or worse).
+    Images are matched by id across rows and seeds; raises ValueError when two runs were scored
+    on different images.
     """
     from nbhelpers.evaluation.stats import holm, mcnemar_exact, sign_flip_test
 
@@ -292,10 +332,12 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
         if row.baseline:
             continue
         base = baselines[row.group]
-        pairs = [(_correct(out_root, row, s, image_ids), _correct(out_root, base, s, image_ids)) for s in seeds]
-        for variant, reference in pairs:
-            if not variant.index.equals(reference.index):
+        variants = _aligned([_correct(out_root, row, s, image_ids) for s in seeds], row.name)
+        references = _aligned([_correct(out_root, base, s, image_ids) for s in seeds], base.name)
+        for variant, reference in zip(variants, references):
+            if set(variant.index) != set(reference.index):
                 raise ValueError(f"{row.name} and {base.name} were not scored on the same test images")
+        pairs = [(v, r.loc[v.index]) for v, r in zip(variants, references)]
         diff = np.stack([(v["correct"] - r["correct"]).to_numpy() for v, r in pairs])  # seeds x images, in {-1, 0, 1}
         per_seed = diff.mean(axis=1)
         per_image = diff.mean(axis=0)  # seed-averaged: each image once
@@ -319,9 +361,28 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     table["p_holm"] = np.nan
     for _, part in table.groupby("group", sort=False):
         table.loc[part.index, "p_holm"] = holm(part["p_value"].to_numpy())
-    seed_excludes = ~((table["seed_ci_low"] <= 0) & (0 <= table["seed_ci_high"]))  # NaN (one seed) counts as excluding
-    table["distinguishable"] = (table["p_holm"] < ALPHA) & seed_excludes
+    table["verdict"] = [verdict(r.seeds, r.p_holm, r.seed_ci_low, r.seed_ci_high, r.accuracy_diff)
+                         for r in table.itertuples(index=False)]
+    table["distinguishable"] = table["verdict"].isin([BETTER, WORSE])
     return table
+
+
+#: The verdicts of a paired comparison (besides :func:`nbhelpers.evaluation.stats.undetermined`).
+BETTER, WORSE, SAME = "better", "worse", "not distinguishable"
+
+
+def verdict(seeds: int, p_holm: float, seed_low: float, seed_high: float, diff: float) -> str:
+    """A variant against its baseline: :data:`BETTER` or :data:`WORSE` when the Holm-adjusted p
+    is below :data:`ALPHA` *and* the seed interval excludes 0; :data:`SAME` when either says no;
+    "undetermined (n seeds)" with fewer than :data:`~nbhelpers.evaluation.stats.MIN_SEEDS` seeds,
+    where no seed interval exists, so the verdict cannot depend on how many seeds happened to run."""
+    from nbhelpers.evaluation.stats import MIN_SEEDS, undetermined
+
+    if seeds < MIN_SEEDS or not (np.isfinite(seed_low) and np.isfinite(seed_high)):
+        return undetermined(seeds)
+    if p_holm < ALPHA and (seed_low > 0 or seed_high < 0):
+        return BETTER if diff > 0 else WORSE
+    return SAME
 
 
 def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manifest: pd.DataFrame | Path | str) -> pd.DataFrame:
@@ -381,7 +442,7 @@ def run_command(args: argparse.Namespace) -> int:
     rows = load_grid(groups=args.groups)
     runs = run_grid(rows, args.manifest, args.data_dir, args.out, args.seeds, args.preset, args.device,
                     from_args(args), **parse_set(args.set))
-    summary, tests = summarise(runs, rows), paired_tests(rows, args.out, args.seeds)
+    summary, tests = summarise(runs, rows, args.out, args.seeds), paired_tests(rows, args.out, args.seeds)
     sources = per_source(rows, args.out, args.seeds, args.manifest)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(summary.round(4).to_string(index=False))

@@ -19,6 +19,7 @@ from data_prep import atomic
 from data_prep.schema import CLASSES
 from data_prep.split import DEFAULT_RATIOS, split_by_patient
 from nbhelpers.evaluation import metrics as M
+from nbhelpers.evaluation.stats import MIN_CELL_IMAGES, MIN_CELL_PATIENTS
 from nbhelpers.experiments.probes import ProbeError
 from nbhelpers.training.config import PREDICTIONS_NAME
 
@@ -30,9 +31,6 @@ CI_LEVEL = M.CI_LEVEL
 
 #: A run's predictions for the images of archives it never saw (:func:`score_external`).
 EXTERNAL_PREDICTIONS = "external_predictions.csv"
-#: Fewest distinct images and patients a cell of :func:`external_table` needs to conclude anything.
-MIN_CELL_IMAGES = 10
-MIN_CELL_PATIENTS = 5
 
 
 def external_split(manifest: pd.DataFrame, train_sources: dict[str, Sequence[str]], seed: int = 0,
@@ -95,7 +93,9 @@ def _seed_averaged(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     if "source" not in stacked.columns:
         stacked["source"] = stacked["image_id"].str.split(":", n=1).str[0]
     stacked["correct"] = (stacked["label"] == stacked["pred"]).astype(float)
-    columns = ["correct", *[f"p_{c}" for c in CLASSES]]
+    for c, name in enumerate(CLASSES):
+        stacked[f"called_{name}"] = (stacked["pred"] == c).astype(float)
+    columns = ["correct", *[f"p_{c}" for c in CLASSES], *[f"called_{c}" for c in CLASSES]]
     out = stacked.groupby("image_id", sort=False)[columns].mean()
     first = stacked.groupby("image_id", sort=False)[["label", "patient_id", "source"]].first()
     return out.join(first).reset_index()
@@ -113,17 +113,34 @@ def _auc_ci(images: pd.DataFrame, c: int, n_boot: int, seed: int, level: float) 
     return M.binary_auc(y, score), float(low), float(high)
 
 
+def _drop_ci(inside: np.ndarray, inside_groups: np.ndarray, outside: np.ndarray, outside_groups: np.ndarray,
+             n_boot: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile interval of mean(inside) - mean(outside), the two sets (distinct patients)
+    resampled by patient independently; NaNs when either is empty."""
+    if len(inside) == 0 or len(outside) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    a = [inside[i].mean() for i in M.resample_indices(len(inside), n_boot, rng, inside_groups)]
+    b = [outside[i].mean() for i in M.resample_indices(len(outside), n_boot, rng, outside_groups)]
+    low, high = np.quantile(np.array(a) - np.array(b), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def external_table(folders: Sequence[Path], n_boot: int = M.N_BOOTSTRAP, seed: int = 0,
                    level: float = CI_LEVEL) -> pd.DataFrame:
-    """Internal against external accuracy and AUROC per class, over the seeds' run ``folders`` of
-    one external-source row (each holding ``test_predictions.csv`` and ``external_predictions.csv``).
+    """Internal against external sensitivity, specificity and AUROC per class, over the seeds' run
+    ``folders`` of one external-source row (each holding ``test_predictions.csv`` and
+    ``external_predictions.csv``).
 
-    Each image counts once (its correctness and probabilities averaged over seeds); accuracy is
-    the class's sensitivity with an interval over patients (:func:`nbhelpers.evaluation.stats.proportion_ci`),
-    AUROC one-vs-rest on the set's images with a patient bootstrap interval (NaN when the set
-    holds no negatives).  ``conclusive`` is false where either side has fewer than
-    :data:`MIN_CELL_IMAGES` images or :data:`MIN_CELL_PATIENTS` patients: too few to say whether
-    the model transfers.  ``drop`` is internal minus external accuracy."""
+    Each image counts once (its correctness, calls and probabilities averaged over seeds).
+    ``*_accuracy`` is the class's **sensitivity** (its images called that class) with an interval
+    over patients (:func:`nbhelpers.evaluation.stats.proportion_ci`); ``*_specificity`` the share
+    of the set's other images *not* called that class (a model that calls every external film
+    COVID-19 has a high COVID sensitivity and a low specificity); AUROC is one-vs-rest on the set's
+    images with a patient bootstrap interval (NaN when the set holds no negatives).  ``drop`` is
+    internal minus external sensitivity, with a bootstrap interval resampling each side's
+    patients (``drop_low`` / ``drop_high``).  ``conclusive`` is false where either side has fewer
+    than :data:`MIN_CELL_IMAGES` images or :data:`MIN_CELL_PATIENTS` patients of the class."""
     from nbhelpers.evaluation.stats import proportion_ci
 
     sides = {name: _seed_averaged([pd.read_csv(Path(f) / file, keep_default_na=False) for f in folders])
@@ -134,14 +151,24 @@ def external_table(folders: Sequence[Path], n_boot: int = M.N_BOOTSTRAP, seed: i
         enough = True
         for side, images in sides.items():
             cell = images[images["label"] == c]
+            others = images[images["label"] != c]
             stats_ = proportion_ci(cell["correct"].to_numpy(), cell["patient_id"].to_numpy(), n_boot, seed, level)
+            spec = proportion_ci(1.0 - others[f"called_{label}"].to_numpy(), others["patient_id"].to_numpy(),
+                                 n_boot, seed, level)
             auc, a_low, a_high = _auc_ci(images, c, n_boot, seed, level)
             line.update({f"{side}_sources": "+".join(sorted(set(cell["source"]))), f"{side}_n": stats_["n"],
                          f"{side}_patients": stats_["patients"], f"{side}_accuracy": stats_["accuracy"],
-                         f"{side}_low": stats_["low"], f"{side}_high": stats_["high"], f"{side}_auc": auc,
+                         f"{side}_low": stats_["low"], f"{side}_high": stats_["high"],
+                         f"{side}_specificity": spec["accuracy"], f"{side}_spec_low": spec["low"],
+                         f"{side}_spec_high": spec["high"], f"{side}_auc": auc,
                          f"{side}_auc_low": a_low, f"{side}_auc_high": a_high})
             enough &= stats_["n"] >= MIN_CELL_IMAGES and stats_["patients"] >= MIN_CELL_PATIENTS
         line["drop"] = line["internal_accuracy"] - line["external_accuracy"]
+        inside = sides["internal"][sides["internal"]["label"] == c]
+        outside = sides["external"][sides["external"]["label"] == c]
+        line["drop_low"], line["drop_high"] = _drop_ci(
+            inside["correct"].to_numpy(), inside["patient_id"].to_numpy(), outside["correct"].to_numpy(),
+            outside["patient_id"].to_numpy(), n_boot, seed, level)
         line["conclusive"] = bool(enough)
         rows.append(line)
     return pd.DataFrame(rows)

@@ -20,23 +20,37 @@ BLACKOUT_WORDS = {
 CHANCE = 0.5
 
 
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f} %"
+
+
 def _interval(value: float, low: float, high: float, percent: bool = False) -> str:
     if percent:
-        return f"{value:.0%} [{low:.0%}, {high:.0%}]"
+        return f"{_pct(value)} [{_pct(low)}, {_pct(high)}]"
     return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _share(row) -> str:
+    """A surviving share with its interval; a capped one (its interval reached all of the accuracy)
+    as "at least" its lower bound, since a share above everything means nothing more."""
+    if bool(getattr(row, "surviving_capped", False)) or row.surviving_high >= 1.0:
+        return f"at least {_pct(row.surviving_low)} (point {_pct(row.surviving_share)}; the interval reaches all of it)"
+    return _interval(row.surviving_share, row.surviving_low, row.surviving_high, percent=True)
 
 
 def blackout_sentences(table: pd.DataFrame) -> list[str]:
     """One sentence per row of the blackout table (``shortcut_blackout``) but the whole-image
     baseline: the accuracy kept and the share of above-chance accuracy that survives, with
-    intervals over patients, and the reading: a shortcut when that share's interval lies above one
-    half, the blacked-out part carrying most of it when it lies below, otherwise undecided."""
+    intervals over patients, and what the films allow: most of the accuracy without the part
+    blacked out when the share's interval lies above one half, less than half below it, otherwise
+    undecided.  Each row is a model trained on blacked-out films, so a closing sentence says what
+    the rows together show (what the data allow) and what they cannot (what the whole-image model
+    uses)."""
     base = table[table["blackout"] == "none"]
     base_acc = float(base["accuracy"].iloc[0]) if len(base) else np.nan
-    lines = []
+    lines, most = [], {}
     for row in table[table["blackout"] != "none"].itertuples(index=False):
         words = BLACKOUT_WORDS.get(row.blackout, f"blackout={row.blackout}")
-        share = _interval(row.surviving_share, row.surviving_low, row.surviving_high, percent=True)
         seeds = f"{row.seeds} seed" + ("s" if row.seeds != 1 else "")
         if (np.isfinite(base_acc) and base_acc <= row.chance) or not np.isfinite(row.surviving_share):
             lines.append(f"{row.name}: when {words}, accuracy is {_interval(row.accuracy, row.accuracy_low, row.accuracy_high)}"
@@ -44,41 +58,68 @@ def blackout_sentences(table: pd.DataFrame) -> list[str]:
                          f"test images and {seeds}: the whole-image model is not above chance, so there is no "
                          "above-chance accuracy to lose and the test says nothing.")
             continue
-        if row.blackout == "lungs_only":
-            reading = ("the lung box alone carries most of it" if row.surviving_low > 0.5 else
-                       "the lung box alone carries less than half of it: the rest is read outside the lungs"
-                       if row.surviving_high < 0.5 else "the interval straddles one half: undecided at this size")
-        elif row.surviving_low > 0.5:
-            reading = ("most of what the model knows is read outside the part blacked out: "
-                       "a shortcut, as Maguolo & Nanni (2021) found")
+        part = "the lung box alone" if row.blackout == "lungs_only" else "the film without " + (
+            "its centre" if row.blackout == "center" else "the lung box")
+        if row.surviving_low > 0.5:
+            most[row.blackout] = True
+            reading = f"{part} allows most of the whole-image accuracy"
         elif row.surviving_high < 0.5:
-            reading = "the part blacked out carries most of what the model knows"
+            most[row.blackout] = False
+            reading = f"{part} allows less than half of it"
         else:
             reading = "the interval straddles one half: undecided at this size"
         lines.append(f"{row.name}: when {words}, accuracy is {_interval(row.accuracy, row.accuracy_low, row.accuracy_high)}"
-                     f" against {base_acc:.2f} on the whole image (chance {row.chance:.2f}); {share} of the "
+                     f" against {base_acc:.2f} on the whole image (chance {row.chance:.2f}); {_share(row)} of the "
                      f"above-chance accuracy survives over {row.test_images} test images of {row.test_patients} "
                      f"patients and {seeds}: {reading}.")
+    outside = most.get("lungs") or most.get("center")
+    if outside and most.get("lungs_only"):
+        lines.append("Together: the films allow most of the accuracy both without the lung box and with the lung box "
+                     "alone, so the class signal is in both places. Each row is its own model trained on blacked-out "
+                     "films: this shows what the data allow, not what the whole-image model reads.")
+    elif outside:
+        lines.append("Together: the films allow most of the accuracy without the lungs, a shortcut the data offer, as "
+                     "Maguolo & Nanni (2021) found. Each row is its own model: whether the whole-image model takes "
+                     "it is for its maps and the other tests to say.")
+    elif most:
+        lines.append("Each row is its own model trained on blacked-out films: the rows show what the data allow, not "
+                     "what the whole-image model reads.")
     return lines
 
 
 def external_sentences(table: pd.DataFrame) -> list[str]:
     """One sentence per class of the external-source table (``shortcut_external``): internal
-    against external accuracy with intervals over patients, whether the intervals part, or that
-    the cell is too thin to conclude (``conclusive`` false)."""
+    against external sensitivity with intervals over patients, the drop with its interval, the
+    external specificity and AUROC beside them (a high sensitivity from a model that calls most
+    films this class is no transfer), or that the cell is too thin to conclude."""
     lines = []
     for row in (pd.Series(r) for r in table.to_dict("records")):
-        sides = (f"{row.internal_accuracy:.2f} [{row.internal_low:.2f}, {row.internal_high:.2f}] on "
+        sides = (f"sensitivity {row.internal_accuracy:.2f} [{row.internal_low:.2f}, {row.internal_high:.2f}] on "
                  f"{row.internal_n} internal {row.internal_sources} images against {row.external_accuracy:.2f} "
                  f"[{row.external_low:.2f}, {row.external_high:.2f}] on {row.external_n} external images of "
                  f"{row.external_patients} patients ({row.external_sources or 'none'})")
         if not row.conclusive:
             lines.append(f"{row['class']}: {sides}; too few images or patients to conclude.")
-        elif row.external_high < row.internal_low:
-            lines.append(f"{row['class']}: {sides}; accuracy falls on another archive's films: "
-                         "the model learnt the archive along with the disease.")
+            continue
+        drop = (f"drop {row['drop']:+.2f} [{row.drop_low:+.2f}, {row.drop_high:+.2f}]" if "drop_low" in row
+                and np.isfinite(row.drop_low) else f"drop {row['drop']:+.2f}")
+        spec = ""
+        if "external_specificity" in row and np.isfinite(row.external_specificity):
+            spec = (f"; external specificity {_interval(row.external_specificity, row.external_spec_low, row.external_spec_high)}"
+                    f" against {row.internal_specificity:.2f} internal")
+        auc_ok = "external_auc" in row and np.isfinite(row.external_auc)
+        if auc_ok:
+            spec += f", external AUROC {_interval(row.external_auc, row.external_auc_low, row.external_auc_high)}"
+        if "drop_low" in row and np.isfinite(row.drop_low) and row.drop_low > 0:
+            reading = "sensitivity falls on another archive's films: the model learnt the archive along with the disease"
+        elif "drop_high" in row and np.isfinite(row.drop_high) and row.drop_high < 0:
+            reading = "sensitivity rises on another archive's films"
         else:
-            lines.append(f"{row['class']}: {sides}; the intervals overlap: no drop shown at this size.")
+            reading = "no drop in sensitivity shown at this size"
+        if auc_ok and row.external_auc_high < 0.7 or ("external_spec_high" in row and row.external_spec_high < 0.5):
+            reading += ("; but the external films are barely told apart from the other classes (low specificity or "
+                        "AUROC), so the sensitivity alone shows no transfer")
+        lines.append(f"{row['class']}: {sides}, {drop}{spec}; {reading}.")
     return lines
 
 

@@ -236,10 +236,12 @@ def blackout_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequenc
     (row / baseline) and the **share of above-chance accuracy that survives** without the lungs,
     (row - chance) / (baseline - chance), each with a percentile bootstrap interval that
     resamples patients with all their images, both rows together (chance: one over the classes
-    in the test set).  ``shortcut`` says, for a row that blacks out the lungs or the centre
-    (:data:`LUNG_BLACKOUTS`), whether the interval of the surviving share lies above one half: most
-    of what the model knows is then read outside the part blacked out.  For the lungs-only row the
-    same share is what the lung box alone carries, which is no shortcut."""
+    in the test set).  The share is capped at 1 (``surviving_capped``: its interval reached it).
+    ``shortcut`` says, for a row that blacks out the lungs or the centre (:data:`LUNG_BLACKOUTS`),
+    whether the interval of the surviving share lies above one half: the films then allow most of
+    the accuracy without that part.  Each row is its own model, trained on blacked-out films, so
+    this shows what the data allow, not what the whole-image model uses.  For the lungs-only row
+    the same share is what the lung box alone allows."""
     baseline = next(r for r in rows if r.baseline)
     frames = {row.name: [ablation._correct(grid_root, row, s) for s in seeds] for row in rows}
 
@@ -263,6 +265,10 @@ def blackout_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequenc
         acc = [mine[d].mean() for d in draws]
         point_surv = (mine.mean() - chance) / (ref.mean() - chance) if ref.mean() > chance else np.nan
         s_low, s_high = np.nanquantile(surviving, [lo_q, hi_q]) if np.isfinite(surviving).any() else (np.nan, np.nan)
+        # A share above 1 (the row beat the whole image) reads as "all of it": capped, so no
+        # interval claims more than everything; ``surviving_capped`` says the cap was reached.
+        capped = bool(np.isfinite(s_high) and s_high > 1.0)
+        point_surv, s_low, s_high = (min(v, 1.0) if np.isfinite(v) else v for v in (point_surv, s_low, s_high))
         out.append({
             "name": row.name, "blackout": row.preprocess.get("blackout", "none"), "seeds": len(seeds),
             "test_images": len(base), "test_patients": len(set(patients)), "chance": chance,
@@ -270,6 +276,7 @@ def blackout_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequenc
             "retained": mine.mean() / ref.mean() if ref.mean() > 0 else np.nan,
             "retained_low": np.nanquantile(retained, lo_q), "retained_high": np.nanquantile(retained, hi_q),
             "surviving_share": point_surv, "surviving_low": s_low, "surviving_high": s_high,
+            "surviving_capped": capped,
             "shortcut": bool(row.preprocess.get("blackout") in LUNG_BLACKOUTS and np.isfinite(s_low) and s_low > 0.5),
         })
     return pd.DataFrame(out)

@@ -204,3 +204,19 @@ def _check_no_near_copy(manifest: pd.DataFrame, column: str, data_dir: Path, max
             "They are one film: curate with de-duplication on (workbook curate without --no-dedup), "
             "which joins their patients before splitting."
         )
+
+
+def split_patients_table(manifest: pd.DataFrame, column: str = "split") -> pd.DataFrame:
+    """Per split (and ``all``): images, patients, patients with several films, the images of those
+    patients and their share of the split's images.  A test split without serial films is a
+    sample of one-film patients only, and its patient bootstrap cannot differ from an image one."""
+    _check_frame(manifest, "split_patients_table")
+    films = manifest.groupby("patient_id")["patient_id"].transform("size")
+    rows = []
+    for name, part in [*((s, manifest[manifest[column] == s]) for s in SPLITS), ("all", manifest)]:
+        multi = films.loc[part.index] > 1
+        rows.append({column: name, "images": len(part), "patients": part["patient_id"].nunique(),
+                     "patients_with_several_films": part.loc[multi, "patient_id"].nunique(),
+                     "images_of_those_patients": int(multi.sum()),
+                     "share_of_images": float(multi.mean()) if len(part) else float("nan")})
+    return pd.DataFrame(rows)

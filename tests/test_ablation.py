@@ -17,7 +17,7 @@ def test_the_grid_declares_the_papers_rows():
     assert {"cbam", "lgfnet", "clahe", "fpn"} <= groups
     cbam = {r.name: r for r in ablation.load_grid(groups=["cbam"])}
     assert cbam["densenet121"].baseline and cbam["densenet121"].options == {"attention": "none"}
-    assert cbam["densenet121_cbam"].paper_accuracy == 86.1
+    assert cbam["densenet121_cbam"].paper_accuracy == 0.861  # a fraction, like ours
     assert len([r for r in rows if r.group == "lgfnet"]) == 5  # seed 000's five ablation rows
     with pytest.raises(GridError, match="known groups"):
         ablation.load_grid(groups=["cbm"])
@@ -30,6 +30,13 @@ def test_every_grid_row_names_a_registered_model_and_its_options():
         assert models.model_spec(row.model)  # the registry knows the model ...
         if row.options:  # ... and accepts its options (checked without building heavy nets twice)
             assert set(row.options) <= set(models.model_spec(row.model).options)
+
+
+def test_a_paper_figure_in_percent_is_refused(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text('[[row]]\ngroup = "g"\nname = "a"\nmodel = "densenet121"\nbaseline = true\npaper_accuracy = 86.1\n')
+    with pytest.raises(GridError, match="as a fraction"):
+        ablation.load_grid(path)
 
 
 def test_a_grid_without_baseline_is_refused(tmp_path):
@@ -150,7 +157,7 @@ def test_summary_gives_mean_std_and_both_intervals(tmp_path):
     runs = pd.DataFrame({"group": "g", "name": "a", "baseline": True, "seed": [0, 1, 2],
                          "accuracy": [0.8, 0.82, 0.84], "macro_sensitivity": 0.8, "macro_specificity": 0.9,
                          "macro_f1": 0.8})
-    row = Row("g", "a", "m", baseline=True, paper_accuracy=86.1)
+    row = Row("g", "a", "m", baseline=True, paper_accuracy=0.861)
     table = ablation.summarise(runs, [row]).iloc[0]
     assert table["accuracy_mean"] == pytest.approx(0.82) and table["accuracy_std"] == pytest.approx(0.02)
     assert table["accuracy_seed_low"] < 0.82 < table["accuracy_seed_high"]

@@ -328,3 +328,18 @@ def test_accuracy_by_view_and_the_view_probe_manifest():
     table, groups = probe_manifest(pd.DataFrame(rows), "covid", ["PA"], by="view")
     assert groups == {"PA": ["PA"], "AP+AP Supine": ["AP", "AP Supine"]}
     assert table.groupby("group").size().tolist() == [20, 20]
+
+
+def test_a_thin_cell_is_marked_inconclusive_and_a_full_one_is_not():
+    """Cells under 10 images or 5 patients are not to be read (a 2-image Actualmed cell)."""
+    rows, preds = [], []
+    for k in range(14):
+        source = "actualmed" if k < 2 else "nih"
+        rows.append({"image_id": f"i{k}", "source": source, "label": "normal", "split": "test", "patient_id": f"p{k}"})
+        preds.append({"image_id": f"i{k}", "label": CLASSES.index("normal"), "pred": CLASSES.index("normal")})
+    table = per_source_table(pd.DataFrame(rows), pd.DataFrame(preds)).set_index(["source", "class"])
+    assert not table.loc[("actualmed", "normal"), "conclusive"]
+    assert table.loc[("nih", "normal"), "conclusive"]
+    few_patients = pd.DataFrame(rows).assign(patient_id=lambda t: "p" + (t.index % 3).astype(str))
+    table = per_source_table(few_patients, pd.DataFrame(preds)).set_index(["source", "class"])
+    assert not table.loc[("nih", "normal"), "conclusive"]  # 12 images but 3 patients

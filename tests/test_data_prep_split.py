@@ -191,3 +191,15 @@ def test_mirror_test_split_has_multi_film_patients_and_a_wider_patient_interval(
     _, p_low, p_high = mean_ci(correct, test["patient_id"].to_numpy())
     _, i_low, i_high = mean_ci(correct)
     assert (p_high - p_low) > 1.05 * (i_high - i_low)
+
+
+def test_split_patients_table_counts_who_is_tested() -> None:
+    from data_prep.split import split_patients_table
+
+    df = half_multi_table()
+    table = split_patients_table(df.assign(split=split_by_patient(df, seed=0))).set_index("split")
+    assert table.loc["all", "images"] == len(df) and table.loc["all", "patients"] == df["patient_id"].nunique()
+    assert table.loc[list(SPLITS), "images"].sum() == len(df)
+    assert (table.loc[list(SPLITS), "patients_with_several_films"] > 0).all()
+    old = split_patients_table(df.assign(split=largest_first(df, seed=0))).set_index("split")
+    assert old.loc["test", "share_of_images"] < 0.5 * old.loc["all", "share_of_images"]

@@ -55,7 +55,7 @@ STATISTICS_NOTE = (
     "3 seeds. Two intervals per summary row: `accuracy_seed_*`, a t-interval over seeds on this one test set (seed "
     "noise; \"—\" under 3 seeds), and `accuracy_boot_*`, a bootstrap over test patients of the seed-averaged "
     "correctness (test-set noise). Every accuracy is a fraction; `paper_accuracy` (the paper's own figure on its "
-    "own data, converted from %) is paper 000's ACC (eq. 12) where `paper_metric` is `macro_ovr_accuracy` (mean "
+    "own data) is paper 000's ACC (eq. 12) where `paper_metric` is `macro_ovr_accuracy` (mean "
     "one-vs-rest accuracy), shown as `ours_on_paper_metric` beside it; overall `accuracy` is paper 001's. These "
     "are reduced 64 px CPU runs from scratch: they check the pipeline, not the papers' claims."
 )
@@ -78,6 +78,7 @@ class Row:
     preprocess: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False
+    #: The paper's reported figure on its own data, as a fraction (0.861, not 86.1 %), like ours.
     paper_accuracy: float | None = None
     #: What ``paper_accuracy`` measures, one of :data:`METRICS` (paper 000's ACC is macro_ovr_accuracy).
     paper_metric: str = "accuracy"
@@ -103,6 +104,9 @@ def load_grid(path: Path = GRID_FILE, groups: Sequence[str] | None = None) -> li
         row = Row(**entry)
         if row.paper_metric not in METRICS:
             raise GridError(f"{path}: row {row.name!r} has paper_metric {row.paper_metric!r}; use one of {METRICS}")
+        if row.paper_accuracy is not None and not 0 <= row.paper_accuracy <= 1:
+            raise GridError(f"{path}: row {row.name!r} has paper_accuracy {row.paper_accuracy}; give it as a fraction "
+                            f"(0.861, not 86.1), like every accuracy here")
         rows.append(row)
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
@@ -266,7 +270,7 @@ def summarise(runs: pd.DataFrame, rows: Sequence[Row], out_root: Path | None = N
             line["accuracy_boot_low"], line["accuracy_boot_high"] = np.quantile(draws, [(1 - CONFIDENCE) / 2,
                                                                                          (1 + CONFIDENCE) / 2])
             line["test_images"], line["test_patients"] = len(images), images["patient_id"].nunique()
-        line["paper_accuracy"] = paper.get(name) / 100.0 if paper.get(name) is not None else None
+        line["paper_accuracy"] = paper.get(name)
         line["paper_metric"] = paper_metric.get(name, "accuracy")
         line["ours_on_paper_metric"] = line[f"{line['paper_metric']}_mean"]
         out.append(line)

@@ -116,14 +116,15 @@ def _read_table(table: pd.DataFrame | Path | str, what: str) -> pd.DataFrame:
 def _proportion_row(images: pd.DataFrame, level: float, n_boot: int, seed: int) -> dict[str, Any]:
     """Seed-averaged accuracy of one cell over its distinct images, interval over patients
     (:func:`nbhelpers.evaluation.stats.proportion_ci`)."""
-    from nbhelpers.evaluation.stats import proportion_ci
+    from nbhelpers.evaluation.stats import conclusive, proportion_ci
 
     row = proportion_ci(images["correct"].to_numpy(), images["patient_id"].to_numpy(), n_boot, seed, level)
-    return {**row, "level": level}
+    return {**row, "level": level, "conclusive": conclusive(row["n"], row["patients"])}
 
 
 #: Columns of :func:`per_source_table`.
-PER_SOURCE_COLUMNS = ["source", "class", "n", "patients", "seeds", "correct", "accuracy", "low", "high", "level"]
+PER_SOURCE_COLUMNS = ["source", "class", "n", "patients", "seeds", "correct", "accuracy", "low", "high", "level",
+                      "conclusive"]
 
 
 def per_source_table(
@@ -138,7 +139,9 @@ def per_source_table(
     is the number of distinct images (``patients`` distinct patients, ``seeds`` the runs) and
     ``correct`` the seed-averaged count.  The interval (low, high) is the wider of a bootstrap
     that resamples patients with all their images and the Wilson interval over the distinct
-    images (:func:`nbhelpers.evaluation.stats.proportion_ci`).  One row per source and class present in
+    images (:func:`nbhelpers.evaluation.stats.proportion_ci`); ``conclusive`` is false for a cell
+    of fewer than :data:`~nbhelpers.evaluation.stats.MIN_CELL_IMAGES` images or
+    :data:`~nbhelpers.evaluation.stats.MIN_CELL_PATIENTS` patients, which no sentence reads.  One row per source and class present in
     the predictions (``accuracy`` there is the class's sensitivity within that source) plus one
     ``class == "all"`` row per source.  ``by`` groups by another manifest column instead of the
     source, e.g. ``view`` (AP against PA films: the view is a confounder where classes differ in
@@ -194,7 +197,7 @@ def within_source_table(
     if sources is not None:
         joined = joined[joined["source"].isin(list(sources))]
     columns = ["source", "n", "patients", *[f"n_{c}" for c in CLASSES], "correct", "accuracy", "low", "high",
-               "balanced_accuracy", "ba_low", "ba_high", "level"]
+               "balanced_accuracy", "ba_low", "ba_high", "level", "conclusive"]
     rows = []
     images = per_image([joined[["image_id", "patient_id", "source", "y", "correct"]]]) if len(joined) else joined
     for source, part in images.groupby("source", sort=True):

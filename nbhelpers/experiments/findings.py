@@ -1,11 +1,14 @@
-"""What the shortcut tests' tables say, one sentence per row, for notebook 08 and the closing
-lines of ``workbook shortcut``.
+"""What the committed tables say, one sentence per row, for the notebooks, the closing lines of
+``workbook shortcut`` and the findings block of ``results/README.md`` (``workbook findings``).
 
 Each sentence is read off the table's numbers and intervals (never written by hand), says what
 passed or failed and what it means for the reader, and names a cell too thin to conclude.
 """
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -126,7 +129,8 @@ def external_sentences(table: pd.DataFrame) -> list[str]:
 def view_sentences(view_probe: pd.DataFrame | None, per_view: pd.DataFrame | None) -> list[str]:
     """What the view probe (``shortcut_view_probe``: can the model tell AP from PA COVID-19 films?)
     and the per-view accuracy (``shortcut_per_view``) say: the probe's pooled balanced accuracy
-    against chance, and per row the accuracy of each view with its interval."""
+    against chance, and per row the views compared *within each class* (across classes the view
+    mix differs, so a pooled comparison would read the class mix), thin cells named and not read."""
     lines = []
     if view_probe is not None and len(view_probe):
         row = view_probe.iloc[0]
@@ -137,30 +141,149 @@ def view_sentences(view_probe: pd.DataFrame | None, per_view: pd.DataFrame | Non
         lines.append(f"View probe: balanced accuracy {ba} over {row['probe_images']} COVID-19 test images of "
                      f"{row['probe_patients']} patients, {verdict}.")
     if per_view is not None and len(per_view):
-        overall = per_view[per_view["class"] == "all"] if "class" in per_view else per_view
-        for name, part in overall.groupby("name", sort=False):
-            cells = ", ".join(f"{r.view} {r.accuracy:.2f} [{r.low:.2f}, {r.high:.2f}] (n={r.n})"
-                              for r in part.itertuples(index=False))
-            lines.append(f"{name}: accuracy per view: {cells}.")
+        view = "view" if "view" in per_view.columns else "source"
+        cells = per_view[per_view["class"] != "all"] if "class" in per_view else per_view
+        for name, part in cells.groupby("name", sort=False):
+            read, thin = [], []
+            for cls, views in part.groupby("class", sort=False):
+                good = views["conclusive"].astype(bool) if "conclusive" in views else pd.Series(True, views.index)
+                ok = views[good]
+                thin += [f"{cls} {v} (n={n})" for v, n in zip(views.loc[~good, view], views.loc[~good, "n"])]
+                if len(ok) < 2:
+                    continue
+                shown = ", ".join(f"{v} {a:.2f} [{lo:.2f}, {hi:.2f}] (n={n})"
+                                  for v, a, lo, hi, n in zip(ok[view], ok["accuracy"], ok["low"], ok["high"], ok["n"]))
+                apart = ok["low"].max() > ok["high"].min()
+                read.append(f"{cls}: {shown}, " + ("the intervals part: accuracy differs by view within the class"
+                                                   if apart else "the intervals overlap: no difference by view shown"))
+            if read:
+                lines.append(f"{name}, accuracy per view within each class: " + "; ".join(read) + ".")
+            if thin:
+                lines.append(f"{name}: too few images or patients to read: " + ", ".join(thin) + ".")
     return lines
+
+
+def _seed_part(row) -> str:
+    seeds = int(row.seeds)
+    if np.isfinite(row.seed_ci_low) and np.isfinite(row.seed_ci_high):
+        return f"seed interval {row.seed_ci_low:+.2f} to {row.seed_ci_high:+.2f}"
+    return f"seed interval — ({seeds} seed{'s' if seeds != 1 else ''})"
 
 
 def paired_sentences(tests: pd.DataFrame) -> list[str]:
     """One sentence per row of the ablation's paired tests (``paired_tests``): the accuracy
     difference of the variant against its baseline on the same test images with its intervals,
-    and the verdict; a test of one seed says that the seed interval is undefined."""
+    and the table's ``verdict`` (better, worse, not distinguishable, or undetermined under three
+    seeds, where the seed interval is shown as "—")."""
     lines = []
     for row in tests.itertuples(index=False):
-        seeds = int(row.seeds)
-        seed_part = (f"seed interval {row.seed_ci_low:+.2f} to {row.seed_ci_high:+.2f}" if seeds > 1 and
-                     not np.isnan(row.seed_ci_low) else "one seed, so no interval over seeds")
-        if bool(row.distinguishable):
-            verdict = "distinguishable: " + ("the variant is better" if row.accuracy_diff > 0 else "the variant is worse")
-        else:
+        verdict = getattr(row, "verdict", None) or ("distinguishable" if row.distinguishable else "not distinguishable")
+        if verdict in ("better", "worse"):
+            verdict = f"the variant is {verdict}"
+        elif verdict == "not distinguishable":
             verdict = "not distinguishable from its baseline on these images"
         lines.append(f"{row.variant} vs {row.baseline}: accuracy {row.accuracy_diff:+.2f} on {int(row.test_images)} test "
                      f"images of {int(row.test_patients)} patients (patient bootstrap {row.bootstrap_ci_low:+.2f} to "
-                     f"{row.bootstrap_ci_high:+.2f}; {seed_part}; Holm p {row.p_holm:.2g}): {verdict}.")
+                     f"{row.bootstrap_ci_high:+.2f}; {_seed_part(row)}; Holm p {row.p_holm:.2g}): {verdict}.")
+    return lines
+
+
+def ablation_sentences(summary: pd.DataFrame, tests: pd.DataFrame, chance: float = 1 / 3) -> list[str]:
+    """What the reduced ablation grid says: a framing sentence (small from-scratch runs check the
+    pipeline; they cannot speak to the papers' gains), each row with a paper figure set beside it
+    on the same metric, and one sentence per paired test (:func:`paired_sentences`)."""
+    n_images = int(summary["test_images"].iloc[0]) if "test_images" in summary and len(summary) else None
+    lines = [f"These rows are small from-scratch CPU runs (64 px, 6 epochs): they check that every model, option "
+             f"and statistic runs end to end, not the papers' claimed gains"
+             + (f" ({n_images} test images; chance {chance:.2f})." if n_images else ".")]
+    with_paper = summary[summary["paper_accuracy"].notna()] if "paper_accuracy" in summary else summary.iloc[0:0]
+    cells = []
+    for row in with_paper.itertuples(index=False):
+        low, high = getattr(row, "accuracy_boot_low", np.nan), getattr(row, "accuracy_boot_high", np.nan)
+        interval = f" [{low:.2f}, {high:.2f}]" if np.isfinite(low) else ""
+        metric = "ACC (eq. 12)" if row.paper_metric == "macro_ovr_accuracy" else "accuracy"
+        ours = row.ours_on_paper_metric
+        cells.append(f"{row.name} {ours:.2f}" + (interval if row.paper_metric == "accuracy" else "")
+                     + f" against the paper's {row.paper_accuracy:.2f} ({metric}, its own data)")
+    if cells:
+        lines.append("Beside the papers' figures: " + "; ".join(cells) + ". The gap is the protocol (size, epochs, "
+                     "weights, data), so it says nothing about the papers.")
+    return lines + paired_sentences(tests)
+
+
+def cam_sentences(energy: pd.DataFrame) -> list[str]:
+    """How many rows' CAMs favour the lungs, avoid them, or cannot be told from a uniform map
+    (``lung_verdict`` of :func:`nbhelpers.evaluation.lungs.summarise_lung_energy`, read from the
+    interval of the excess), with the numbers of each group."""
+    from nbhelpers.evaluation.lungs import AVOIDS_LUNGS, FAVOURS_LUNGS, UNDETERMINED, lung_verdict
+
+    table = energy.reset_index() if "model" not in energy.columns else energy
+    verdicts = table["lung_verdict"] if "lung_verdict" in table else pd.Series(
+        [lung_verdict(lo, hi) for lo, hi in zip(table["excess_ci_low"], table["excess_ci_high"])], index=table.index)
+    n, images, patients = len(table), int(table["images"].max()), int(table["patients"].max())
+    lines = [f"CAM lung energy on {images} held-out COVID-19 films of {patients} patients, {n} rows:"]
+    for verdict, words in ((FAVOURS_LUNGS, "favour the lungs (the excess interval above 0)"),
+                           (AVOIDS_LUNGS, "put less of their map on the lungs than a uniform map (interval below 0)"),
+                           (UNDETERMINED, "cannot be told from a uniform map (interval holds 0)")):
+        names = table.loc[verdicts == verdict, "model"].astype(str).tolist()
+        if names:
+            shown = ", ".join(f"{m.split('/')[-1]} {e:.2f} vs {a:.2f}" for m, e, a in
+                              zip(names, table.loc[verdicts == verdict, "energy_mean"], table.loc[verdicts == verdict, "area_mean"]))
+            lines.append(f"{len(names)} of {n} {words}: {shown}.")
+    return lines
+
+
+def _verdict_words(verdict: str, low: float, high: float) -> str:
+    if verdict in ("better", "worse"):
+        return f"{'higher' if verdict == 'better' else 'lower'}, and the seed interval agrees"
+    if verdict.startswith("undetermined"):
+        return verdict
+    if np.isfinite(low) and (low > 0 or high < 0):
+        return "the patient interval excludes 0 but the seed interval or the adjusted p does not: not distinguishable"
+    return "no change shown (not distinguishable)"
+
+
+def mitigation_sentences(table: pd.DataFrame) -> list[str]:
+    """What the shortcut mitigations did (``shortcut_mitigations``), one sentence per measure: the
+    source probe (lower only where the paired interval lies below 0), within-source accuracy (read
+    only where the cell is conclusive; a change only where the paired verdict says so), the
+    within-source balanced accuracy range, overall accuracy against the baseline (its paired
+    verdict) and, where present, the CAM lung verdict."""
+    base = table.iloc[0]
+    rest = table.iloc[1:]
+    lines = [f"Source probe, no mitigation: balanced accuracy "
+             f"{_interval(base.probe_ba_pooled, base.probe_ba_low, base.probe_ba_high)} over {int(base.probe_images)} "
+             f"images of {int(base.probe_patients)} patients (chance {CHANCE}): "
+             + ("the archives are told apart within a diagnosis." if base.probe_ba_low > CHANCE else
+                "not shown above chance.")]
+    for row in rest.itertuples(index=False):
+        change = (f"{row.probe_diff:+.2f} [{row.probe_diff_low:+.2f}, {row.probe_diff_high:+.2f}]")
+        reading = ("lower" if row.probe_diff_high < 0 else "higher" if row.probe_diff_low > 0 else "no change shown")
+        still = " and still above chance" if row.probe_ba_low > CHANCE else ""
+        lines.append(f"Source probe, {row.name}: {_interval(row.probe_ba_pooled, row.probe_ba_low, row.probe_ba_high)}, "
+                     f"paired change {change}: {reading}{still}.")
+    if "within_conclusive" in table and not bool(base.within_conclusive):
+        lines.append(f"Within-source accuracy: {int(base.within_source_n)} images, too few to read.")
+    else:
+        lines.append(f"Within-source accuracy (test images of archives that mix classes, {int(base.within_source_n)} "
+                     f"images), no mitigation: {_interval(base.within_source_accuracy, base.within_low, base.within_high)}.")
+        for row in rest.itertuples(index=False):
+            lines.append(f"Within-source, {row.name}: {_interval(row.within_source_accuracy, row.within_low, row.within_high)}"
+                         f", paired {row.within_diff:+.2f} [{row.within_diff_low:+.2f}, {row.within_diff_high:+.2f}], "
+                         f"Holm p {row.within_diff_p_holm:.2g}: "
+                         f"{_verdict_words(row.within_verdict, row.within_diff_low, row.within_diff_high)}.")
+        low, high = table["within_source_balanced"].min(), table["within_source_balanced"].max()
+        lines.append(f"Within-source balanced accuracy ranges {low:.2f}-{high:.2f} over the rows (three-class chance "
+                     f"{1 / 3:.2f}).")
+    for row in rest.itertuples(index=False):
+        lines.append(f"Overall accuracy, {row.name}: {row.accuracy:.2f} against {base.accuracy:.2f} without mitigation, "
+                     f"paired {row.overall_diff:+.2f} [{row.overall_diff_low:+.2f}, {row.overall_diff_high:+.2f}], Holm p "
+                     f"{row.overall_p_holm:.2g}: {_verdict_words(row.overall_verdict, row.overall_diff_low, row.overall_diff_high)}.")
+    if "cam_lung_verdict" in table:
+        for row in table.itertuples(index=False):
+            lines.append(f"CAM lung energy, {row.name}: {row.cam_energy_mean:.2f} against {row.cam_area_mean:.2f} for a "
+                         f"uniform map, excess interval [{row.cam_excess_ci_low:+.2f}, {row.cam_excess_ci_high:+.2f}]: "
+                         f"{row.cam_lung_verdict}.")
     return lines
 
 
@@ -176,3 +299,86 @@ def probe_sentence(test: dict, what: str = "the archive") -> str:
         verdict = f"not distinguishable from chance: no signature of {what} shown at this size"
     return (f"Probe: balanced accuracy {ba} over {test['n']} test images of {test.get('patients', '?')} patients "
             f"(chance {CHANCE}): {verdict}.")
+
+
+# --------------------------------------------------------------------------- the committed tables in prose
+
+#: The lines around the block of ``results/README.md`` that :func:`readme_block` writes.
+BEGIN = "<!-- findings: begin; written by `workbook findings` from the committed tables, do not edit -->"
+END = "<!-- findings: end -->"
+
+
+def _section(title: str, lines: list[str]) -> list[str]:
+    return [f"### {title}", "", *[f"- {line}" for line in lines], ""] if lines else []
+
+
+def readme_block(folder: Path | str) -> str:
+    """Every reading of the committed tables in ``folder`` as markdown: the ablation grid, its
+    CAMs, the shortcut mitigations and the field's shortcut tests, each sentence written by the
+    functions above from the table's numbers (a table not made yet is left out)."""
+    from nbhelpers.settings.tables import committed_table
+
+    def table(name: str) -> pd.DataFrame | None:
+        return committed_table(name, folder)
+
+    out: list[str] = []
+    summary, tests = table("ablation_summary"), table("ablation_tests")
+    if summary is not None and tests is not None:
+        out += _section("What the reduced ablation grid says (`tables/ablation_summary.md`, `tables/ablation_tests.md`)",
+                        ablation_sentences(summary, tests))
+    for name, title in (("cam_lung_energy", "Grad-CAM of the grid (`tables/cam_lung_energy.md`)"),
+                        ("shortcut_cam_lung_energy", "Grad-CAM of the shortcut group (`tables/shortcut_cam_lung_energy.md`)")):
+        energy = table(name)
+        if energy is not None:
+            out += _section(title, cam_sentences(energy))
+    mitigations = table("shortcut_mitigations")
+    if mitigations is not None:
+        out += _section("What the reduced shortcut run says (`tables/shortcut_mitigations.md`)",
+                        mitigation_sentences(mitigations))
+    field: list[str] = []
+    if (blackout := table("shortcut_blackout")) is not None:
+        field += blackout_sentences(blackout)
+    if (external := table("shortcut_external")) is not None:
+        field += external_sentences(external)
+    field += view_sentences(table("shortcut_view_probe"), table("shortcut_per_view"))
+    out += _section("What the field's shortcut tests say (`tables/shortcut_{blackout,external,view_probe,per_view}.md`)",
+                    field)
+    return "\n".join([BEGIN, "", *out, END])
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with its findings block (from :data:`BEGIN` to :data:`END`) replaced by ``block``;
+    ValueError when ``text`` has no such block."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"no findings block ({BEGIN} ... {END}) to replace")
+    return text[:start] + block + text[end + len(END):]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``workbook findings``."""
+    parser.add_argument("--tables", type=Path, default=Path("results/tables"), help="the committed tables")
+    parser.add_argument("--readme", type=Path, default=Path("results/README.md"),
+                        help="the file whose findings block is rewritten")
+    parser.add_argument("--check", action="store_true", help="only say whether the block is current (exit 1 if not)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``workbook findings``: rewrite the findings block of ``--readme`` from ``--tables``; with
+    ``--check``, exit 1 when it is stale.  A missing file or block is a :class:`InputNotFoundError`."""
+    from data_prep.atomic import write_with
+    from data_prep.errors import InputNotFoundError
+
+    if not args.readme.is_file():
+        raise InputNotFoundError(f"{args.readme} not found; pass --readme FILE holding a findings block")
+    text = args.readme.read_text(encoding="utf-8")
+    try:
+        new = replace_block(text, readme_block(args.tables))
+    except ValueError as error:
+        raise InputNotFoundError(f"{args.readme}: {error}; add the two marker lines where the findings belong") from None
+    if args.check:
+        print(f"{args.readme}: findings block {'current' if new == text else 'stale: run workbook findings'}")
+        return 0 if new == text else 1
+    write_with(args.readme, lambda tmp: tmp.write_text(new, encoding="utf-8"))
+    print(f"wrote the findings block of {args.readme}")
+    return 0

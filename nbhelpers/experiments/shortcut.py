@@ -178,7 +178,7 @@ def within_source(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence
             cell = proportion_ci(part["correct"].to_numpy(), part["patient_id"].to_numpy(), n_boot)
             out.append({"name": row.name, "source": source, "seeds": len(seeds), "n": cell["n"],
                         "patients": cell["patients"], "accuracy": cell["accuracy"], "low": cell["low"],
-                        "high": cell["high"],
+                        "high": cell["high"], "conclusive": stats.conclusive(cell["n"], cell["patients"]),
                         "balanced_accuracy": stats.soft_balanced_accuracy(part["y"].to_numpy(), part["correct"].to_numpy())
                         if len(part) else np.nan})
     return pd.DataFrame(out)
@@ -194,30 +194,43 @@ def mixed_source_ids(manifest: pd.DataFrame | Path | str, sources: Sequence[str]
 
 def mitigation_table(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence[int],
                      manifest: pd.DataFrame | Path | str, cam_table: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One line per row: overall accuracy (mean, t-interval over seeds), within-source accuracy
-    (each image once, interval over patients) and its difference from the baseline row on the
-    same images (patient bootstrap interval and Holm-adjusted p, :func:`nbhelpers.experiments.ablation.paired_tests`),
-    pooled probe balanced accuracy (patient bootstrap interval) and, with ``cam_table``
-    (the ``cam_lung_energy`` table of :mod:`nbhelpers.experiments.explain`), the CAM lung-energy excess."""
-    summary = ablation.summarise(ablation.collect(rows, grid_root, seeds), rows).set_index("name")
+    """One line per row: overall accuracy (each test image once, averaged over seeds; interval
+    over patients) and its paired difference from the baseline row on all test images
+    (``overall_diff`` with its patient bootstrap interval, Holm p and verdict,
+    :func:`nbhelpers.experiments.ablation.paired_tests`); within-source accuracy (each image once,
+    interval over patients, ``within_conclusive``) and its paired difference on the same images
+    (interval, Holm p, seed interval and verdict); pooled probe balanced accuracy (patient
+    bootstrap interval) and, with ``cam_table`` (the ``cam_lung_energy`` table of
+    :mod:`nbhelpers.experiments.explain`), the CAM lung-energy excess with its interval and verdict."""
+    summary = ablation.summarise(ablation.collect(rows, grid_root, seeds), rows, grid_root, seeds).set_index("name")
     within = within_source(rows, grid_root, seeds, manifest)
     within = within[within["source"] == audit.ALL_CLASSES].set_index("name")
+    overall = ablation.paired_tests(rows, grid_root, seeds).set_index("variant")
     paired = ablation.paired_tests(rows, grid_root, seeds, image_ids=mixed_source_ids(manifest)).set_index("variant")
     probe = pooled_probe(rows, grid_root, seeds).set_index("name")
+    index = [r.name for r in rows]
     out = pd.DataFrame({
-        "accuracy": summary["accuracy_mean"], "accuracy_low": summary["accuracy_ci_low"],
-        "accuracy_high": summary["accuracy_ci_high"],
-        "within_source_n": within["n"], "within_source_accuracy": within["accuracy"],
+        "accuracy": summary["accuracy_mean"], "accuracy_low": summary["accuracy_boot_low"],
+        "accuracy_high": summary["accuracy_boot_high"],
+        "overall_diff": overall["accuracy_diff"], "overall_diff_low": overall["bootstrap_ci_low"],
+        "overall_diff_high": overall["bootstrap_ci_high"], "overall_p_holm": overall["p_holm"],
+        "overall_verdict": overall["verdict"],
+        "within_source_n": within["n"], "within_source_patients": within["patients"],
+        "within_conclusive": within["conclusive"], "within_source_accuracy": within["accuracy"],
         "within_low": within["low"], "within_high": within["high"],
         "within_source_balanced": within["balanced_accuracy"],
         "within_diff": paired["accuracy_diff"], "within_diff_low": paired["bootstrap_ci_low"],
-        "within_diff_high": paired["bootstrap_ci_high"], "within_diff_p_holm": paired["p_holm"],
+        "within_diff_high": paired["bootstrap_ci_high"], "within_diff_seed_low": paired["seed_ci_low"],
+        "within_diff_seed_high": paired["seed_ci_high"], "within_diff_p_holm": paired["p_holm"],
+        "within_verdict": paired["verdict"],
         **{c: probe[c] for c in probe.columns},
-    }, index=[r.name for r in rows])
+    }, index=index)
     if cam_table is not None:
         cams = cam_table.assign(name=cam_table["model"].astype(str).str.split("/").str[-1]).set_index("name")
-        for column in ("energy_mean", "area_mean", "excess_mean", "looks_outside"):
-            out[f"cam_{column}"] = cams[column].reindex(out.index)
+        for column in ("energy_mean", "area_mean", "excess_mean", "excess_ci_low", "excess_ci_high", "looks_outside",
+                       "lung_verdict"):
+            if column in cams:
+                out[f"cam_{column}"] = cams[column].reindex(out.index)
     return out.rename_axis("name").reset_index()
 
 

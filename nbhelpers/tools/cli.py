@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from data_prep import command as curation_command
 from data_prep import copies, download
 from data_prep.errors import run_reporting
-from nbhelpers.experiments import ablation, audit, explain, shortcut
+from nbhelpers.experiments import ablation, audit, explain, findings, shortcut
 from nbhelpers.experiments import probes
 from nbhelpers.models import complexity
 from nbhelpers.pipeline import mitigate
@@ -75,6 +75,8 @@ SUBCOMMANDS: dict[str, Subcommand | dict[str, Subcommand]] = {
     },
     "shortcut": Subcommand("do the shortcut mitigations work? probes, within-source accuracy, blackout, external",
                            shortcut.add_arguments, shortcut.run_command),
+    "findings": Subcommand("write the committed tables' readings into results/README.md (--check: are they current?)",
+                           findings.add_arguments, findings.run_command),
     "complexity": Subcommand("parameters, MACs and CPU latency of every registered model",
                              complexity.add_arguments, complexity.run_command),
     "bench": {

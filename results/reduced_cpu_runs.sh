@@ -37,3 +37,5 @@ $PY -m nbhelpers grid --manifest $S/pool/manifest.csv --data-dir "$DATA" --out $
 $PY -m nbhelpers shortcut --grid-root $S --manifest $S/data/manifest.csv --pool-manifest $S/pool/manifest.csv \
     --data-dir "$DATA" --seeds 0 1 2 --set epochs=6 --set batch_size=16 --device cpu \
     --cam-table results/tables/shortcut_cam_lung_energy.csv --blackout --external --view-probe --out results/tables
+# Every reading of these tables in results/README.md, written from their numbers.
+$PY -m nbhelpers findings --tables results/tables --readme results/README.md

@@ -6,6 +6,7 @@ import pytest
 from conftest import real_manifest
 
 from data_prep.errors import WorkbookError
+from nbhelpers.evaluation import stats
 from nbhelpers.experiments import ablation
 from nbhelpers.tools import cli
 from nbhelpers.experiments.ablation import GridError, Row
@@ -128,11 +129,11 @@ def test_a_verdict_needs_three_seeds_and_is_monotone_in_evidence(tmp_path, n_see
 
 
 def test_verdict_rule_both_sides():
-    assert ablation.verdict(3, 0.01, 0.02, 0.1, 0.05) == "better"
-    assert ablation.verdict(3, 0.01, -0.1, -0.02, -0.05) == "worse"
-    assert ablation.verdict(3, 0.01, -0.01, 0.1, 0.05) == "not distinguishable"  # seed interval holds 0
-    assert ablation.verdict(3, 0.2, 0.02, 0.1, 0.05) == "not distinguishable"  # p too large
-    assert ablation.verdict(2, 0.001, float("nan"), float("nan"), 0.05) == "undetermined (2 seeds)"
+    assert stats.verdict(3, 0.01, 0.02, 0.1, 0.05) == "better"
+    assert stats.verdict(3, 0.01, -0.1, -0.02, -0.05) == "worse"
+    assert stats.verdict(3, 0.01, -0.01, 0.1, 0.05) == "not distinguishable"  # seed interval holds 0
+    assert stats.verdict(3, 0.2, 0.02, 0.1, 0.05) == "not distinguishable"  # p too large
+    assert stats.verdict(2, 0.001, float("nan"), float("nan"), 0.05) == "undetermined (2 seeds)"
 
 
 def test_paired_tests_match_images_by_id_across_seeds(tmp_path):

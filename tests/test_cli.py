@@ -38,7 +38,7 @@ def test_help_lists_every_subcommand():
     done = subprocess.run([sys.executable, "-m", "nbhelpers", "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     listed = {m.group(1) for m in re.finditer(r"^    (\S+)", done.stdout, re.MULTILINE)}
-    assert listed == {"run", "html", "curate", "download", "copies", "train", "grid", "explain", "audit", "shortcut",
+    assert listed == {"run", "html", "curate", "download", "copies", "train", "grid", "explain", "audit", "shortcut", "findings",
                       "complexity", "bench", "lung-box", "gpu-check"} == set(cli.SUBCOMMANDS)
 
 

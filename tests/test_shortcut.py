@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from data_prep.errors import WorkbookError
+from nbhelpers.evaluation import markers
 from nbhelpers.experiments import ablation, shortcut
 from nbhelpers.experiments import probes
 from nbhelpers.experiments.ablation import Row
@@ -97,10 +98,10 @@ def test_marker_and_padding_masks_follow_the_training_geometry(data_dir):
 
     wide = sorted((data_dir / "Actualmed-COVID-chestxray-dataset/images").glob("*.png"))[0]
     manifest = pd.DataFrame({"image_id": ["w"], "path": [wide.relative_to(data_dir).as_posix()]})
-    markers, padding = shortcut.marker_masks(manifest, data_dir, PreprocessConfig(size=64), ["w"])
-    assert markers.shape == padding.shape == (1, 64, 64)
+    found, padding = markers.marker_masks(manifest, data_dir, PreprocessConfig(size=64), ["w"])
+    assert found.shape == padding.shape == (1, 64, 64)
     assert padding[0, :3].all() and not padding[0, 32].any()  # letterbox bars above and below, none mid-image
-    _, cropped = shortcut.marker_masks(manifest, data_dir, PreprocessConfig(size=64, lung_crop=True), ["w"])
+    _, cropped = markers.marker_masks(manifest, data_dir, PreprocessConfig(size=64, lung_crop=True), ["w"])
     assert not cropped.any()  # a lung crop fills the square
 
 

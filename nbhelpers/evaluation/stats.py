@@ -223,6 +223,24 @@ def undetermined(seeds: int) -> str:
     return f"undetermined ({seeds} seed{'s' if seeds != 1 else ''})"
 
 
+#: Significance level of a verdict, applied to Holm-adjusted p-values within a family.
+ALPHA = 0.05
+#: The verdicts of a paired comparison (besides :func:`nbhelpers.evaluation.stats.undetermined`).
+BETTER, WORSE, SAME = "better", "worse", "not distinguishable"
+
+
+def verdict(seeds: int, p_holm: float, seed_low: float, seed_high: float, diff: float) -> str:
+    """A variant against its baseline: :data:`BETTER` or :data:`WORSE` when the Holm-adjusted p
+    is below :data:`ALPHA` *and* the seed interval excludes 0; :data:`SAME` when either says no;
+    "undetermined (n seeds)" with fewer than :data:`MIN_SEEDS` seeds,
+    where no seed interval exists, so the verdict cannot depend on how many seeds happened to run."""
+    if seeds < MIN_SEEDS or not (np.isfinite(seed_low) and np.isfinite(seed_high)):
+        return undetermined(seeds)
+    if p_holm < ALPHA and (seed_low > 0 or seed_high < 0):
+        return BETTER if diff > 0 else WORSE
+    return SAME
+
+
 def t_interval(values: np.ndarray, bounds: tuple[float, float], level: float = CI_LEVEL) -> tuple[float, float]:
     """The ``level`` t-interval of the mean of ``values`` (e.g. one metric over seeds), cut to the
     metric's possible ``bounds``; NaNs (shown as "—") for fewer than :data:`MIN_SEEDS` values."""

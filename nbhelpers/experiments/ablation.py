@@ -33,6 +33,7 @@ import pandas as pd
 from data_prep.errors import WorkbookError
 from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import metrics as M
+from nbhelpers.evaluation import stats
 from nbhelpers.evaluation.stats import t_interval
 from nbhelpers.experiments.engines import LOCAL, Engine, Job, add_engine, from_args, run_jobs
 from nbhelpers.settings.options import add_device, add_set
@@ -59,8 +60,6 @@ STATISTICS_NOTE = (
     "one-vs-rest accuracy), shown as `ours_on_paper_metric` beside it; overall `accuracy` is paper 001's. These "
     "are reduced 64 px CPU runs from scratch: they check the pipeline, not the papers' claims."
 )
-#: Significance level of the verdict, applied to Holm-adjusted p-values within a group.
-ALPHA = 0.05
 
 
 class GridError(WorkbookError, ValueError):
@@ -264,11 +263,8 @@ def summarise(runs: pd.DataFrame, rows: Sequence[Row], out_root: Path | None = N
         line["accuracy_boot_low"] = line["accuracy_boot_high"] = np.nan
         if out_root is not None and seeds is not None:
             images = seed_averaged_correct(out_root, by_name[name], seeds)
-            rng = np.random.default_rng(boot_seed)
-            draws = [images["correct"].to_numpy()[idx].mean()
-                     for idx in M.resample_indices(len(images), n_boot, rng, images["patient_id"].to_numpy())]
-            line["accuracy_boot_low"], line["accuracy_boot_high"] = np.quantile(draws, [(1 - CONFIDENCE) / 2,
-                                                                                         (1 + CONFIDENCE) / 2])
+            _, line["accuracy_boot_low"], line["accuracy_boot_high"] = stats.mean_ci(
+                images["correct"].to_numpy(), images["patient_id"].to_numpy(), n_boot, boot_seed, CONFIDENCE)
             line["test_images"], line["test_patients"] = len(images), images["patient_id"].nunique()
         line["paper_accuracy"] = paper.get(name)
         line["paper_metric"] = paper_metric.get(name, "accuracy")
@@ -323,7 +319,7 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     with one seed and one image per patient it is McNemar's exact test), McNemar's exact p-value
     of each seed on its own (``mcnemar_p_seeds``), and the p-value adjusted by Holm within the
     group (``p_holm``, the family being the group's comparisons with its baseline).
-    ``verdict`` (:func:`verdict`) and ``distinguishable`` (the verdict is better or worse).
+    ``verdict`` (:func:`nbhelpers.evaluation.stats.verdict`) and ``distinguishable`` (the verdict is better or worse).
     Images are matched by id across rows and seeds; raises ValueError when two runs were scored
     on different images.
     """
@@ -365,28 +361,10 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     table["p_holm"] = np.nan
     for _, part in table.groupby("group", sort=False):
         table.loc[part.index, "p_holm"] = holm(part["p_value"].to_numpy())
-    table["verdict"] = [verdict(r.seeds, r.p_holm, r.seed_ci_low, r.seed_ci_high, r.accuracy_diff)
+    table["verdict"] = [stats.verdict(r.seeds, r.p_holm, r.seed_ci_low, r.seed_ci_high, r.accuracy_diff)
                          for r in table.itertuples(index=False)]
-    table["distinguishable"] = table["verdict"].isin([BETTER, WORSE])
+    table["distinguishable"] = table["verdict"].isin([stats.BETTER, stats.WORSE])
     return table
-
-
-#: The verdicts of a paired comparison (besides :func:`nbhelpers.evaluation.stats.undetermined`).
-BETTER, WORSE, SAME = "better", "worse", "not distinguishable"
-
-
-def verdict(seeds: int, p_holm: float, seed_low: float, seed_high: float, diff: float) -> str:
-    """A variant against its baseline: :data:`BETTER` or :data:`WORSE` when the Holm-adjusted p
-    is below :data:`ALPHA` *and* the seed interval excludes 0; :data:`SAME` when either says no;
-    "undetermined (n seeds)" with fewer than :data:`~nbhelpers.evaluation.stats.MIN_SEEDS` seeds,
-    where no seed interval exists, so the verdict cannot depend on how many seeds happened to run."""
-    from nbhelpers.evaluation.stats import MIN_SEEDS, undetermined
-
-    if seeds < MIN_SEEDS or not (np.isfinite(seed_low) and np.isfinite(seed_high)):
-        return undetermined(seeds)
-    if p_holm < ALPHA and (seed_low > 0 or seed_high < 0):
-        return BETTER if diff > 0 else WORSE
-    return SAME
 
 
 def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manifest: pd.DataFrame | Path | str) -> pd.DataFrame:

@@ -193,8 +193,8 @@ def ablation_sentences(summary: pd.DataFrame, tests: pd.DataFrame, chance: float
     pipeline; they cannot speak to the papers' gains), each row with a paper figure set beside it
     on the same metric, and one sentence per paired test (:func:`paired_sentences`)."""
     n_images = int(summary["test_images"].iloc[0]) if "test_images" in summary and len(summary) else None
-    lines = [f"These rows are small from-scratch CPU runs (64 px, 6 epochs): they check that every model, option "
-             f"and statistic runs end to end, not the papers' claimed gains"
+    lines = ["These rows are small from-scratch CPU runs (64 px, 6 epochs): they check that every model, option "
+             "and statistic runs end to end, not the papers' claimed gains"
              + (f" ({n_images} test images; chance {chance:.2f})." if n_images else ".")]
     with_paper = summary[summary["paper_accuracy"].notna()] if "paper_accuracy" in summary else summary.iloc[0:0]
     cells = []
@@ -231,6 +231,16 @@ def cam_sentences(energy: pd.DataFrame) -> list[str]:
                               zip(names, table.loc[verdicts == verdict, "energy_mean"], table.loc[verdicts == verdict, "area_mean"]))
             lines.append(f"{len(names)} of {n} {words}: {shown}.")
     return lines
+
+
+def randomisation_sentence(table: pd.DataFrame) -> str:
+    """How many runs pass the weight-randomisation check (``cam_randomisation``: one line per model
+    and seed with ``passed`` and ``spearman_full``): maps that do not change when the weights are
+    re-drawn explain nothing about the weights."""
+    passed = table["passed"].astype(str).str.lower().isin(["true", "1"])
+    return (f"The randomisation check passes in {int(passed.sum())} of {len(table)} runs (mean Spearman after full "
+            f"re-initialisation {table['spearman_full'].min():.2f} to {table['spearman_full'].max():.2f}): "
+            + ("the maps depend on the weights." if passed.all() else "where it fails, the map explains nothing."))
 
 
 def _verdict_words(verdict: str, low: float, high: float) -> str:
@@ -326,11 +336,14 @@ def readme_block(folder: Path | str) -> str:
     if summary is not None and tests is not None:
         out += _section("What the reduced ablation grid says (`tables/ablation_summary.md`, `tables/ablation_tests.md`)",
                         ablation_sentences(summary, tests))
-    for name, title in (("cam_lung_energy", "Grad-CAM of the grid (`tables/cam_lung_energy.md`)"),
-                        ("shortcut_cam_lung_energy", "Grad-CAM of the shortcut group (`tables/shortcut_cam_lung_energy.md`)")):
-        energy = table(name)
-        if energy is not None:
-            out += _section(title, cam_sentences(energy))
+    for name, title in (("cam", "Grad-CAM of the grid (`tables/cam_lung_energy.md`, `tables/cam_randomisation.md`)"),
+                        ("shortcut_cam", "Grad-CAM of the shortcut group (`tables/shortcut_cam_lung_energy.md`, "
+                                         "`tables/shortcut_cam_randomisation.md`)")):
+        energy, randomised = table(f"{name}_lung_energy"), table(f"{name}_randomisation")
+        lines = cam_sentences(energy) if energy is not None else []
+        if randomised is not None:
+            lines.append(randomisation_sentence(randomised))
+        out += _section(title, lines)
     mitigations = table("shortcut_mitigations")
     if mitigations is not None:
         out += _section("What the reduced shortcut run says (`tables/shortcut_mitigations.md`)",

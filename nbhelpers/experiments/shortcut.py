@@ -38,6 +38,15 @@ from nbhelpers.experiments import ablation, audit, engines, external_source, pro
 from nbhelpers.settings.options import add_device, add_set
 
 GROUP = "shortcut"
+#: What every table ``workbook shortcut`` writes says about its statistics (in its header).
+STATISTICS_NOTE = (
+    "Unit: the test image, counted once (correctness averaged over the seeds); `n`/`*_images` and `patients` count "
+    "distinct images and patients. Every interval (`*_low`/`*_high`) is a 95 % percentile bootstrap over patients "
+    "(proportions: the wider of it and Wilson's); paired differences are on the same images, Holm-adjusted within "
+    "the group, and their `*_verdict` needs 3 seeds (\"undetermined (n seeds)\" below). `conclusive` is false for a "
+    "cell under 10 images or 5 patients, which no sentence reads. `surviving_share` is capped at 1. External "
+    "`*_accuracy` is the class's sensitivity; `*_specificity` and AUROC say whether the classes are still told apart."
+)
 #: The probe's classes by default: every non-COVID image, NIH against the other archives.
 PROBE_LABELS = ("normal", "pneumonia")
 PROBE_ROOT = "probes"
@@ -369,7 +378,7 @@ def run_command(args: argparse.Namespace) -> int:
     header = provenance_header(
         args.command_line, manifest=args.manifest, seeds=args.seeds, device=describe(pick_device(args.device, verbose=False)),
         notes=f"Group {args.group}; probes: {args.probe_model}, classes {args.probe_labels}, preset {args.preset} "
-              f"{args.set}, pool {describe_manifest(args.pool_manifest)}.")
+              f"{args.set}, pool {describe_manifest(args.pool_manifest)}. {STATISTICS_NOTE}")
     tables = [("shortcut_probe", probe_table), ("shortcut_within_source", within), ("shortcut_mitigations", table), *optional]
     for name, frame in tables:
         write_table(frame, args.out, name, header, digits=3)

@@ -80,3 +80,30 @@ def test_a_workbook_error_shows_as_one_line_in_ipython():
     notebook._one_line_errors()
     lines = shell.CustomTB(WorkbookError, WorkbookError("no data here;\n set CXR_DATA_DIR"), None)
     assert lines == ["\033[0;31mWorkbookError\033[0m: no data here; set CXR_DATA_DIR"]
+
+
+def test_a_workbook_error_reaches_the_executed_notebook_and_the_runners_message(tmp_path):
+    """Run on the project's kernel as JupyterLab and papermill do: the one line is the failing
+    cell's error output (what JupyterLab draws, from the same kernel message) and the runner's
+    message, not an empty CellExecutionError."""
+    import nbformat
+    import papermill as pm
+
+    from nbhelpers.tools.run import _failure_message
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from nbhelpers.tools.notebook import _one_line_errors\n_one_line_errors()"),
+                nbformat.v4.new_code_cell("from data_prep.errors import WorkbookError\n"
+                                          "raise WorkbookError('unknown model nosuchmodel; use one of densenet121, ...')")]
+    source, output = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(nb, source)
+    with pytest.raises(pm.PapermillExecutionError) as caught:
+        pm.execute_notebook(str(source), str(output), kernel_name="cxr-workbook", progress_bar=False,
+                            cwd=str(tmp_path))
+    message = _failure_message(source, output, caught.value)
+    assert "WorkbookError: unknown model nosuchmodel; use one of densenet121" in message
+    cells = nbformat.read(output, as_version=4).cells  # papermill puts an error banner cell first
+    errors = [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "WorkbookError"
+    assert errors[0].evalue.startswith("unknown model nosuchmodel")
+    assert errors[0].traceback == ["\033[0;31mWorkbookError\033[0m: unknown model nosuchmodel; use one of densenet121, ..."]

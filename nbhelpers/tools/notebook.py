@@ -221,7 +221,12 @@ def _one_line_errors() -> None:
         return
 
     def handler(self, etype, value, tb, tb_offset=None):
-        return [f"\033[0;31m{etype.__name__}\033[0m: {one_line(value)}"]
+        # IPython drops what a custom handler returns, so the line is shown here: in a kernel
+        # ``_showtraceback`` sends it as the cell's error output (JupyterLab, the executed notebook,
+        # papermill's error), in a terminal it prints it.
+        stb = [f"\033[0;31m{etype.__name__}\033[0m: {one_line(value)}"]
+        self._showtraceback(etype, one_line(value), stb)
+        return stb
 
     shell.set_custom_exc((WorkbookError,), handler)
 

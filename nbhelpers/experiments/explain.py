@@ -233,8 +233,8 @@ def _notes(found: _Explained) -> str:
             f"pointing game on {len(masks.image_ids)} distinct held-out ieee8023 COVID-19 images with lung masks "
             f"({masks.kinds.count('boxes')} with lung boxes only), the uniform baseline over the film area (padding "
             "and blank borders excluded), each image's values averaged over the seeds and intervals resampling "
-            "patients; `lung_verdict` and `looks_outside` read the excess's interval, not its mean; randomisation check (Adebayo et al. 2018: raw maps, cascading and independent "
-            "re-initialisation, Spearman of absolute values, SSIM, HOG) on "
+            "patients; `lung_verdict` and `looks_outside` read the excess's interval, not its mean; randomisation "
+            "check (Adebayo et al. 2018: raw maps, cascading and independent re-initialisation, Spearman of absolute values, SSIM, HOG) on "
             f"{found.sanity_images} held-out images per run, one verdict per row and seed, passed when the fully "
             f"randomised model's Spearman < {PASS_SPEARMAN} and no map is blank.")
 

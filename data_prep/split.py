@@ -161,7 +161,8 @@ def kfold_by_patient(df: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
 
 def check_no_leak(manifest: pd.DataFrame, column: str = "split", data_dir: Path | str | None = None,
                   max_distance: int = 32) -> None:
-    """Raise :class:`LeakError` when a patient, an image's bytes (``sha256``) or, given
+    """Raise :class:`LeakError` when a patient, an image id, a file (``path``: one file under two
+    ids), an image's bytes (``sha256``) or, given
     ``data_dir``, a near copy (perceptual hashes at most ``max_distance`` bits apart) occurs in
     two splits.
 
@@ -173,7 +174,8 @@ def check_no_leak(manifest: pd.DataFrame, column: str = "split", data_dir: Path 
     """
     if column not in manifest.columns:
         raise KeyError(f"check_no_leak: the manifest has no {column!r} column")
-    keys = [("patient", manifest["patient_id"].astype(str).str.strip())]
+    keys = [(what, manifest[name].astype(str).str.strip()) for what, name in
+            (("patient", "patient_id"), ("image id", "image_id"), ("file", "path")) if name in manifest.columns]
     if "sha256" in manifest.columns:
         keys.append(("image sha256", manifest["sha256"].where(manifest["sha256"] != "")))
     for what, key in keys:

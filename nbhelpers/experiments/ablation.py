@@ -372,9 +372,9 @@ def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manife
     (its correctness averaged over seeds), with patient-level intervals
     (:func:`nbhelpers.experiments.audit.per_source_table`): a variant that gains only on one archive's images
     is learning the archive."""
-    from nbhelpers.experiments.audit import per_source_table
+    from nbhelpers.experiments.audit import _read_table, per_source_table
 
-    table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
+    table = _read_table(manifest, "manifest")
     out = []
     for row in rows:
         preds = [pd.read_csv(run_dir(out_root, row, s) / "test_predictions.csv", keep_default_na=False) for s in seeds]

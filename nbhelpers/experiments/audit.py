@@ -105,6 +105,12 @@ def _joined(manifest: pd.DataFrame | Path | str,
 
 
 def _read_table(table: pd.DataFrame | Path | str, what: str) -> pd.DataFrame:
+    """A table given as a frame or a CSV path; a manifest (``what`` names one) through the one
+    checked reader, :func:`data_prep.manifest.read_manifest`."""
+    if "manifest" in what:
+        from data_prep.manifest import read_manifest
+
+        return read_manifest(table, what=what)
     if isinstance(table, pd.DataFrame):
         return table
     path = Path(table)

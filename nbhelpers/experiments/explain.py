@@ -28,6 +28,7 @@ from data_prep.progress import tqdm
 
 from data_prep.atomic import write_with
 from data_prep.errors import InputNotFoundError
+from data_prep.manifest import read_manifest
 from data_prep.options import add_data_dir, add_out
 from nbhelpers.evaluation import lungs
 from nbhelpers.pipeline import lungmasks
@@ -250,7 +251,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     if not args.manifest.is_file():
         raise InputNotFoundError(f"manifest {args.manifest} not found; pass the manifest the grid was trained on")
-    data, manifest = resolve_data_dir(args.data_dir), pd.read_csv(args.manifest)
+    data, manifest = resolve_data_dir(args.data_dir), read_manifest(args.manifest, ("path", "patient_id"))
     rows = ablation.load_grid(groups=args.groups)
     found = _Explained()
     for seed in args.seeds:

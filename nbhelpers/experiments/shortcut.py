@@ -175,7 +175,7 @@ def within_source(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence
     sources.  ``n`` / ``patients`` count distinct images and patients."""
     from nbhelpers.evaluation.stats import per_image, proportion_ci
 
-    table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
+    table = audit._read_table(manifest, "manifest")
     out = []
     for row in rows:
         joined = audit._joined(table, [ablation.run_dir(grid_root, row, s) / "test_predictions.csv" for s in seeds])
@@ -195,7 +195,7 @@ def within_source(rows: Sequence[ablation.Row], grid_root: Path, seeds: Sequence
 
 def mixed_source_ids(manifest: pd.DataFrame | Path | str, sources: Sequence[str] = audit.COVID_MIXED_SOURCES) -> list[str]:
     """Ids of the test images of those ``sources`` whose test images hold more than one class."""
-    table = manifest if isinstance(manifest, pd.DataFrame) else pd.read_csv(manifest, keep_default_na=False)
+    table = audit._read_table(manifest, "manifest")
     test = table[(table["split"] == "test") & table["source"].isin(list(sources))]
     mixed = test.groupby("source")["label"].transform("nunique") > 1
     return test.loc[mixed, "image_id"].astype(str).tolist()

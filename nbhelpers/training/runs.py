@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from data_prep import atomic
-from data_prep.errors import InputNotFoundError, WorkbookError
+from data_prep import manifest as data_manifest
+from data_prep.errors import InputNotFoundError
+from data_prep.manifest import ManifestError
 from data_prep.schema import CLASSES
 from nbhelpers.evaluation import metrics as M
 from nbhelpers.evaluation.predict import evaluate, predict
@@ -94,28 +96,16 @@ class RunPlan:
     classes: tuple[str, ...] = CLASSES
 
 
-class ManifestError(WorkbookError, ValueError):
-    """A manifest a run cannot train on: a split without images, or labels without an output."""
-
-
 def read_manifest(manifest: pd.DataFrame | Path | str) -> pd.DataFrame:
-    """Return the manifest table (reading it when given a path), checked for what training needs.
+    """Return the manifest table (reading it when given a path), checked for what training needs:
+    the checks of :func:`data_prep.manifest.read_manifest` (file, columns, labels, splits, no image,
+    file or patient in two splits) and images in the train and validation splits.
 
     Raises :class:`~data_prep.errors.InputNotFoundError` (a FileNotFoundError) naming a missing
-    file and how to make one, KeyError naming missing columns, and :class:`ManifestError` (a
-    ValueError) when the train or validation split is empty.
+    file and how to make one, :class:`ManifestError` (a ValueError) for a manifest that cannot be
+    trained on, and :class:`data_prep.split.LeakError` for one that would test on training images.
     """
-    if not isinstance(manifest, pd.DataFrame):
-        path = Path(manifest)
-        if not path.is_file():
-            raise InputNotFoundError(
-                f"manifest {path} not found: curate the data first (notebook 01, or "
-                f"`workbook curate --data-dir D --out {path.parent}`), or pass the manifest.csv it wrote"
-            )
-        manifest = pd.read_csv(path, keep_default_na=False)
-    missing = [c for c in RUN_COLUMNS if c not in manifest.columns]
-    if missing:
-        raise KeyError(f"manifest lacks column(s) {missing}; a training manifest needs {list(RUN_COLUMNS)}")
+    manifest = data_manifest.read_manifest(manifest, RUN_COLUMNS)
     empty = [s for s in RUN_SPLITS if not (manifest["split"] == s).any()]
     if empty:
         raise ManifestError(f"manifest has no images in split(s) {empty}; training needs {list(RUN_SPLITS)}")

@@ -194,7 +194,8 @@ def test_a_stale_findings_block_is_found(tmp_path, capsys):
     tables = tmp_path / "tables"
     tables.mkdir()
     pd.DataFrame([blackout_row("whole_image", "none", 0.9, 1.0, 1.0, 1.0),
-                  blackout_row("lungs_blacked", "lungs", 0.8, 0.8, 0.6, 0.95)]).to_csv(tables / "shortcut_blackout.csv")
+                  blackout_row("lungs_blacked", "lungs", 0.8, 0.8, 0.6, 0.95)]).assign(
+        surviving_capped=False).to_csv(tables / "shortcut_blackout.csv")
     args = ["findings", "--tables", str(tables), "--readme", str(readme)]
     assert cli.main(args + ["--check"]) == 1 and "stale" in capsys.readouterr().out
     assert cli.main(args) == 0
@@ -203,3 +204,17 @@ def test_a_stale_findings_block_is_found(tmp_path, capsys):
     assert text.startswith("intro\n") and text.endswith("rest\n") and "0.99" not in text and "lungs_blacked" in text
     readme.write_text("no block here\n")
     assert cli.main(args) == 2 and "findings block" in capsys.readouterr().err
+
+
+def test_a_table_made_under_earlier_rules_is_named_stale_not_read(tmp_path):
+    from nbhelpers.experiments.findings import readme_block
+
+    old = pd.DataFrame([blackout_row("whole_image", "none", 0.9, 1.0, 1.0, 1.0),
+                        blackout_row("lungs_blacked", "lungs", 0.8, 0.8, 0.6, 1.2)])  # no surviving_capped column
+    old.to_csv(tmp_path / "shortcut_blackout.csv", index=False)
+    (tmp_path / "shortcut_blackout.md").write_text("Made by `workbook shortcut` on 2026-12-01; data: x\n\n| a |\n")
+    block = readme_block(tmp_path)
+    assert "lungs_blacked" not in block and "120 %" not in block
+    assert "`tables/shortcut_blackout.md` (made 2026-12-01) predates the current split and statistics" in block
+    old.assign(surviving_capped=False).to_csv(tmp_path / "shortcut_blackout.csv", index=False)
+    assert "lungs_blacked" in readme_block(tmp_path) and "predates" not in readme_block(tmp_path)

@@ -322,14 +322,38 @@ def _section(title: str, lines: list[str]) -> list[str]:
     return [f"### {title}", "", *[f"- {line}" for line in lines], ""] if lines else []
 
 
+#: Per committed table, the columns the current readings need: a table made before them is named
+#: as stale and not read (its numbers were computed under earlier rules).
+CURRENT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "ablation_summary": ("accuracy_boot_low", "accuracy_seed_low"), "ablation_tests": ("verdict",),
+    "cam_lung_energy": ("lung_verdict",), "shortcut_cam_lung_energy": ("lung_verdict",),
+    "shortcut_mitigations": ("overall_verdict", "within_verdict", "within_conclusive"),
+    "shortcut_blackout": ("surviving_capped",), "shortcut_external": ("drop_low", "external_specificity"),
+    "shortcut_per_view": ("conclusive",),
+}
+
+
 def readme_block(folder: Path | str) -> str:
     """Every reading of the committed tables in ``folder`` as markdown: the ablation grid, its
     CAMs, the shortcut mitigations and the field's shortcut tests, each sentence written by the
-    functions above from the table's numbers (a table not made yet is left out)."""
-    from nbhelpers.settings.tables import committed_table
+    functions above from the table's numbers.  A table not made yet is left out; one made before
+    the columns its reading needs (:data:`CURRENT_COLUMNS`) is named as stale, with its date, and
+    not read."""
+    import re
+
+    from nbhelpers.settings.tables import committed_header, committed_table
+
+    stale: list[str] = []
 
     def table(name: str) -> pd.DataFrame | None:
-        return committed_table(name, folder)
+        frame = committed_table(name, folder)
+        if frame is not None and not set(CURRENT_COLUMNS.get(name, ())) <= set(frame.columns):
+            made = re.search(r" on (\d{4}-\d{2}-\d{2})", committed_header(name, folder) or "")
+            stale.append(f"`tables/{name}.md` (made {made.group(1) if made else 'earlier'}) predates the current "
+                         "split and statistics: no sentence is read from it until `bash results/reduced_cpu_runs.sh` "
+                         "remakes it.")
+            return None
+        return frame
 
     out: list[str] = []
     summary, tests = table("ablation_summary"), table("ablation_tests")
@@ -339,7 +363,8 @@ def readme_block(folder: Path | str) -> str:
     for name, title in (("cam", "Grad-CAM of the grid (`tables/cam_lung_energy.md`, `tables/cam_randomisation.md`)"),
                         ("shortcut_cam", "Grad-CAM of the shortcut group (`tables/shortcut_cam_lung_energy.md`, "
                                          "`tables/shortcut_cam_randomisation.md`)")):
-        energy, randomised = table(f"{name}_lung_energy"), table(f"{name}_randomisation")
+        energy = table(f"{name}_lung_energy")
+        randomised = table(f"{name}_randomisation") if energy is not None else None
         lines = cam_sentences(energy) if energy is not None else []
         if randomised is not None:
             lines.append(randomisation_sentence(randomised))
@@ -353,9 +378,11 @@ def readme_block(folder: Path | str) -> str:
         field += blackout_sentences(blackout)
     if (external := table("shortcut_external")) is not None:
         field += external_sentences(external)
-    field += view_sentences(table("shortcut_view_probe"), table("shortcut_per_view"))
+    per_view = table("shortcut_per_view")
+    field += view_sentences(table("shortcut_view_probe") if per_view is not None else None, per_view)
     out += _section("What the field's shortcut tests say (`tables/shortcut_{blackout,external,view_probe,per_view}.md`)",
                     field)
+    out += _section("Not read: made under earlier rules", stale)
     return "\n".join([BEGIN, "", *out, END])
 
 

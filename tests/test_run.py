@@ -166,3 +166,46 @@ def test_a_second_run_on_the_same_folder_stops_with_status_2(tmp_path, capsys, m
     with FileLock(str(out / ".workbook.lock")):
         assert cli.main(["run", "--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(out), "--only", "01"]) == 2
     assert "in use by another workbook run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pair, named", [
+    ("per_class=-5", "per_class=-5"), ("device=tpu", "device='tpu'"), ("model=nosuchmodel", "model='nosuchmodel'"),
+    ("preset=nosuch", "preset='nosuch'"), ("split=[0.5,0.5]", "split=[0.5, 0.5]"), ("image_size=0", "image_size=0"),
+    ("image_size=8", "image_size=8"), ("ablation_groups=[nosuch]", "ablation_groups=['nosuch']"),
+    ("clip_limit=-1", "clip_limit"), ("tile_grid=0", "tile_grid"),
+])
+def test_a_value_out_of_range_stops_before_notebook_01(capsys, tmp_path, pair, named):
+    """Each was accepted before: earlier notebooks ran, then a later one failed (most with no text)."""
+    out = tmp_path / "out"
+    assert cli.main(["run", "--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(out), "-p", pair]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"setting {named}" in err and "not allowed" in err, err
+    assert not out.exists()  # no notebook ran
+
+
+def test_the_image_size_check_names_the_smallest_size_a_model_takes():
+    from nbhelpers.models.registry import InputSizeError, check_input_size
+
+    with pytest.raises(InputSizeError, match=r"'densenet121_cbam' cannot take 8 px images.*image_size >= 32"):
+        check_input_size("densenet121_cbam", 8)
+    with pytest.raises(InputSizeError, match=r"'vgg16' cannot take 16 px.*image_size >= 32"):
+        check_input_size("vgg16", 16)
+    check_input_size("densenet121_cbam", 64)  # the profiles' size passes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preprocess", "size=7"], "PreprocessConfig.size"), (["--preprocess", "clip_limit=-1"], "clip_limit"),
+    (["--preprocess", "tile_grid=0"], "tile_grid"), (["--set", "image_size=7"], "size"),
+    (["--set", "image_size=8"], "cannot take 8 px"),
+])
+def test_train_refuses_bad_sizes_in_one_line_before_the_cache(data_dir, tmp_path, capsys, args, message):
+    from conftest import real_manifest
+
+    manifest = tmp_path / "manifest.csv"
+    real_manifest(data_dir, 4, ["train", "train", "val", "test"]).to_csv(manifest, index=False)
+    code = cli.main(["train", "--model", "densenet121_cbam", "--preset", "smoke", "--manifest", str(manifest),
+                     "--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--device", "cpu", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run" / "cache").exists()

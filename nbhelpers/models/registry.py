@@ -173,3 +173,41 @@ def cam_target_layers(model: nn.Module) -> list[nn.Module]:
 def cam_reshape_transform(model: nn.Module) -> Callable | None:
     """Return the token-to-grid function for Grad-CAM on ``model`` (None for convolutional layers)."""
     return getattr(model, CAM_RESHAPE_ATTR, None)
+
+
+class InputSizeError(WorkbookError, ValueError):
+    """An image size a model cannot take (its feature maps would shrink below one pixel)."""
+
+
+#: Sizes tried, smallest first, to tell a user the smallest one a model accepts.
+SIZES_TRIED = (16, 32, 48, 64, 96, 128, 160, 224)
+
+
+def _takes(name: str, size: int, in_chans: int, options: tuple) -> bool:
+    import torch
+
+    model = create(name, in_chans=in_chans, **dict(options)).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, size, size))
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    return True
+
+
+_TAKES: dict[tuple, bool] = {}
+
+
+def check_input_size(name: str, size: int, in_chans: int = 3, **options: Any) -> None:
+    """Raise :class:`InputSizeError` when model ``name`` (with ``options``) cannot take ``size`` px
+    images, naming the smallest size it takes: one forward pass of a blank image on the CPU,
+    remembered for the process, so a run stops before any caching or training rather than
+    with torch's "Output size is too small" afterwards."""
+    key = (name, size, in_chans, tuple(sorted(options.items())))
+    if key not in _TAKES:
+        _TAKES[key] = _takes(name, size, in_chans, key[3])
+    if _TAKES[key]:
+        return
+    smallest = next((s for s in SIZES_TRIED if s > size and _takes(name, s, in_chans, key[3])), None)
+    hint = f"use image_size >= {smallest}" if smallest else f"use a larger image size (its paper: {model_spec(name).image_size})"
+    raise InputSizeError(f"model {name!r} cannot take {size} px images (its feature maps shrink below one pixel); {hint}")

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from data_prep.progress import tqdm
 
+from data_prep.errors import WorkbookError
 from data_prep.images import load_gray
 from nbhelpers.pipeline.mitigate import (
     BLACKOUTS,
@@ -74,6 +75,10 @@ ResizeMode = Literal["letterbox", "stretch", "crop"]
 ClaheStage = Literal["before_resize", "after_resize"]
 
 
+class PreprocessError(WorkbookError, ValueError):
+    """A preprocessing setting out of range (size, clip limit, tile grid, an unknown mode)."""
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Every parameter that changes the preprocessed pixels (and so the cache key).
@@ -104,20 +109,20 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 8:
-            raise ValueError(f"PreprocessConfig.size must be an integer >= 8, got {self.size!r}")
+            raise PreprocessError(f"PreprocessConfig.size must be an integer >= 8, got {self.size!r}")
         if self.clip_limit <= 0:
-            raise ValueError(f"PreprocessConfig.clip_limit must be > 0, got {self.clip_limit!r}")
+            raise PreprocessError(f"PreprocessConfig.clip_limit must be > 0, got {self.clip_limit!r}")
         if not isinstance(self.tile_grid, int) or self.tile_grid < 1:
-            raise ValueError(f"PreprocessConfig.tile_grid must be an integer >= 1, got {self.tile_grid!r}")
+            raise PreprocessError(f"PreprocessConfig.tile_grid must be an integer >= 1, got {self.tile_grid!r}")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"PreprocessConfig.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+            raise PreprocessError(f"PreprocessConfig.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.clahe_stage not in CLAHE_STAGES:
-            raise ValueError(f"PreprocessConfig.clahe_stage must be one of {CLAHE_STAGES}, got {self.clahe_stage!r}")
+            raise PreprocessError(f"PreprocessConfig.clahe_stage must be one of {CLAHE_STAGES}, got {self.clahe_stage!r}")
         for name in MITIGATIONS:
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"PreprocessConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise PreprocessError(f"PreprocessConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.blackout not in BLACKOUTS:
-            raise ValueError(f"PreprocessConfig.blackout must be one of {BLACKOUTS}, got {self.blackout!r}")
+            raise PreprocessError(f"PreprocessConfig.blackout must be one of {BLACKOUTS}, got {self.blackout!r}")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | Any, **overrides: Any) -> "PreprocessConfig":

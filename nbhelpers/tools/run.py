@@ -197,7 +197,8 @@ def run_workbook(
     """Run the ordered notebooks of ``notebook_dir`` under ``profile`` with ``overrides``
     (``KEY=VALUE`` items); return one :class:`NotebookResult` each.
 
-    Checks the profile, the overrides (:func:`resolve_overrides`) and the data folder before
+    Checks the profile, the overrides (:func:`resolve_overrides`), their values
+    (:func:`nbhelpers.tools.validate.check_settings`) and the data folder before
     anything runs, so a wrong setting fails in a second rather than after an hour.  Writes the
     resolved settings to ``<run>/settings.json`` for every notebook.  Raises
     :class:`NotebookFailed` at the first failure.
@@ -206,6 +207,9 @@ def run_workbook(
     notebooks = ordered_notebooks(notebook_dir, only=only)
     declared = declared_parameters(notebooks)
     resolved = resolve_overrides(profile, overrides, declared)
+    from nbhelpers.tools.validate import check_settings
+
+    check_settings(resolved.values)
     data = datadir.data_dir(data_dir)
     run_dir = (out_dir or config.RESULTS_DIR / "runs" / profile).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -306,6 +306,7 @@ def train_run(
     # The model first: a wrong option or an unreachable weights file stops the run before preprocessing.
     net = models.create(model_name, num_classes=len(plan.classes), in_chans=cfg.in_chans,
                         pretrained=extras["pretrained"], **options)
+    models.registry.check_input_size(model_name, pcfg.size, cfg.in_chans, **options)  # before the cache, not after
     with hold_run_folder(out_dir) if main else nullcontext():
         last = out_dir / LAST_NAME
         if resume and last.is_file():

@@ -75,3 +75,25 @@ def test_train_and_grid_stop_with_exit_2_and_one_line(data_dir, tmp_path, capsys
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert {"empty": "is empty", "label covid19": "covid19", "leak": "more than one split"}[bad] in err
+
+
+def test_a_source_image_replaced_after_curation_is_refused_at_the_cache(data_dir, tmp_path):
+    import shutil
+
+    from data_prep.table import sha256_file
+    from nbhelpers.pipeline.cache import SourceChangedError, build_cache
+    from nbhelpers.pipeline.preprocess import PreprocessConfig
+
+    table = real_manifest(data_dir, 2, ["train", "val"])
+    root = tmp_path / "data"
+    for rel in table["path"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data_dir / rel, root / rel)
+    table["sha256"] = [sha256_file(root / rel) for rel in table["path"]]
+    cfg = PreprocessConfig(size=32)
+    build_cache(table, root, tmp_path / "cache", cfg, progress=False)  # as curated: built
+    first, second = table["path"].iloc[0], table["path"].iloc[3]
+    shutil.copy(data_dir / second, root / first)  # another film under the curated name
+    with pytest.raises(SourceChangedError, match=r"1 of 6 source image\(s\) changed since curation.*curate again"):
+        build_cache(table, root, tmp_path / "cache2", cfg, progress=False)
+    assert not (tmp_path / "cache2").exists()  # refused before anything was written

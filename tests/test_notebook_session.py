@@ -107,3 +107,19 @@ def test_a_workbook_error_reaches_the_executed_notebook_and_the_runners_message(
     assert len(errors) == 1 and errors[0].ename == "WorkbookError"
     assert errors[0].evalue.startswith("unknown model nosuchmodel")
     assert errors[0].traceback == ["\033[0;31mWorkbookError\033[0m: unknown model nosuchmodel; use one of densenet121, ..."]
+
+
+def test_a_curated_set_made_with_other_settings_is_refused_not_used(data_dir, tmp_path):
+    """`--out R` with 12 per class, then `--out R --only 04 -p per_class=5`: notebook 04 used to
+    train on the 36-image set while settings.json said 5."""
+    import json
+
+    session = _session("teach", data_dir, tmp_path)
+    session.data_out.mkdir(parents=True)
+    (session.data_out / "manifest.csv").write_text("image_id,label,split\n")
+    made = session.curation_params().as_dict()
+    (session.data_out / "summary.json").write_text(json.dumps({"params": made}))
+    assert session.manifest_path.name == "manifest.csv"  # same settings: used
+    (session.data_out / "summary.json").write_text(json.dumps({"params": {**made, "per_class": made["per_class"] + 1}}))
+    with pytest.raises(notebook.StaleStepError, match=r"per_class=\d+ there, \d+ now.*rerun notebook 01"):
+        _ = session.manifest_path

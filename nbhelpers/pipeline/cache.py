@@ -316,6 +316,27 @@ def _publish(tmp: Path, final: Path) -> None:
             _discard(final)
 
 
+class SourceChangedError(WorkbookError, ValueError):
+    """Source images whose bytes no longer match the SHA-256 the manifest recorded at curation."""
+
+
+def check_sources_unchanged(manifest: pd.DataFrame, data_dir: Path) -> None:
+    """Raise :class:`SourceChangedError` when an image's bytes differ from the ``sha256`` the
+    manifest recorded at curation (counted; the first few named): a replaced or edited source file
+    has not been through the copy search and the split, so it is not trained on in silence.  Rows
+    without a recorded hash are not checked."""
+    if "sha256" not in manifest.columns:
+        return
+    recorded = manifest[manifest["sha256"].astype(str) != ""]
+    changed = [rel for rel, digest in zip(recorded["path"], recorded["sha256"])
+               if (data_dir / rel).is_file() and sha256_file(data_dir / rel) != digest]
+    if changed:
+        shown = ", ".join(map(str, changed[:3])) + (" ..." if len(changed) > 3 else "")
+        raise SourceChangedError(
+            f"{len(changed)} of {len(recorded)} source image(s) changed since curation (SHA-256 differs from the "
+            f"manifest's): {shown}; curate again (notebook 01 or workbook curate) so copies and the split see them")
+
+
 def build_cache(
     manifest: pd.DataFrame,
     data_dir: Path | str,
@@ -347,6 +368,7 @@ def build_cache(
     unknown = sorted(set(manifest["split"]) - set(SPLITS))
     if unknown:
         raise ValueError(f"manifest has unknown split(s) {unknown}; expected {SPLITS}")
+    check_sources_unchanged(manifest, data_dir)
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".{key}.building-{os.getpid()}"
     if tmp.exists():

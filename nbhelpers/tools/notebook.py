@@ -38,6 +38,10 @@ class MissingStepError(WorkbookError, FileNotFoundError):
     """A notebook needs what an earlier notebook writes, and it is not there."""
 
 
+class StaleStepError(WorkbookError, RuntimeError):
+    """What an earlier notebook wrote was made with other settings than this run's."""
+
+
 class SupplyError(WorkbookError, ValueError):
     """The sources cannot supply the set the profile asks for."""
 
@@ -65,7 +69,26 @@ class Session:
         if not path.is_file():
             raise MissingStepError(f"no curated set in {config.display_path(self.run_dir)} (data/manifest.csv): run "
                                    f"notebook 01 first with profile={self.profile!r} and the same run_dir")
+        self._check_curated_with_these_settings()
         return path
+
+    #: The settings notebook 01's curated set depends on (``summary.json``'s ``params``).
+    CURATION_KEYS = ("per_class", "balance", "views", "allow_ap", "min_age", "seed", "split")
+
+    def _check_curated_with_these_settings(self) -> None:
+        """Raise :class:`StaleStepError` when notebook 01 made the curated set with other settings
+        than this run's (``-p per_class=5`` after a run of 12): its output is not used in silence."""
+        summary = self.data_out / "summary.json"
+        if not summary.is_file():
+            return
+        made = json.loads(summary.read_text()).get("params", {})
+        now = self.curation_params().as_dict()
+        differ = [k for k in self.CURATION_KEYS if k in made and made[k] != now[k]]
+        if differ:
+            said = ", ".join(f"{k}={made[k]!r} there, {now[k]!r} now" for k in differ)
+            raise StaleStepError(f"the curated set in {config.display_path(self.data_out)} was made by notebook 01 with "
+                                 f"other settings ({said}): rerun notebook 01 with these settings first "
+                                 "(workbook run --only 01 02 ... with the same -p), or use another run folder")
 
     @property
     def cache_root(self) -> Path:

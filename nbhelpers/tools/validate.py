@@ -59,8 +59,9 @@ def check_settings(values: Mapping[str, Any]) -> None:
         _fail("split", split, f"three non-negative train/val/test shares summing to 1, e.g. {list(DEFAULT_RATIOS)}")
     if get("image_size") is not None:
         _at_least("image_size", get("image_size"), 8)
-        _as_line("clip_limit / tile_grid", (get("clip_limit"), get("tile_grid")), lambda: PreprocessConfig(
-            size=get("image_size"), clip_limit=float(get("clip_limit") or 2.0), tile_grid=get("tile_grid") or 8))
+    for key in ("clip_limit", "tile_grid"):
+        if get(key) is not None:
+            _as_line(key, get(key), lambda: PreprocessConfig(**{key: float(get(key)) if key == "clip_limit" else get(key)}))
     if get("device") is not None:
         _as_line("device", get("device"), lambda: pick_device(get("device"), verbose=False))
     if get("preset") is not None:

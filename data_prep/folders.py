@@ -97,7 +97,7 @@ def source_names(folders: Sequence[Path]) -> list[str]:
 def _is_image(path: Path) -> bool:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
-    if path.suffix:
+    if path.suffix or not path.is_file():
         return False
     with open(path, "rb") as f:  # DICOM exports often have no suffix: sniff for the magic
         f.seek(DICOM_MAGIC_OFFSET)
@@ -145,9 +145,11 @@ def _class_files(class_dir: Path) -> tuple[list[Path], dict[str, int], int]:
     files, not_read, other = [], {}, 0
     for child in _visible(class_dir):
         if child.is_dir() and child.name.lower() == IMAGES_SUBFOLDER:
-            inner = [p for p in _visible(child) if p.is_file()]
+            inner = [p for p in _visible(child) if not p.is_dir()]  # a dangling link too: counted when read
             files += [p for p in inner if _is_image(p)]
             other += sum(not _is_image(p) for p in inner)
+            for deeper in (p for p in _visible(child) if p.is_dir()):  # images/sub/ is not read: say so
+                not_read[f"{class_dir.name}/{child.name}/{deeper.name}"] = _count_files(deeper)
         elif child.is_dir():
             not_read[f"{class_dir.name}/{child.name}"] = _count_files(child)
         elif _is_image(child):
@@ -334,6 +336,10 @@ def scan_folder(folder: Path, source: str, folder_classes: Mapping[str, str] | N
                                  f"--map-folder {shlex.quote(subfolder + '=CLASS')} to use it"})
             continue
         if rel in conflicts:
+            continue
+        if not file.is_file():  # a link to nothing, or a file gone since the listing
+            scan.skipped.append({"image_id": image_id, "reason": "unreadable",
+                                 "detail": f"{file} is a link to a missing file, or vanished"})
             continue
         given = metadata.get(rel, {})
         header = _dicom_header(file) if not all(given.get(k) for k in ("view", "age", "sex")) else {}

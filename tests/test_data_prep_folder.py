@@ -302,3 +302,17 @@ def test_dicom_files_in_a_folder_decode_and_give_their_header(tmp_path: Path):
     gray = load_gray(Path(film["path"]))
     assert gray.shape == (160, 128) and gray.dtype == np.uint8 and gray[0, -1] > gray[0, 0]
     assert phash(Path(film["path"])).shape == (256,)
+
+
+def test_a_deeper_subfolder_and_a_dangling_link_are_counted_not_dropped_in_silence(tmp_path: Path):
+    mine = tmp_path / "mine"
+    _images(mine, {"COVID/images": 2, "COVID/images/sub": 1, "Normal": 2})
+    (mine / "Normal" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a link to nothing
+    (mine / "Normal" / "gone_dicom").symlink_to(tmp_path / "nowhere")  # no suffix: sniffed, not opened
+    rows, skipped, info, warnings = folders.load_image_folders([mine])
+    source = "folder-mine"
+    assert rows["label"].value_counts().to_dict() == {"covid": 2, "normal": 2}
+    assert info[source]["not_read"] == {"COVID/images/sub": 1}
+    assert any("COVID/images/sub/ (1 files)" in w for w in warnings)
+    broken = skipped[skipped["reason"] == "unreadable"]
+    assert list(broken["image_id"]) == [f"{source}:Normal/gone.png"] and "missing file" in broken["detail"].iloc[0]

@@ -118,6 +118,11 @@ def test_tables_command_writes_both_tables(tmp_path, capsys):
     assert main(["audit", "tables", "--manifest", str(tmp_path / "missing.csv"), "--run", str(tmp_path / "run"),
                  "--out", str(tmp_path / "audit")]) == 2
     assert "missing.csv not found" in capsys.readouterr().err
+    manifest.iloc[3:].to_csv(tmp_path / "other.csv", index=False)  # another run's manifest
+    assert main(["audit", "tables", "--manifest", str(tmp_path / "other.csv"), "--run", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "audit")]) == 2
+    err = capsys.readouterr().err
+    assert "not in the manifest" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- the probe on real images

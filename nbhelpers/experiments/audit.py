@@ -75,8 +75,10 @@ def join_predictions(manifest: pd.DataFrame | Path | str, predictions: pd.DataFr
     ids = predictions["image_id"].astype(str)
     unknown = sorted(set(ids) - set(rows.index))
     if unknown:
-        raise ValueError(f"{len(unknown)} predicted image(s) are not in the manifest, e.g. {unknown[:3]}; "
-                         "pass the manifest the run was trained on")
+        from data_prep.manifest import ManifestError
+
+        raise ManifestError(f"{len(unknown)} predicted image(s) are not in the manifest, e.g. {unknown[:3]}; "
+                            "pass the manifest the run was trained on")
     patients = rows["patient_id"].astype(str) if "patient_id" in rows.columns else pd.Series(rows.index, rows.index)
     out = pd.DataFrame({
         "image_id": ids.to_numpy(),

@@ -97,3 +97,33 @@ def test_a_source_image_replaced_after_curation_is_refused_at_the_cache(data_dir
     with pytest.raises(SourceChangedError, match=r"1 of 6 source image\(s\) changed since curation.*curate again"):
         build_cache(table, root, tmp_path / "cache2", cfg, progress=False)
     assert not (tmp_path / "cache2").exists()  # refused before anything was written
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_built_cache(data_dir, tmp_path, monkeypatch):
+    """The memory-mapped write used to die with SIGBUS (exit 135) and leave `.KEY.building-PID`."""
+    import errno
+    import os
+
+    from nbhelpers.pipeline.cache import CacheError, build_cache
+    from nbhelpers.pipeline.preprocess import PreprocessConfig
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    root = tmp_path / "cache"
+    with pytest.raises(CacheError, match=r"no room for the image cache .*No space left on device.*free disk space"):
+        build_cache(real_manifest(data_dir, 2, ["train", "val"]), data_dir, root, PreprocessConfig(size=32),
+                    progress=False)
+    assert list(root.iterdir()) == []  # no .KEY.building-PID folder left
+
+
+def test_the_temporary_files_of_a_killed_write_are_cleaned_when_the_folder_is_held_again(tmp_path):
+    from nbhelpers.training.checkpoint import hold_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".last.pt.abc123.tmp").write_bytes(b"x" * 1000)  # a write killed half-way
+    (run / "last.pt").write_bytes(b"whole")
+    with hold_run_folder(run):
+        assert not list(run.glob(".*.tmp")) and (run / "last.pt").read_bytes() == b"whole"

@@ -394,6 +394,19 @@ def build_cache(
     return ImageCache.open(final)
 
 
+def _reserve(path: Path) -> None:
+    """Give the memory-mapped ``path`` its disk blocks now: writing into a sparse map on a full
+    disk kills the process with SIGBUS, while reserving fails here with one line."""
+    size = path.stat().st_size
+    try:
+        with open(path, "r+b") as f:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as error:
+        raise CacheError(f"no room for the image cache in {display_path(path.parent.parent)}: its {size / 2**20:.0f} MB "
+                         f"could not be reserved ({error.strerror}); free disk space or pass another cache folder") from None
+
+
 def _write_split(
     rows: pd.DataFrame, split: str, data_dir: Path, out: Path, cfg: PreprocessConfig, bar: tqdm, workers: int,
     reference: np.ndarray | None = None,
@@ -402,6 +415,7 @@ def _write_split(
     labels = np.array([label_index(label) for label in rows["label"]], dtype=np.int64)
     images = np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
                                        shape=(len(rows), cfg.size, cfg.size))
+    _reserve(out / f"{split}_images.npy")
 
     no_box: list[str] = []
 

@@ -59,7 +59,8 @@ def hold_run_folder(out_dir: Path | str, timeout: float | None = None) -> Iterat
     """Hold ``out_dir/.lock`` for the block (creating the folder); nested calls for the same
     folder in this process share the lock.  Waits up to ``timeout`` seconds (default
     :data:`LOCK_TIMEOUT`), then raises :class:`RunFolderInUse` (a ``filelock.Timeout``) naming
-    the folder and the lock file."""
+    the folder and the lock file.  Once the lock is taken, the temporary files a killed write left
+    (``.last.pt.*.tmp``, up to a checkpoint's size) are deleted: no other process writes here."""
     out_dir = Path(out_dir)
     key = str(out_dir.resolve())
     if key in _HELD:
@@ -80,6 +81,8 @@ def hold_run_folder(out_dir: Path | str, timeout: float | None = None) -> Iterat
     except filelock.Timeout:
         raise RunFolderInUse(str(out_dir / LOCK_NAME)) from None
     _HELD[key] = 1
+    for stale in out_dir.glob(".*.tmp"):  # half-written files of a killed run: no writer holds the folder now
+        stale.unlink(missing_ok=True)
     try:
         yield out_dir
     finally:

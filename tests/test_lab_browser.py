@@ -170,15 +170,15 @@ def _shut_down(server: Lab) -> None:
     server.process.wait(timeout=20)
 
 
-def _wait_for_kernel(server: Lab) -> str:
-    """The name of the kernel of the notebook's session, once that kernel is idle."""
+def _wait_for_kernel(server: Lab, notebook: str = NOTEBOOK) -> str:
+    """The name of the kernel of ``notebook``'s session, once that kernel is idle."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        sessions = [s for s in server.api("sessions") if s["path"].endswith(NOTEBOOK)]
+        sessions = [s for s in server.api("sessions") if s["path"].endswith(notebook)]
         if sessions and sessions[0]["kernel"]["execution_state"] == "idle":
             return sessions[0]["kernel"]["name"]
         time.sleep(0.5)
-    pytest.fail(f"no idle kernel for {NOTEBOOK} within {WAIT_S} s:\n{server.log_tail()}")
+    pytest.fail(f"no idle kernel for {notebook} within {WAIT_S} s:\n{server.log_tail()}")
 
 
 def _keep_screenshot(page, tmp_path: Path) -> Path:
@@ -235,5 +235,35 @@ def test_notebook_01_runs_its_first_cells_in_jupyterlab(chromium: str, lab: Lab,
             sync_api.expect(outputs).to_contain_text("profile 'smoke':", timeout=WAIT_S * 1000)
             sync_api.expect(outputs.locator("table")).to_contain_text("data_dir", timeout=WAIT_S * 1000)
             assert (tmp_path / "run").is_dir(), "start() did not create the injected run folder"
+        finally:
+            browser.close()
+
+
+def test_a_workbook_error_shows_its_one_line_in_jupyterlab(chromium: str, lab: Lab, tmp_path: Path):
+    """A student's mistake (a later notebook before notebook 01) reads as its one line in the cell's
+    output; the installed IPython drops what a custom handler returns, so this once showed nothing."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": KERNEL_NAME, "display_name": f"Python ({KERNEL_NAME})",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(f"from nbhelpers.tools.notebook import start\n"
+                                          f"s = start('smoke', run_dir={str(tmp_path / 'empty-run')!r})"),
+                nbformat.v4.new_code_cell("s.manifest_path")]
+    nbformat.write(nb, tmp_path / "notebooks" / "mistake.ipynb")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.set_default_timeout(WAIT_S * 1000)
+            page.goto(lab.url("lab/tree/mistake.ipynb"))
+            cells = page.locator(".jp-Notebook .jp-CodeCell")
+            cells.first.wait_for()
+            assert _wait_for_kernel(lab, "mistake.ipynb") == KERNEL_NAME
+            cells.first.locator(".jp-InputArea-editor").click()
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.press("Shift+Enter")
+            error = cells.nth(1).locator(STDERR)
+            sync_api.expect(error).to_contain_text("run notebook 01 first", timeout=WAIT_S * 1000)
+            text = error.inner_text()
+            assert text.strip().startswith("MissingStepError: no curated set") and "Traceback" not in text, text
+            assert len(text.strip().splitlines()) == 1, text
         finally:
             browser.close()

@@ -37,9 +37,11 @@ def test_roc_and_reliability_figures():
 
 def test_ablation_bars_show_every_row_and_the_papers_marks():
     summary = pd.DataFrame({"group": ["g", "g"], "name": ["a", "b"], "accuracy_mean": [0.5, 0.6],
-                            "accuracy_std": [0.1, np.nan], "paper_accuracy": [0.833, np.nan]})
+                            "accuracy_std": [0.1, np.nan], "paper_accuracy": [0.833, np.nan],
+                            "ours_on_paper_metric": [0.5, np.nan]})
     fig = plots.ablation_bars(summary)
     assert len(fig.axes[0].patches) == 2 and [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["paper (its data)", "ours, on the paper's metric"]
 
 
 def test_interval_plot_greys_thin_cells():

@@ -171,6 +171,7 @@ def ablation_bars(summary: pd.DataFrame, metric: str = "accuracy") -> plt.Figure
             has = summary["paper_accuracy"].notna()
             ax.scatter(x[has], summary.loc[has, "ours_on_paper_metric"], marker="D", s=22, facecolor="white",
                        edgecolor="k", label="ours, on the paper's metric", zorder=4)
+        ax.legend()
         legend_outside(ax)
     ax.set_xticks(x, summary["name"], rotation=40, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, ylim=(0, 1))

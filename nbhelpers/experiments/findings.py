@@ -238,8 +238,8 @@ def randomisation_sentence(table: pd.DataFrame) -> str:
     and seed with ``passed`` and ``spearman_full``): maps that do not change when the weights are
     re-drawn explain nothing about the weights."""
     passed = table["passed"].astype(str).str.lower().isin(["true", "1"])
-    return (f"The randomisation check passes in {int(passed.sum())} of {len(table)} runs (mean Spearman after full "
-            f"re-initialisation {table['spearman_full'].min():.2f} to {table['spearman_full'].max():.2f}): "
+    return (f"The randomisation check passes in {int(passed.sum())} of {len(table)} runs (Spearman after full "
+            f"re-initialisation {table['spearman_full'].min():.2f} to {table['spearman_full'].max():.2f} over the runs): "
             + ("the maps depend on the weights." if passed.all() else "where it fails, the map explains nothing."))
 
 
@@ -329,7 +329,8 @@ CURRENT_COLUMNS: dict[str, tuple[str, ...]] = {
     "cam_lung_energy": ("lung_verdict",), "shortcut_cam_lung_energy": ("lung_verdict",),
     "shortcut_mitigations": ("overall_verdict", "within_verdict", "within_conclusive"),
     "shortcut_blackout": ("surviving_capped",), "shortcut_external": ("drop_low", "external_specificity"),
-    "shortcut_per_view": ("conclusive",),
+    "shortcut_per_view": ("conclusive",), "shortcut_summary": ("accuracy_boot_low",), "shortcut_tests": ("verdict",),
+    "shortcut_per_source": ("conclusive",), "shortcut_within_source": ("conclusive",),
 }
 
 
@@ -382,6 +383,8 @@ def readme_block(folder: Path | str) -> str:
     field += view_sentences(table("shortcut_view_probe") if per_view is not None else None, per_view)
     out += _section("What the field's shortcut tests say (`tables/shortcut_{blackout,external,view_probe,per_view}.md`)",
                     field)
+    for name in ("shortcut_summary", "shortcut_tests", "shortcut_per_source", "shortcut_within_source"):
+        table(name)  # read in no sentence here, but a stale one is named
     out += _section("Not read: made under earlier rules", stale)
     return "\n".join([BEGIN, "", *out, END])
 

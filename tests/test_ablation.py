@@ -242,7 +242,8 @@ def test_a_finished_run_is_reused_only_while_it_is_what_would_be_trained(data_di
 def test_an_external_row_trains_on_its_archives_and_scores_the_others(monkeypatch, tmp_path):
     row = ablation.load_grid(groups=["external"])[0]
     assert row.train_sources == {"covid": ["ieee8023"], "pneumonia": ["nih"], "normal": ["nih"]}
-    manifest = pd.DataFrame([{"image_id": f"{src}:{lab}{k}", "source": src, "label": lab, "path": "x", "split": "train",
+    manifest = pd.DataFrame([{"image_id": f"{src}:{lab}{k}", "source": src, "label": lab, "path": f"{src}/{lab}{k}.png",
+                              "split": "train",
                               "patient_id": f"{src}:{lab}{k}"}
                              for src, lab in (("ieee8023", "covid"), ("figure1", "covid"), ("nih", "normal"),
                                               ("ieee8023", "normal"), ("nih", "pneumonia")) for k in range(20)])

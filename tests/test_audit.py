@@ -247,7 +247,7 @@ def _external_manifest() -> pd.DataFrame:
     rows = []
     for source, label, n in (("ieee8023", "covid", 30), ("figure1", "covid", 12), ("nih", "normal", 30),
                              ("actualmed", "normal", 4), ("nih", "pneumonia", 30), ("ieee8023", "pneumonia", 12)):
-        rows += [{"image_id": f"{source}:{label}{k}", "source": source, "label": label, "path": "x",
+        rows += [{"image_id": f"{source}:{label}{k}", "source": source, "label": label, "path": f"{source}/{label}{k}.png",
                   "patient_id": f"{source}:{label}{k // 2}"} for k in range(n)]
     table = pd.DataFrame(rows)
     # one COVID film of figure1 is a copy of an ieee8023 patient's: that patient stays internal only
@@ -328,7 +328,7 @@ def test_accuracy_by_view_and_the_view_probe_manifest():
     by_view = per_source_table(manifest, preds, by="view")
     assert "view" in by_view.columns and set(by_view["view"]) == {"AP", "PA"}
     assert by_view.loc[by_view["class"] == "all", "n"].sum() == len(preds)
-    rows = [{"image_id": f"i{k}", "source": "ieee8023", "path": "x", "patient_id": f"p{k}", "label": "covid",
+    rows = [{"image_id": f"i{k}", "source": "ieee8023", "path": f"i{k}.png", "patient_id": f"p{k}", "label": "covid",
              "view": "PA" if k % 2 else ("AP" if k % 4 else "AP Supine")} for k in range(40)]
     table, groups = probe_manifest(pd.DataFrame(rows), "covid", ["PA"], by="view")
     assert groups == {"PA": ["PA"], "AP+AP Supine": ["AP", "AP Supine"]}

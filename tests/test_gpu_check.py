@@ -31,7 +31,8 @@ def packed(data_dir, tmp_path_factory):
     """A packed cache of 18 real mirror images at 32 px (train 12, val 3, test 3), by the command."""
     folder = tmp_path_factory.mktemp("gpu")
     table = real_manifest(data_dir, per_class=6, splits=("train",) * 4 + ("val", "test"))
-    table["patient_id"] = [f"p{i // 2}" for i in range(len(table))]  # two films per patient
+    # two films per patient within a split (a patient across splits is a leak the reader refuses)
+    table["patient_id"] = [f"{s}{i // 2}" for i, s in enumerate(table["split"])]
     table.to_csv(folder / "manifest.csv", index=False)
     code = main(["gpu-check", "build-cache", "--data-dir", str(data_dir), "--out", str(folder / "cache"),
                  "--manifest", str(folder / "manifest.csv"), "--size", "32", "--workers", "1"])

@@ -180,7 +180,7 @@ def _probe_run(
     :func:`nbhelpers.training.runs.plan_run` and :func:`nbhelpers.training.runs.train_run`: the
     probe manifest, the group names as the run's classes, and the task ``"<by> probe"`` in its
     record, so a two-output probe is never taken for a diagnosis run (nothing trained or cached)."""
-    table, groups = probe_manifest(_read_table(manifest, "manifest"), label, sources, balance, max_per_group, seed=seed,
+    table, groups = probe_manifest(_read_table(manifest, "probe pool table"), label, sources, balance, max_per_group, seed=seed,
                                    by=by)
     sizes = {"size": image_size} if image_size is not None else {}
     run = {"model_name": model, "manifest": table, "preset": preset, "seed": seed,

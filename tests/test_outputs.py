@@ -117,5 +117,38 @@ def test_publish_replaces_this_machines_folders(tmp_path):
     nbformat.write(nb, tmp_path / "01_x.ipynb")
     (copied,) = outputs.publish(tmp_path, tmp_path / "out")
     published = nbformat.read(copied, as_version=4)
-    assert published.cells[0].source == "# Parameters\nprofile = 'teach'\nrun_dir = 'results/runs/teach'"
+    lines = published.cells[0].source.splitlines()
+    assert lines[0].startswith("# Parameters") and lines[1:] == ["profile = 'teach'", "run_dir = None"]
     assert outputs.output_problems(published) == []
+
+
+def test_a_literal_variable_in_the_injected_parameters_is_a_problem():
+    nb = _notebook(_stream("fine\n"))
+    injected = nbformat.v4.new_code_cell("data_dir = '$CXR_DATA_DIR'\nprofile = 'teach'")
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(0, injected)
+    assert any("literal $CXR_DATA_DIR" in p for p in outputs.output_problems(nb))
+
+
+def test_published_parameters_resolve_where_the_data_folder_is_set(data_dir, monkeypatch, tmp_path):
+    """Run All on a published notebook: its injected cell must give start() what resolves on the
+    reader's machine (the committed run held data_dir = '$CXR_DATA_DIR', a folder nobody has)."""
+    monkeypatch.setenv("CXR_DATA_DIR", str(data_dir))
+    cell = outputs.published_parameters({"data_dir": "$CXR_DATA_DIR", "profile": "teach", "run_dir": "results/runs/teach",
+                                         "settings_file": "results/runs/teach/settings.json"})
+    params: dict = {}
+    exec(cell, {}, params)
+    assert params == {"data_dir": None, "profile": "teach", "run_dir": None, "settings_file": None}
+    settings = config.resolve(params["profile"], data_dir_=params["data_dir"], run_dir=str(tmp_path),
+                              settings_file=params["settings_file"])
+    assert settings.data_dir == data_dir.resolve() or settings.data_dir == data_dir
+
+
+def test_the_committed_teach_run_reruns_in_place():
+    """Its injected parameters hold no literal $VARIABLE and none of this machine's folders."""
+    for path in sorted(TEACH_RUN.glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        (cell,) = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        params: dict = {}
+        exec(cell.source, {}, params)
+        assert all(params[k] is None for k in outputs.MACHINE_PARAMETERS if k in params), (path.name, params)

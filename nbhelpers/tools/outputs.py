@@ -27,6 +27,12 @@ OWN_WARNING = re.compile(r"(nbhelpers|data_prep)/[\w/]+\.py:\d+: \w*Warning")
 #: Any warning category printed by the warnings module, e.g. ``TqdmWarning: IProgress not found``.
 ANY_WARNING = re.compile(r"\b\w*Warning: ")
 #: Absolute paths of a machine (a home, a temp or a work folder) that mean nothing to a reader.
+#: A parameter whose value is a literal ``$VARIABLE`` (``data_dir = '$CXR_DATA_DIR'``).
+LITERAL_VARIABLE = re.compile(r"=\s*['\"](\$\w+)")
+#: The injected parameters a published notebook sets to None: their defaults (the environment's
+#: CXR_DATA_DIR, results/runs/<profile>, the profile itself) hold on the reader's machine, this
+#: machine's folders do not.
+MACHINE_PARAMETERS = ("data_dir", "run_dir", "settings_file")
 HOST_PATH = re.compile(r"(?<![\w.$~])/(?:root|home|tmp|work|Users|var/folders)/[\w.-]+")
 
 
@@ -48,9 +54,13 @@ def output_problems(notebook: dict, allowed_warnings: Sequence[str] = (), inject
     cells = notebook.get("cells", [])
     for number, cell in enumerate(cells):
         where = f"cell {number}"
-        skip = not injected and "injected-parameters" in cell.get("metadata", {}).get("tags", [])
+        is_injected = "injected-parameters" in cell.get("metadata", {}).get("tags", [])
+        skip = not injected and is_injected
         if cell.get("cell_type") == "code" and not skip and (match := HOST_PATH.search("".join(cell.get("source", "")))):
             problems.append(f"{where}: a path of this machine in the cell's code: {match.group(0)}")
+        if is_injected and (match := LITERAL_VARIABLE.search("".join(cell.get("source", "")))):
+            problems.append(f"{where}: an injected parameter holds the literal {match.group(1)}, which Run All cannot "
+                            "resolve; publish it as None (the environment setting)")
         for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
             kind, text = output.get("output_type"), _text(output)
             if kind == "error":
@@ -117,6 +127,15 @@ def render_html(run_dir: Path, out_dir: Path, allowed_warnings: Sequence[str] = 
     return pages
 
 
+def published_parameters(params: dict) -> str:
+    """The injected-parameters cell of a published notebook: the run's parameters, with those
+    naming this machine's folders (:data:`MACHINE_PARAMETERS`) set to None, so Run All resolves
+    them on the reader's machine (``CXR_DATA_DIR``, ``results/runs/<profile>``)."""
+    lines = [f"{k} = {None if k in MACHINE_PARAMETERS else v!r}" for k, v in params.items()]
+    return "\n".join(["# Parameters (this machine's folders set to None: your CXR_DATA_DIR and results/runs/<profile>)",
+                      *lines])
+
+
 def publish(run_dir: Path, dest: Path) -> list[Path]:
     """Copy the executed notebooks of ``run_dir`` and its ``workbook_run.json`` to ``dest`` with
     this machine's folders replaced by what a reader can use (see
@@ -139,7 +158,7 @@ def publish(run_dir: Path, dest: Path) -> list[Path]:
             params[key] = shown(value)
         for cell in nb.cells:
             if "injected-parameters" in cell.metadata.get("tags", []):
-                cell.source = "\n".join(["# Parameters"] + [f"{k} = {v!r}" for k, v in params.items()])
+                cell.source = published_parameters(params)
         for key in ("input_path", "output_path"):
             if key in nb.metadata.get("papermill", {}):
                 nb.metadata["papermill"][key] = Path(nb.metadata["papermill"][key]).name

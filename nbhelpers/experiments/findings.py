@@ -330,7 +330,7 @@ CURRENT_COLUMNS: dict[str, tuple[str, ...]] = {
     "shortcut_mitigations": ("overall_verdict", "within_verdict", "within_conclusive"),
     "shortcut_blackout": ("surviving_capped",), "shortcut_external": ("drop_low", "external_specificity"),
     "shortcut_per_view": ("conclusive",), "shortcut_summary": ("accuracy_boot_low",), "shortcut_tests": ("verdict",),
-    "shortcut_per_source": ("conclusive",), "shortcut_within_source": ("conclusive",),
+    "shortcut_within_source": ("conclusive",),
 }
 
 
@@ -383,7 +383,7 @@ def readme_block(folder: Path | str) -> str:
     field += view_sentences(table("shortcut_view_probe") if per_view is not None else None, per_view)
     out += _section("What the field's shortcut tests say (`tables/shortcut_{blackout,external,view_probe,per_view}.md`)",
                     field)
-    for name in ("shortcut_summary", "shortcut_tests", "shortcut_per_source", "shortcut_within_source"):
+    for name in ("shortcut_summary", "shortcut_tests", "shortcut_within_source"):
         table(name)  # read in no sentence here, but a stale one is named
     out += _section("Not read: made under earlier rules", stale)
     return "\n".join([BEGIN, "", *out, END])

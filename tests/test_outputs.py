@@ -99,20 +99,23 @@ def test_the_committed_teach_run_reads_cleanly():
         assert (TEACH_RUN / "html" / f"{path.stem}.html").is_file(), f"{path.stem}.html missing: make html"
 
 
-def test_the_injected_parameters_are_read_unless_asked_not_to():
+def _with_injected(source: str):
+    """A clean notebook whose first cell is papermill's injected-parameters cell holding ``source``."""
     nb = _notebook(_stream("fine\n"))
-    injected = nbformat.v4.new_code_cell('data_dir = "/root/cxr-sources"')
+    injected = nbformat.v4.new_code_cell(source)
     injected.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(0, injected)
+    return nb
+
+
+def test_the_injected_parameters_are_read_unless_asked_not_to():
+    nb = _with_injected('data_dir = "/root/cxr-sources"')
     assert any("cell's code: /root/cxr-sources" in p for p in outputs.output_problems(nb))
     assert outputs.output_problems(nb, injected=False) == []
 
 
 def test_publish_replaces_this_machines_folders(tmp_path):
-    nb = _notebook(_stream("fine\n"))
-    injected = nbformat.v4.new_code_cell(f'run_dir = "{config.REPO_ROOT}/results/runs/teach"')
-    injected.metadata["tags"] = ["injected-parameters"]
-    nb.cells.insert(0, injected)
+    nb = _with_injected(f'run_dir = "{config.REPO_ROOT}/results/runs/teach"')
     nb.metadata["papermill"] = {"parameters": {"run_dir": f"{config.REPO_ROOT}/results/runs/teach", "profile": "teach"}}
     nbformat.write(nb, tmp_path / "01_x.ipynb")
     (copied,) = outputs.publish(tmp_path, tmp_path / "out")
@@ -123,10 +126,7 @@ def test_publish_replaces_this_machines_folders(tmp_path):
 
 
 def test_a_literal_variable_in_the_injected_parameters_is_a_problem():
-    nb = _notebook(_stream("fine\n"))
-    injected = nbformat.v4.new_code_cell("data_dir = '$CXR_DATA_DIR'\nprofile = 'teach'")
-    injected.metadata["tags"] = ["injected-parameters"]
-    nb.cells.insert(0, injected)
+    nb = _with_injected("data_dir = '$CXR_DATA_DIR'\nprofile = 'teach'")
     assert any("literal $CXR_DATA_DIR" in p for p in outputs.output_problems(nb))
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reduced CPU runs behind the committed ablation, CAM and shortcut tables (results/README.md).
-# Run from the repository root with the sources in $CXR_DATA_DIR (or ../shared/data/cxr-sources):
+# Run from the repository root with the sources in $CXR_DATA_DIR:
 #   bash results/reduced_cpu_runs.sh [all|ablation|shortcut]
 # Finished runs whose recorded inputs match are reused, so a rerun after a change to the
 # statistics only rewrites the tables.  About 2 hours on 2 CPU cores: the ablation part about
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DATA=${CXR_DATA_DIR:-../shared/data/cxr-sources}
+DATA=${CXR_DATA_DIR:?set CXR_DATA_DIR to the folder of the upstream sources (workbook download --to FOLDER)}
 A=results/runs/ablation-cpu64
 S=results/runs/shortcut-cpu64
 TRAIN=(--preset smoke --set epochs=6 --set batch_size=16 --device cpu)

@@ -124,3 +124,15 @@ def test_every_error_class_of_the_packages_is_a_workbook_error():
     assert len(errors) >= 20  # the walk found the packages' errors
     not_ours = [f"{cls.__module__}.{cls.__qualname__}" for cls in errors if not issubclass(cls, WorkbookError)]
     assert not_ours == []
+
+
+@pytest.mark.parametrize("words", [["--data-dir", "../shared/data/cxr-sources"], ["--data-dir=/home/me/cxr"]])
+def test_a_recorded_command_names_the_data_folder_by_its_setting(words):
+    line = cli.parse_args(["curate", *words, "--out", "some dir", "--per-class", "10"]).command_line
+    assert line.startswith("workbook curate --data-dir")
+    assert "$CXR_DATA_DIR" in line and "cxr-sources" not in line and "/home/me" not in line
+    assert "'some dir'" in line  # the other words stay as typed, quoted for a shell
+
+
+def test_a_recorded_command_without_a_data_folder_is_as_typed():
+    assert cli.parse_args(["findings", "--check"]).command_line == "workbook findings --check"

@@ -60,7 +60,8 @@ def describe(device: torch.device) -> str:
         return f"cuda:{index} {props.name} ({props.total_memory / 2**30:.0f} GiB)"
     if device.type == "mps":
         return "mps (Apple GPU)"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def seed_everything(seed: int) -> None:

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 from data_prep import command as curation_command
 from data_prep import copies, download
+from data_prep.datadir import DATA_ENV
 from data_prep.errors import run_reporting
 from nbhelpers.experiments import ablation, audit, explain, findings, shortcut
 from nbhelpers.experiments import probes
@@ -132,8 +133,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     typed (``workbook grid --manifest ...``), for the headers of the files it writes."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.command_line = shlex.join([PROG, *argv])
+    args.command_line = recorded_command(argv)
     return args
+
+
+#: Options naming the reader's own source folder: a recorded command shows the environment
+#: setting in their place, so a committed header names the data by its manifest, not by a path
+#: on the machine that made it.
+FOLDER_OPTIONS = ("--data-dir",)
+
+
+def recorded_command(argv: Sequence[str]) -> str:
+    """``workbook <argv>`` as a shell line, each :data:`FOLDER_OPTIONS` value written as
+    ``"$CXR_DATA_DIR"``."""
+    words, keep = [PROG], list(argv)
+    for i, word in enumerate(keep):
+        option = word.split("=", 1)[0]
+        if option in FOLDER_OPTIONS and "=" in word:
+            words.append(f'{option}="${DATA_ENV}"')
+        elif i and keep[i - 1] in FOLDER_OPTIONS:
+            words.append(f'"${DATA_ENV}"')
+        else:
+            words.append(shlex.quote(word))
+    return " ".join(words)
 
 
 def dispatch(argv: Sequence[str] | None = None) -> int:

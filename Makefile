@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # Extra runner arguments, e.g. ARGS="-p balance=down --only 01 02".
 ARGS ?=
 
-.PHONY: install workbook test lab teach html clean-runs gpu-check
+.PHONY: install workbook test lab teach teach-data html clean-runs gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-grid.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,14 @@ workbook: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The teaching profile's films, without credentials, into DATA (then: make workbook DATA=...).
+teach-data: install
+	@test -n "$(DATA)" || { echo "make teach-data needs DATA=FOLDER, the folder to fill"; exit 2; }
+	$(VENV)/bin/workbook download --to $(DATA) --teach
+
 # Jupyter refuses to start as root unless told; containers and CI often run as root.
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(if $(DATA),CXR_DATA_DIR=$(DATA)) $(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # The committed classroom run: executed into results/runs/teach (checkpoints and caches stay
 # there, ignored), its notebooks and timings copied to results/teach, then rendered.

@@ -11,6 +11,10 @@
   links; ``Data_Entry_2017_v2020.csv``, which NIH offers only behind its web page, is unpacked
   from the torchxrayvision wheel (:data:`data_prep.pins.PACKAGED`) and its origin recorded in
   ``Data_Entry_2017_v2020.csv.origin``.
+* ``nih-subset``: 1,000 NIH ChestX-ray14 films (500 'No Finding', 500 'Pneumonia') that a public
+  GitHub repository vendors (:data:`data_prep.pins.SUBSETS`), with NIH's own rows for them cut
+  from that same file; no credentials.  ``--teach`` fetches it with the three GitHub sources: the
+  teaching profile's data.
 
 Transfers resume where they broke off and unpack whole or not at all (:mod:`data_prep.fetch`);
 archives are deleted once unpacked; a source already in place is not fetched again, and a folder
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import tarfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from data_prep.atomic import atomic_path, write_text
@@ -36,15 +42,18 @@ from data_prep.credentials import kaggle_credentials
 from data_prep.fetch import (
     MIRROR_ENV, DownloadError, check_tar, check_zip, fetch_verified, mirror_base, mirrored, unpack_tar, unpack_zip,
 )
-from data_prep.pins import PACKAGED, PINNED
+from data_prep.pins import PACKAGED, PINNED, SUBSETS
 from data_prep.sources import SOURCES
 from data_prep.table import sha256_file
 
-__all__ = ["DownloadError", "download", "download_github", "download_nih", "download_rsna", "nih_metadata"]
+__all__ = ["DownloadError", "download", "download_github", "download_nih", "download_nih_subset", "download_rsna",
+           "nih_metadata"]
 
 DOWNLOADS_DIR = ".downloads"  # archives and partial transfers, under the target folder
 GITHUB_ARCHIVE = "https://github.com/{repo}/archive/{commit}.tar.gz"
 DEFAULT_SOURCES = ("ieee8023", "figure1", "actualmed", "rsna")  # the seed paper's four sources
+#: What ``--teach`` fetches: every film the teaching profile needs, without credentials.
+TEACH_SOURCES = ("ieee8023", "figure1", "actualmed", "nih-subset")
 RSNA_COMPETITION = "rsna-pneumonia-detection-challenge"
 #: Kaggle's REST endpoint for a competition's whole data archive (what ``kaggle competitions
 #: download -c NAME`` requests); it answers with a redirect to the archive in cloud storage.
@@ -121,6 +130,18 @@ def packaged_file(source: str) -> tuple[Path, str] | None:
     return (path, importlib.metadata.version(pin.package)) if path.is_file() else None
 
 
+def _packaged_nih(state: str = "is needed") -> tuple[Path, str]:
+    """The installed torchxrayvision copy of NIH's metadata (gzip'd) and the library's version;
+    raises :class:`DownloadError` saying what to install when it is absent."""
+    pin = PACKAGED["nih"]
+    found = packaged_file("nih")
+    if found is None:
+        raise DownloadError(f"nih: {pin.name} {state}; {pin.package}, whose wheel ships it, is not installed: "
+                            f"`pip install {pin.package}=={pin.version}` and rerun, or download {pin.name} "
+                            f"from {NIH_PAGE}")
+    return found
+
+
 def nih_metadata(folder: Path) -> Path:
     """Put ``Data_Entry_2017_v2020.csv`` into the NIH ``folder``: kept when it is there, else
     unpacked from the installed torchxrayvision wheel, checked against its pinned SHA-256, with a
@@ -134,11 +155,7 @@ def nih_metadata(folder: Path) -> Path:
     if dest.is_file():
         return dest
     by_hand = f"download {pin.name} from {NIH_PAGE} and save it as {dest}"
-    found = packaged_file("nih")
-    if found is None:
-        raise DownloadError(f"nih: {pin.name} is not in {folder} and {pin.package}, whose wheel ships it, is not "
-                            f"installed: `pip install {pin.package}=={pin.version}` and rerun, or {by_hand}")
-    source, version = found
+    source, version = _packaged_nih(f"is not in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
         with gzip.open(source) as src, open(tmp, "wb") as out:
@@ -187,6 +204,84 @@ def download_nih(to: Path, mirror: str | None = None) -> Path:
     return folder
 
 
+def _names_in(archive: Path, folders: Sequence[str]) -> list[str] | str:
+    """The sorted file names directly inside ``folders`` of a GitHub archive (below its top
+    folder), or what is wrong with the archive."""
+    problem = check_tar(archive)
+    if problem is not None:
+        return problem
+    names = []
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parent, _, name = member.name.partition("/")[2].rpartition("/")
+            if member.isfile() and parent in folders:
+                names.append(name)
+    return sorted(names)
+
+
+def _names_digest(names: Sequence[str]) -> str:
+    return hashlib.sha256("".join(f"{n}\n" for n in names).encode()).hexdigest()
+
+
+def download_nih_subset(to: Path, mirror: str | None = None) -> Path:
+    """Fetch the pinned NIH ChestX-ray14 teaching subset (:data:`SUBSETS`) into
+    ``to/nih-cxr14-subset``: its films in ``images/`` and NIH's rows for them in
+    ``Data_Entry_2017_v2020.csv`` (cut from torchxrayvision's copy of NIH's file), the layout the
+    ``nih`` source reads.
+
+    Returns at once, without network, when the folder holds the pinned rows.  The archive must
+    hold exactly the pinned film names (their SHA-256) and the rows cut for them must have the
+    pinned SHA-256, else nothing is unpacked.  Raises :class:`DownloadError` naming the problem and
+    the manual way (torchxrayvision missing is found before any network use).
+    """
+    subset, pin = SUBSETS["nih"], PACKAGED["nih"]
+    folder = to / SOURCES["nih"].folders[1]
+    rows_file = folder / pin.name
+    if folder.exists():
+        if rows_file.is_file() and sha256_file(rows_file) == subset.rows_sha256:
+            return folder
+        raise _refuse_other_version("nih-subset", folder, f"does not hold the {pin.name} rows of the {subset.count} "
+                                    f"films of {subset.repo} at {subset.commit}")
+    packaged, version = _packaged_nih()
+    url = GITHUB_ARCHIVE.format(repo=subset.repo, commit=subset.commit)
+    by_hand = (f"download {url}, copy the files of {' and '.join(subset.folders)} into {folder / 'images'} and "
+               f"NIH's {pin.name} rows for them into {rows_file}")
+    archive = to / DOWNLOADS_DIR / f"{folder.name}-{subset.commit}.tar.gz"
+
+    def problem(path: Path) -> str | None:
+        names = _names_in(path, subset.folders)
+        if isinstance(names, str):
+            return names
+        if len(names) != subset.count or _names_digest(names) != subset.names_sha256:
+            return f"it holds {len(names)} films whose names are not the pinned {subset.count}"
+        return None
+
+    try:
+        fetch_verified(mirrored(url, mirror), archive, problem)
+    except DownloadError as err:
+        raise _failed("nih-subset", err, by_hand, mirror) from None
+    names = set(_names_in(archive, subset.folders))
+    with gzip.open(packaged) as src:
+        lines = src.read().splitlines(keepends=True)
+    rows = b"".join([lines[0], *(line for line in lines[1:] if line.split(b",", 1)[0].decode() in names)])
+    got = hashlib.sha256(rows).hexdigest()
+    if got != subset.rows_sha256:
+        raise DownloadError(f"nih-subset: the {pin.name} rows of {pin.package} {version} for these films have "
+                            f"SHA-256 {got}, not the pinned {subset.rows_sha256}: install {pin.package}=={pin.version}")
+    origin = (f"{pin.name}: the rows of the {subset.count} films of {subset.repo} at {subset.commit} "
+              f"({', '.join(subset.folders)}), cut from {pin.package} {version} ({pin.package}/{pin.member}); "
+              f"SHA-256 {got}\n")
+
+    def select(name: str) -> str | None:
+        parent, _, base = name.rpartition("/")
+        return f"images/{base}" if parent in subset.folders else None
+
+    unpack_tar(archive, folder, strip_top=True, select=select,
+               extra={pin.name: rows, f"{pin.name}{ORIGIN_SUFFIX}": origin.encode()})
+    archive.unlink()
+    return folder
+
+
 def download_rsna(to: Path, mirror: str | None = None) -> Path:
     """Fetch the RSNA Pneumonia Detection Challenge from Kaggle into ``to/<rsna folder>``.
 
@@ -227,28 +322,37 @@ def download_rsna(to: Path, mirror: str | None = None) -> Path:
 def download(to: Path, sources: Sequence[str] = DEFAULT_SOURCES, mirror: str | None = None) -> dict[str, Path]:
     """Fetch each of ``sources`` into ``to``, from ``mirror`` when given (else ``$CXR_DOWNLOAD_BASE``
     or upstream); return their folders.  Raises :class:`DownloadError` at the first failure."""
-    unknown = [s for s in sources if s not in SOURCES]
+    unknown = [s for s in sources if s not in DOWNLOADS]
     if unknown:
-        raise DownloadError(f"unknown source(s) {unknown}; known: {', '.join(SOURCES)}")
+        raise DownloadError(f"unknown source(s) {unknown}; known: {', '.join(DOWNLOADS)}")
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
-    folders = {}
-    for name in sources:
-        if name in PINNED:
-            folders[name] = download_github(name, to, mirror)
-        elif name == "rsna":
-            folders[name] = download_rsna(to, mirror)
-        else:
-            folders[name] = download_nih(to, mirror)
-    return folders
+    return {name: DOWNLOADS[name](to, mirror) for name in sources}
+
+
+def _github(name: str) -> Callable[[Path, str | None], Path]:
+    return lambda to, mirror: download_github(name, to, mirror)
+
+
+#: How each downloadable set is fetched: ``(to, mirror) -> folder``, one entry per name.
+DOWNLOADS: dict[str, Callable[[Path, str | None], Path]] = {
+    **{name: _github(name) for name in PINNED},
+    "rsna": download_rsna,
+    "nih": download_nih,
+    "nih-subset": download_nih_subset,
+}
 
 
 def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``workbook download``."""
     parser.add_argument("--to", type=Path, required=True, metavar="FOLDER",
                         help="data directory to fill (becomes $CXR_DATA_DIR)")
-    parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(DEFAULT_SOURCES),
-                        help=f"default: {' '.join(DEFAULT_SOURCES)} (nih is about 45 GB)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--sources", nargs="+", choices=list(DOWNLOADS), default=list(DEFAULT_SOURCES),
+                       help=f"default: {' '.join(DEFAULT_SOURCES)} (nih is about 45 GB; nih-subset is 1,000 of its "
+                            "films, no credentials)")
+    which.add_argument("--teach", action="store_const", dest="sources", const=list(TEACH_SOURCES),
+                       help=f"the teaching profile's data, no credentials: {' '.join(TEACH_SOURCES)}")
     parser.add_argument("--mirror", metavar="URL", default=None,
                         help=f"read every file from URL/<upstream host>/<path> (default: ${MIRROR_ENV}, else upstream)")
 

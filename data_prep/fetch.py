@@ -264,12 +264,15 @@ def _install(staging: Path, target: Path) -> Path:
     return target
 
 
-def unpack_tar(archive: Path, target: Path, strip_top: bool = False) -> Path:
+def unpack_tar(archive: Path, target: Path, strip_top: bool = False,
+               select: Callable[[str], str | None] | None = None, extra: Mapping[str, bytes] | None = None) -> Path:
     """Extract a verified tar ``archive`` so that it appears as folder ``target`` all at once.
 
     Members go into a staging folder beside ``target`` (safely: no absolute paths, ``..`` or links
-    out), optionally without the archive's top folder, and the folder is then renamed to
-    ``target``, which must not exist.  Returns ``target``; raises :class:`DownloadError`.
+    out), optionally without the archive's top folder; ``select`` maps a member's name to its
+    path in ``target`` (None: left out); ``extra`` files (path -> bytes) are written beside them;
+    the folder is then renamed to ``target``, which must not exist.  Returns ``target``; raises
+    :class:`DownloadError`.
     """
     staging = _staging(target)
     try:
@@ -279,8 +282,15 @@ def unpack_tar(archive: Path, target: Path, strip_top: bool = False) -> Path:
                 for member in members:
                     member.name = member.name.partition("/")[2]
                 members = [m for m in members if m.name]
+            if select is not None:
+                for member in members:
+                    member.name = (select(member.name) or "") if member.isfile() else ""
+                members = [m for m in members if m.name]
             for member in tqdm(members, desc=f"unpacking {archive.name}", unit="file", file=sys.stderr, mininterval=1.0):
                 tar.extract(member, staging, filter="data")
+        for name, data in (extra or {}).items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
     except (OSError, EOFError, tarfile.TarError) as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise DownloadError(f"cannot unpack {archive}: {err}; delete it and rerun") from None

@@ -24,7 +24,7 @@ import pytest
 from data_prep import download as dl
 from data_prep import fetch
 from data_prep.credentials import kaggle_credentials
-from data_prep.pins import PACKAGED, PINNED
+from data_prep.pins import PACKAGED, PINNED, SUBSETS
 from data_prep.sources import SOURCES
 from nbhelpers.tools.cli import main
 
@@ -323,6 +323,83 @@ def test_nih_without_torchxrayvision_says_what_to_install(upstream, tmp_path, ca
     assert "pip install torchxrayvision==1.5.7" in line and dl.NIH_PAGE in line and upstream.requests == []
 
 
+SUBSET = SUBSETS["nih"]
+
+
+@pytest.fixture(scope="module")
+def subset_archive(data_dir) -> bytes:
+    """The teaching subset's GitHub archive as the repository lays it out, built from the mirror's
+    1,000 real NIH films (sorted into its two class folders by NIH's labels) beside files that
+    must not be unpacked (its COVID-19 folder, a notebook)."""
+    mirror = data_dir / "nih-cxr14-subset"
+    top = f"{SUBSET.repo.split('/')[1]}-{SUBSET.commit}"
+    normal, pneumonia = SUBSET.folders
+    labels = dict(line.split(",")[:2] for line in (mirror / dl.NIH_METADATA).read_text().splitlines()[1:])
+    files = {f"{top}/{normal if labels[p.name] == 'No Finding' else pneumonia}/{p.name}": p.read_bytes()
+             for p in sorted((mirror / "images").iterdir())}
+    files[f"{top}/X-Ray Image DataSet/Covid-19/not-nih.jpeg"] = b"a COVID-19 film from another source"
+    files[f"{top}/DarkCovidNet.ipynb"] = b"{}"
+    return _tar_gz(files)
+
+
+def _subset_path() -> str:
+    return _url_path(dl.GITHUB_ARCHIVE.format(repo=SUBSET.repo, commit=SUBSET.commit))
+
+
+def test_the_teaching_set_comes_without_credentials_resumes_and_a_rerun_fetches_nothing(
+        upstream, data_dir, subset_archive, tmp_path, capsys, monkeypatch):
+    for name in GITHUB:
+        _serve_github(upstream, data_dir, name)
+    upstream.files[_subset_path()] = subset_archive
+    upstream.cuts[_subset_path()] = 1
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
+    assert main(["download", "--to", str(tmp_path), "--teach"]) == 0
+    assert [r[1] for r in upstream.hits(_subset_path())] == [None, f"bytes={len(subset_archive) // 2}-"]
+    mirror, folder = data_dir / "nih-cxr14-subset", tmp_path / "nih-cxr14-subset"
+    assert f"nih-subset: {folder}" in capsys.readouterr().out
+    got = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    want = {p.relative_to(mirror).as_posix(): p.read_bytes() for p in mirror.rglob("*") if p.is_file()}
+    origin = got.pop(f"{dl.NIH_METADATA}.origin").decode()
+    assert got == want  # the 1,000 films byte for byte and NIH's rows for exactly them; nothing else
+    assert f"{SUBSET.repo} at {SUBSET.commit}" in origin and f"torchxrayvision {PACKAGED['nih'].version}" in origin
+    rows = SOURCES["nih"].read(folder, None)
+    assert len(rows) == SUBSET.count and {r["label"] for r in rows} == {"normal", "pneumonia"}
+    assert list((tmp_path / dl.DOWNLOADS_DIR).iterdir()) == []
+    before = len(upstream.requests)
+    assert main(["download", "--to", str(tmp_path), "--teach"]) == 0
+    assert len(upstream.requests) == before
+
+
+def test_a_subset_archive_without_the_pinned_films_is_refused_and_nothing_unpacked(upstream, tmp_path, capsys):
+    top = f"{SUBSET.repo.split('/')[1]}-{SUBSET.commit}"
+    upstream.files[_subset_path()] = _tar_gz({f"{top}/{SUBSET.folders[0]}/00000001_000.png": b"one film"})
+    assert main(["download", "--to", str(tmp_path), "--sources", "nih-subset"]) == 2
+    line = _error_of(capsys.readouterr().err)
+    assert line.startswith("error: nih-subset: ") and "1 films whose names are not the pinned 1000" in line
+    assert f"By hand: download https://github.com/{SUBSET.repo}/archive/{SUBSET.commit}.tar.gz" in line
+    assert len(upstream.hits(_subset_path())) == 2 and not (tmp_path / "nih-cxr14-subset").exists()
+
+
+def test_the_teaching_set_offline_or_without_torchxrayvision_is_one_line(upstream, tmp_path, capsys, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again at once: connections are refused
+    monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{port}")
+    assert main(["download", "--to", str(tmp_path), "--sources", "nih-subset"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith("error: nih-subset: ") and "Connection refused" in line and "By hand: download" in line
+    real_find_spec = dl.importlib.util.find_spec
+    monkeypatch.setattr(dl.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchxrayvision" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as usage:  # one or the other
+        main(["download", "--to", str(tmp_path), "--teach", "--sources", "nih"])
+    assert usage.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main(["download", "--to", str(tmp_path), "--sources", "nih-subset"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "pip install torchxrayvision==1.5.7" in line and not (tmp_path / "nih-cxr14-subset").exists()
+
+
 def _rsna_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -382,3 +459,28 @@ def test_rsna_without_credentials_says_where_to_put_them(upstream, tmp_path, cap
     line = _error_line(capsys.readouterr().err)
     assert str(tmp_path / "home" / ".kaggle" / "kaggle.json") in line and "KAGGLE_USERNAME and KAGGLE_KEY" in line
     assert upstream.requests == []
+
+
+def test_the_download_benchmark_fetches_the_teaching_archives_from_a_local_server(data_dir, tmp_path, capsys):
+    sources = tmp_path / "sources"
+    for name in (*GITHUB, "nih"):
+        real = SOURCES[name].find(data_dir) if name != "nih" else data_dir / "nih-cxr14-subset"
+        copy = sources / real.name
+        keep = {PINNED[name].check_file, *(f"images/{p.name}" for p in sorted((real / "images").iterdir())[:2])} \
+            if name != "nih" else None
+        for path in real.rglob("*"):
+            rel = path.relative_to(real).as_posix()
+            if path.is_file() and (keep is None or rel in keep):
+                (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+                (copy / rel).symlink_to(path)
+    assert main(["bench", "download", "--data-dir", str(sources), "--out", str(tmp_path / "out")]) == 0
+    report = (tmp_path / "out" / "teach_download.txt").read_text()
+    assert report.startswith('$ workbook bench download --data-dir "$CXR_DATA_DIR"')
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0].strip("| ") for r in rows] == list(dl.TEACH_SOURCES)
+    assert all(float(r[4].strip(" |")) < 1.0 for r in rows)  # the rerun fetches nothing
+    capsys.readouterr()
+    next((sources / "nih-cxr14-subset" / "images").iterdir()).unlink()  # a film short: the pin refuses it
+    assert main(["bench", "download", "--data-dir", str(sources)]) == 2
+    line = _error_of(capsys.readouterr().err)
+    assert "nih-subset: " in line and "999 films whose names are not the pinned 1000" in line

@@ -31,7 +31,7 @@ from nbhelpers.models import complexity
 from nbhelpers.pipeline import mitigate
 from nbhelpers.tools import bench, bench_train, outputs
 from nbhelpers.tools import bench_engine
-from nbhelpers.tools import bench_ddp, gpu_cache, gpu_check
+from nbhelpers.tools import bench_ddp, bench_download, gpu_cache, gpu_check
 from nbhelpers.tools import run as workbook_run
 from nbhelpers.training import command as training_command
 
@@ -91,6 +91,8 @@ SUBCOMMANDS: dict[str, Subcommand | dict[str, Subcommand]] = {
                           bench_ddp.add_arguments, bench_ddp.run_command),
         "engine": Subcommand("Ray Tune's cost per trial against the same work in this process",
                              bench_engine.add_arguments, bench_engine.run_command),
+        "download": Subcommand("`workbook download --teach` from a local server: bytes and seconds per source",
+                               bench_download.add_arguments, bench_download.run_command),
     },
     "lung-box": Subcommand("the lung-crop rule against the ieee8023 lung masks",
                            mitigate.add_lung_box_arguments, mitigate.run_lung_box_command),

@@ -72,11 +72,19 @@ class QuietBar:
             return
         count = f"{self.n}/{self.total}" if self.total is not None and self.total != self.n else f"{self.n}"
         label = f"{self.desc}: " if self.desc else ""
-        print(f"{label}{count} {self.unit} in {time.perf_counter() - self._start:.1f} s", file=sys.stdout, flush=True)
+        print(f"{label}{count} {plural(self.unit, self.n)} in {time.perf_counter() - self._start:.1f} s", file=sys.stdout,
+              flush=True)
 
     @staticmethod
     def write(text: str, **_: Any) -> None:
         print(text, file=sys.stdout, flush=True)
+
+
+def plural(unit: str, n: int) -> str:
+    """``unit`` for ``n`` things: "1 image", "8 epochs", "3 batches" ("B" and "it" stay as they are)."""
+    if n == 1 or unit in ("B", "it") or unit.endswith("s"):
+        return unit
+    return {"batch": "batches"}.get(unit, f"{unit}s")
 
 
 def tqdm(*args: Any, **kwargs: Any):

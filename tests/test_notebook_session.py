@@ -61,7 +61,7 @@ def test_quiet_progress_prints_one_closing_line(monkeypatch, capsys):
         bar.update(4)
     out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("hashing: 5 image in ") and lines[1].startswith("cache: 4/10 img")
+    assert len(lines) == 2 and lines[0].startswith("hashing: 5 images in ") and lines[1].startswith("cache: 4/10 imgs")
     assert out.err == ""
 
 
@@ -123,3 +123,32 @@ def test_a_curated_set_made_with_other_settings_is_refused_not_used(data_dir, tm
     (session.data_out / "summary.json").write_text(json.dumps({"params": {**made, "per_class": made["per_class"] + 1}}))
     with pytest.raises(notebook.StaleStepError, match=r"per_class=\d+ there, \d+ now.*rerun notebook 01"):
         _ = session.manifest_path
+
+
+def test_whole_float_columns_show_as_counts_and_fractions_stay_floats():
+    table = pd.DataFrame({"n": [20.0, float("nan"), 3.0], "accuracy": [1.0, 0.5, 0.25], "all_one": [1.0, 1.0, 1.0]})
+    shown = notebook.readable(table)
+    assert str(shown["n"].dtype) == "Int64" and shown["n"].isna().tolist() == [False, True, False]
+    assert "20.0" not in repr(notebook._Table(shown)) and " 20 " in f" {repr(notebook._Table(shown))} "
+    assert shown["accuracy"].dtype.kind == "f"
+
+
+def test_the_settings_table_shows_what_the_notebook_takes_and_names_the_rest(data_dir, tmp_path, monkeypatch, capsys):
+    shown = []
+    monkeypatch.setattr(notebook, "_display", shown.append)
+    notebook.start("teach", str(data_dir), str(tmp_path), image_size=None, clip_limit=None)
+    table = shown[-1].table
+    assert list(table["setting"]) == ["profile", "data_dir", "run_dir", "device", "seed", "image_size", "clip_limit"]
+    rest = capsys.readouterr().out.splitlines()[-1]
+    assert rest.startswith("the profile's other settings, used by other notebooks: ") and "per_class" in rest
+    curating = notebook.start("teach", str(data_dir), str(tmp_path), curates=True)
+    rows = dict(zip(shown[-1].table["setting"], shown[-1].table["value"]))
+    assert rows["min_age"] == 18 and isinstance(rows["min_age"], int) and "views" in rows and curating.profile == "teach"
+
+
+def test_a_committed_header_is_shown_once_per_notebook(data_dir, tmp_path, capsys):
+    session = _session("teach", data_dir, tmp_path)
+    for header in ("Made by `a` on d.", "Made by `b` on d.", "Made by `a` on d.", None):
+        session.show_header(header)
+    assert capsys.readouterr().out.splitlines() == ["Made by `a` on d.", "Made by `b` on d.",
+                                                    "(made by the same command as the table above)"]

@@ -6,7 +6,9 @@ notebook 05 first runs 01-04 once.  Each test then checks what its notebook wrot
 
 from __future__ import annotations
 
+import ast
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -15,11 +17,25 @@ import papermill
 import pytest
 
 from data_prep.schema import CLASSES
-from nbhelpers.tools import run
+from nbhelpers.tools import outputs, run
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
 NOTEBOOKS = {p.name[:2]: p for p in run.ordered_notebooks()}
+
+
+def _exercises() -> list[tuple[str, str, object]]:
+    """Every "Try this" cell of the notebooks: (notebook number, parameter, value)."""
+    found = []
+    for key, path in sorted(NOTEBOOKS.items()):
+        for cell in nbformat.read(path, as_version=4).cells:
+            match = outputs.TRY_THIS.match(cell.source) if cell.cell_type == "markdown" else None
+            if match:
+                found.append((key, match.group(1), ast.literal_eval(match.group(2))))
+    return found
+
+
+EXERCISES = _exercises()
 
 
 class Workbook:
@@ -185,3 +201,24 @@ def test_a_student_meets_no_error_warning_stray_path_or_missing_takeaway(workboo
         first = next(c for c in nbformat.read(path, as_version=4).cells if "= start(" in c.source)
         text = json.dumps(first.get("outputs", []))
         assert notebook.SMOKE_NOTE in text, f"{path.name}: no smoke banner"
+
+
+def test_every_notebook_ends_with_one_to_three_exercises_on_its_own_parameters():
+    for key, path in NOTEBOOKS.items():
+        mine = [(name, value) for k, name, value in EXERCISES if k == key]
+        assert 1 <= len(mine) <= outputs.MAX_EXERCISES, path.name
+        declared = papermill.inspect_notebook(str(path))
+        assert all(name in declared for name, _ in mine), (path.name, mine)
+        assert outputs.output_problems(nbformat.read(path, as_version=4)) == [], path.name  # unexecuted: the ending's shape
+
+
+@pytest.mark.parametrize("key, name, value", EXERCISES, ids=[f"{k}-{n}" for k, n, _ in EXERCISES])
+def test_each_exercise_runs_in_the_smoke_profile(workbook, tmp_path, key, name, value):
+    """A student's variant, on a copy of the smoke run so the others' outputs stay as they were."""
+    workbook.ran(key)
+    run_dir = tmp_path / "run"
+    shutil.copytree(workbook.run_dir, run_dir, symlinks=True)
+    out = run_dir / f"exercise_{NOTEBOOKS[key].name}"
+    params = {"profile": "smoke", "data_dir": str(workbook.data_dir), "run_dir": str(run_dir), name: value}
+    run.run_notebook(NOTEBOOKS[key], out, params, cell_timeout=900)
+    assert outputs.run_problems([out], injected=False) == {}

@@ -14,11 +14,23 @@ from nbhelpers.tools import outputs, run
 TEACH_RUN = config.RESULTS_DIR / "teach"
 
 
-def _notebook(*outs: dict, last: str = "## Takeaway\n\nWhat was shown.") -> dict:
+TRY = "### Try this: `clip_limit = 4.0`\n\nPredict, then check."
+
+
+def _run_bullets(text: str = "**In this run**\n\n* 72 images of 72 patients.") -> dict:
+    cell = nbformat.v4.new_code_cell("s.takeaway(lines)")
+    cell.execution_count = 9
+    cell.outputs = [nbformat.from_dict({"output_type": "display_data", "metadata": {},
+                                        "data": {"text/markdown": text, "text/plain": "<IPython.core.display.Markdown>"}})]
+    return cell
+
+
+def _notebook(*outs: dict, last: str = "## Takeaway\n\nWhat was shown.", ending: list | None = None) -> dict:
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("x = 1")
     cell.outputs = [nbformat.from_dict(o) for o in outs]
-    nb.cells = [cell, nbformat.v4.new_markdown_cell(last)]
+    ending = [_run_bullets(), nbformat.v4.new_markdown_cell(TRY)] if ending is None else ending
+    nb.cells = [cell, nbformat.v4.new_markdown_cell(last), *ending]
     return nb
 
 
@@ -43,6 +55,9 @@ def test_a_clean_notebook_passes():
     (_result("PosixPath('results/tables/a.csv')"), "Path object"),
     (_stream("data directory: /root/data/cxr-sources\n"), "path of this machine"),
     (_stream("wrote /tmp/pytest-of-root/run/tables/a.csv\n"), "path of this machine"),
+    (_result("  n  accuracy\n 20.000  0.750"), "a count printed as a float: 20.000"),
+    ({"output_type": "display_data", "metadata": {}, "data": {"text/plain": "t", "text/html": "<td>min_age</td><td>18.000</td>"}},
+     "a count printed as a float: 18.000"),
 ])
 def test_each_problem_is_found(out, expected):
     problems = outputs.output_problems(_notebook(out))
@@ -50,8 +65,32 @@ def test_each_problem_is_found(out, expected):
 
 
 def test_a_notebook_without_a_takeaway_fails():
-    problems = outputs.output_problems(_notebook(last="## More results"))
-    assert problems == ["last cell: not a markdown cell headed 'Takeaway'"]
+    problems = outputs.output_problems(_notebook(last="## More results", ending=[]))
+    assert problems == ["end: no markdown cell headed 'Takeaway'"]
+
+
+@pytest.mark.parametrize("ending, expected", [
+    ([_run_bullets()], "0 'Try this' cells"),
+    ([_run_bullets(), *[nbformat.v4.new_markdown_cell(TRY)] * 4], "4 'Try this' cells"),
+    ([_run_bullets("* nothing"), nbformat.v4.new_markdown_cell(TRY)], "shows nothing headed 'In this run'"),
+    ([_run_bullets(), nbformat.v4.new_markdown_cell("## More results"), nbformat.v4.new_markdown_cell(TRY)],
+     "only the run's bullets and 'Try this' cells belong"),
+])
+def test_a_notebook_must_end_with_the_runs_bullets_and_one_to_three_exercises(ending, expected):
+    problems = outputs.output_problems(_notebook(ending=ending))
+    assert any(expected in p for p in problems), problems
+
+
+def test_metrics_of_one_and_decimals_are_not_counts():
+    assert outputs.output_problems(_notebook(_stream("accuracy 1.000, width ratio 1.000, clip 2.0, GMACs 2.91\n"))) == []
+
+
+def test_a_header_shown_twice_is_found_and_once_is_fine():
+    header = "Made by `workbook shortcut --out results/tables` on 2026-12-04; data: manifest m.csv.\n"
+    once = outputs.output_problems(_notebook(_stream(header + "(made by the same command as the table above)\n")))
+    assert once == []
+    twice = outputs.output_problems(_notebook(_stream(header + "table\n" + header)))
+    assert any("is shown 2 times" in p for p in twice), twice
 
 
 def test_an_allowed_library_warning_passes_but_ours_never_does():

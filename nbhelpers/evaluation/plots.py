@@ -16,7 +16,7 @@ import seaborn as sns
 from data_prep.schema import CLASSES
 
 #: One colour per class in every figure (Okabe-Ito, readable with colour-blindness).
-CLASS_COLORS = {"covid": "#D55E00", "pneumonia": "#E69F00", "normal": "#0072B2"}
+CLASS_COLORS = {"covid": "#D55E00", "pneumonia": "#009E73", "normal": "#0072B2"}
 
 
 def palette(values) -> dict[str, str] | None:
@@ -164,15 +164,14 @@ def ablation_bars(summary: pd.DataFrame, metric: str = "accuracy") -> plt.Figure
     else:
         yerr, ylabel = summary[f"{metric}_std"].fillna(0), f"test {metric} (± std over seeds)"
     ax.bar(x, mean, yerr=yerr, capsize=3, color=[colours[g] for g in summary["group"]])
-    if metric == "accuracy" and "paper_accuracy" in summary:
-        ax.scatter(x, summary["paper_accuracy"].astype(float), marker="_", s=300, color="k",
-                   label="paper (its data)", zorder=3)
+    paper = summary["paper_accuracy"].astype(float) if "paper_accuracy" in summary else pd.Series(dtype=float)
+    if metric == "accuracy" and paper.notna().any():  # a legend only for markers that are drawn
+        has = paper.notna().to_numpy()
+        ax.scatter(x[has], paper[has], marker="_", s=300, color="k", label="paper (its data)", zorder=3)
         if "ours_on_paper_metric" in summary:  # ours on the metric the paper reports (paper 000: its ACC)
-            has = summary["paper_accuracy"].notna()
             ax.scatter(x[has], summary.loc[has, "ours_on_paper_metric"], marker="D", s=22, facecolor="white",
                        edgecolor="k", label="ours, on the paper's metric", zorder=4)
-        ax.legend()
-        legend_outside(ax)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=8)
     ax.set_xticks(x, summary["name"], rotation=40, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, ylim=(0, 1))
     fig.tight_layout()

@@ -13,7 +13,7 @@ that its numbers are a wiring check only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,25 @@ class Session:
 
     settings: config.Settings
     device: torch.device
+    headers_shown: list[str] = field(default_factory=list)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["settings"], name)
+
+    def show_header(self, header: str | None) -> None:
+        """Print a committed table's provenance header the first time it appears in this notebook;
+        a table made by the same command later says so in one line."""
+        if header is None:
+            return
+        if header in self.headers_shown:
+            print("(made by the same command as the table above)")
+            return
+        self.headers_shown.append(header)
+        print(header)
+
+    def takeaway(self, lines: list[str]) -> None:
+        """Show what this run's own numbers say, as bullets under "In this run"."""
+        _display_markdown("**In this run**\n\n" + "\n".join(f"* {line}" for line in lines))
 
     # The run folder's layout, shared by all notebooks.
     @property
@@ -170,7 +186,14 @@ def readable(table: pd.DataFrame, columns: list[str] | None = None, decimals: in
     for col in flat.columns:
         if flat[col].map(lambda v: isinstance(v, Path)).any():
             flat[col] = flat[col].map(lambda v: config.display_path(v) if isinstance(v, Path) else v)
+        elif flat[col].dtype.kind == "f" and _whole(flat[col]):  # counts that a NaN or a merge made float
+            flat[col] = flat[col].astype("Int64")
     return flat.round(decimals)
+
+
+def _whole(values: pd.Series) -> bool:
+    present = values.dropna()
+    return len(present) > 0 and bool(((present % 1) == 0).all()) and bool((present.abs() < 2**53).all())
 
 
 def show_table(table: pd.DataFrame, columns: list[str] | None = None, rows: int = SHOW_ROWS,
@@ -274,8 +297,9 @@ def start(profile: str, data_dir: str | None = None, run_dir: str | None = None,
     device = pick_device(settings.device)
     values = settings.as_dict()
     values.update(data_dir=config.display_path(settings.data_dir), run_dir=config.display_path(settings.run_dir))
-    rows = [(k, v if isinstance(v, (str, int, float, bool)) or v is None else str(v))
-            for k, v in values.items() if k != "description"]
+    used = [k for k in values if k in (*ALWAYS_SHOWN, *overrides, *(CURATION_SETTINGS if curates else ()))]
+    rows = [(k, _setting_value(values[k])) for k in used]
+    others = [k for k in values if k not in used and k != "description"]
     session = Session(settings, device)
     if curates and need_data:
         check_supply(session)
@@ -284,13 +308,33 @@ def start(profile: str, data_dir: str | None = None, run_dir: str | None = None,
                 "protocol, a GPU) for results worth reading.")
     print(f"profile {profile!r}: {settings.values.get('description', '')}")
     show_table(pd.DataFrame(rows, columns=["setting", "value"]), rows=len(rows))
+    if others:
+        print(f"the profile's other settings, used by other notebooks: {', '.join(others)} "
+              f"({config.display_path(settings.run_dir / 'settings.json')} when the runner ran it)")
     return session
 
 
-def _banner(markdown: str) -> None:
+#: Settings every notebook's table shows; the rest it shows only when the notebook takes them.
+ALWAYS_SHOWN = ("profile", "data_dir", "run_dir", "seed", "device")
+#: The settings the curating notebook reads.
+CURATION_SETTINGS = ("per_class", "balance", "views", "allow_ap", "min_age", "split")
+
+
+def _setting_value(value: Any) -> Any:
+    """A setting as its table shows it: whole floats as integers (``min_age 18``), lists as text."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def _display_markdown(text: str) -> None:
     try:
         from IPython.display import Markdown
     except ImportError:
-        print(markdown)
+        print(text)
     else:
-        _display(Markdown(f"> ⚠️ {markdown}"))
+        _display(Markdown(text))
+
+
+def _banner(markdown: str) -> None:
+    _display_markdown(f"> ⚠️ {markdown}")

@@ -2,8 +2,10 @@
 
 :func:`output_problems` returns one line per problem in an executed notebook: an error output,
 a stderr block longer than :data:`MAX_STDERR_LINES`, a warning raised by the project's own code,
-a ``PosixPath(...)`` shown as a result, a path of the machine it ran on, or a notebook that does
-not end with a takeaway (a markdown cell headed ``Takeaway``).  The tests run it on the committed
+a ``PosixPath(...)`` shown as a result, a path of the machine it ran on, a count printed as a
+float (``20.000``), a committed table's header shown twice, a parameter holding a literal
+``$VARIABLE``, or a notebook that does not end with its lessons: a markdown cell headed
+``Takeaway``, the run's own bullets ("In this run") and one to three "Try this" exercises.  The tests run it on the committed
 ``teach`` run and on a fresh smoke run; ``workbook html`` refuses to render a run that has any.
 """
 
@@ -34,6 +36,15 @@ LITERAL_VARIABLE = re.compile(r"=\s*['\"](\$\w+)")
 #: machine's folders do not.
 MACHINE_PARAMETERS = ("data_dir", "run_dir", "settings_file")
 HOST_PATH = re.compile(r"(?<![\w.$~])/(?:root|home|tmp|work|Users|var/folders)/[\w.-]+")
+#: A "Try this" exercise cell: ``### Try this: `name = value` `` (the change to make).
+TRY_THIS = re.compile(r"^#+\s*Try this: `(\w+) = (.+?)`", re.MULTILINE)
+MAX_EXERCISES = 3
+#: What the run's own takeaway bullets are headed (``Session.takeaway``).
+RUN_TAKEAWAY = "In this run"
+#: A committed table's provenance header (``Made by `command` on date; ...``), to its first full stop.
+HEADER = re.compile(r"^Made by `[^`]+` on [^\n]+", re.MULTILINE)
+#: A count printed as a float: a whole number of 2 or more with only zero decimals (``20.000``).
+FLOAT_COUNT = re.compile(r"(?<![\w.])(?:[2-9]|[1-9]\d+)\.00+(?![\d.])")
 
 
 def _text(output: dict) -> str:
@@ -74,14 +85,53 @@ def output_problems(notebook: dict, allowed_warnings: Sequence[str] = (), inject
                 line = text[max(0, text.rfind("\n", 0, match.start()) + 1):].splitlines()[0]
                 if OWN_WARNING.search(line) or not any(a in line for a in allowed_warnings):
                     problems.append(f"{where}: warning shown: {line.strip()[:120]}")
+            html = "".join(output.get("data", {}).get("text/html", "")) if kind != "stream" else ""
+            if kind != "error" and (match := FLOAT_COUNT.search(text) or FLOAT_COUNT.search(html)):
+                problems.append(f"{where}: a count printed as a float: {match.group(0)}")
             if kind in ("execute_result", "display_data") and "PosixPath(" in text:
                 problems.append(f"{where}: a Path object shown as a result: {text.strip()[:80]}")
             if kind != "error" and (match := HOST_PATH.search(text)):
                 problems.append(f"{where}: a path of this machine shown: {match.group(0)}")
-    last = next((c for c in reversed(cells) if "".join(c.get("source", "")).strip()), None)
-    if last is None or last.get("cell_type") != "markdown" or not TAKEAWAY.search("".join(last.get("source", ""))):
-        problems.append("last cell: not a markdown cell headed 'Takeaway'")
+    problems += _ending_problems(cells) + _repeated_headers(cells)
     return problems
+
+
+def _ending_problems(cells: list[dict]) -> list[str]:
+    """The notebook must end with its lessons: a markdown cell headed 'Takeaway', then only the
+    run's own bullets (code cells, whose output, once executed, says "In this run") and one to
+    three "Try this" cells."""
+    heads = [i for i, c in enumerate(cells) if c.get("cell_type") == "markdown" and TAKEAWAY.search(_source(c))]
+    if not heads:
+        return ["end: no markdown cell headed 'Takeaway'"]
+    problems, tries = [], 0
+    for number, cell in enumerate(cells[heads[-1] + 1:], start=heads[-1] + 1):
+        if not _source(cell).strip():
+            continue
+        if cell.get("cell_type") == "markdown" and TRY_THIS.match(_source(cell)):
+            tries += 1
+        elif cell.get("cell_type") == "code" and tries == 0:
+            shown = " ".join(_text(o) + str(o.get("data", {}).get("text/markdown", "")) for o in cell.get("outputs", []))
+            if cell.get("execution_count") is not None and RUN_TAKEAWAY not in shown:
+                problems.append(f"cell {number}: the run's takeaway shows nothing headed {RUN_TAKEAWAY!r}")
+        else:
+            problems.append(f"cell {number}: after the takeaway, only the run's bullets and 'Try this' cells belong")
+    if not 1 <= tries <= MAX_EXERCISES:
+        problems.append(f"end: {tries} 'Try this' cells after the takeaway (1 to {MAX_EXERCISES} belong there)")
+    return problems
+
+
+def _repeated_headers(cells: list[dict]) -> list[str]:
+    """A committed table's provenance header shown more than once in one notebook."""
+    seen: dict[str, int] = {}
+    for cell in cells:
+        for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            for header in HEADER.findall(_text(output)):
+                seen[header] = seen.get(header, 0) + 1
+    return [f"the header {h[:60]!r}... is shown {n} times (once is enough)" for h, n in seen.items() if n > 1]
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell.get("source", ""))
 
 
 def run_problems(paths: Iterable[Path], allowed_warnings: Sequence[str] = (), injected: bool = True) -> dict[str, list[str]]:

@@ -152,6 +152,19 @@ def _failure_message(notebook: Path, output: Path, error: Exception) -> str:
     return f"notebook {notebook.name} failed{where}: {ename}: {evalue}\n  executed copy: {output}"
 
 
+def local_kernel_manager() -> type:
+    """The kernel manager papermill starts its kernels with: IPC sockets in the runtime folder,
+    not TCP on localhost, so the kernel has nothing to warn about (no "running over TCP without
+    encryption" in a headless log) and nothing listens on a port."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(transport="ipc", **kwargs)
+
+    return IPCKernelManager
+
+
 def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], cell_timeout: int,
                  declared: dict[str, Any] | None = None) -> float:
     """Execute one notebook with papermill, passing only the parameters it declares (``declared``,
@@ -174,6 +187,7 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], cell_
             cwd=str(notebook.parent),
             execution_timeout=cell_timeout,
             progress_bar=True,
+            kernel_manager_class=local_kernel_manager(),
         )
     except Exception as error:  # papermill raises its own error type, nbclient timeouts others
         raise NotebookFailed(_failure_message(notebook, output, error)) from error

@@ -81,6 +81,7 @@ def test_every_notebook_is_well_formed():
         assigned = {line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line}
         declared = set(papermill.inspect_notebook(str(path)))
         assert assigned == declared and {"profile", "data_dir", "run_dir"} <= declared, path.name
+        assert max(map(len, tagged[0].source.splitlines())) <= 100, f"{path.name}: a parameters line runs off the page"
         assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), path.name
         assert all(c.get("outputs", []) == [] for c in nb.cells if c.cell_type == "code"), \
             f"{path.name}: commit notebooks without outputs"

@@ -3,8 +3,6 @@ notebook passes, and the committed ``teach`` run (and its HTML pages) passes it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nbformat
 import pytest
 

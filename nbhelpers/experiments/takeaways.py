@@ -159,7 +159,7 @@ def ablations(tests: pd.DataFrame, committed: pd.DataFrame | None) -> list[str]:
     return lines or ["No variant was compared in this run."]
 
 
-def same_weights(nets: Mapping[str, "torch.nn.Module"]) -> list[tuple[str, str]]:
+def same_weights(nets: Mapping[str, object]) -> list[tuple[str, str]]:
     """Pairs ``(first, again)`` of models whose weights are identical: one model trained twice with
     the same settings and seed, to be explained once."""
     import torch

@@ -32,11 +32,9 @@ bit for bit (GPU runs are not bit-exact anyway).
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -45,16 +43,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from data_prep import atomic
 from data_prep.errors import WorkbookError
 from data_prep.progress import tqdm
 from data_prep.schema import CLASSES
 from nbhelpers.pipeline.data import AugmentPolicy, batches, num_batches, to_model_input
-from nbhelpers.settings.device import pick_device, seed_everything
+from nbhelpers.settings.device import pick_device
 from nbhelpers.training import loop
-from nbhelpers.training.checkpoint import hold_run_folder
-from nbhelpers.training.config import CONFIG_NAME, LAST_NAME, LOG_NAME, PREV_NAME, TrainConfig
-from nbhelpers.training.provenance import jsonable, plain_values
+from nbhelpers.training.config import TrainConfig
 
 #: The variables torchrun sets in every process it starts.
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -112,6 +107,26 @@ class Ranks:
 
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
+
+    # The steps of the one training loop (nbhelpers.training.loop.OneProcess has the same).
+    def setup(self, model: nn.Module, cfg: TrainConfig, train_split, num_classes: int) -> tuple[nn.Module, Any]:
+        """The model to save (BatchNorm synchronised when asked) and what every epoch steps with,
+        training through DistributedDataParallel (:func:`wrap`)."""
+        if self.sync_bn:
+            model = sync_batchnorm(model)
+        parts = loop.make_trainer(model, train_split, replace(cfg, compile=False), self.device, num_classes)
+        parts.net = wrap(model, cfg, self)
+        return model, parts
+
+    def train_pass(self, parts, split, cfg: TrainConfig, epoch: int, progress: bool) -> tuple[float, float]:
+        """This rank's share of one training pass (:func:`train_epoch`)."""
+        return train_epoch(parts.net, split, cfg, self, parts.policy, parts.loss_fn, parts.optimizer, parts.scaler,
+                           parts.dtype, epoch=epoch, generator=parts.augment_rng, progress=progress,
+                           desc=f"train {epoch}")
+
+    def val_net(self, model: nn.Module, parts) -> nn.Module:
+        """Rank 0 scores the full validation split with the plain model."""
+        return model
 
 
 def launched(env: Mapping[str, str] | None = None) -> bool:
@@ -281,36 +296,6 @@ def train_epoch(
     return total[0] / max(seen, 1), total[1] / max(seen, 1)
 
 
-def _epoch(model: nn.Module, parts, train_split, val_split, cfg: TrainConfig, ranks: Ranks, epoch: int,
-           standing, progress: bool) -> bool:
-    """:func:`nbhelpers.training.loop._epoch` for one rank: train on its shares, then rank 0 scores
-    the full validation split with the plain model and every rank takes its numbers."""
-    begin = time.perf_counter()
-    lr = parts.optimizer.param_groups[0]["lr"]
-    train_loss, train_acc = train_epoch(parts.net, train_split, cfg, ranks, parts.policy, parts.loss_fn,
-                                        parts.optimizer, parts.scaler, parts.dtype, epoch=epoch,
-                                        generator=parts.augment_rng, progress=progress, desc=f"train {epoch}")
-    train_seconds = time.perf_counter() - begin
-    scored = None
-    if ranks.main:
-        scored = loop.run_epoch(model, val_split, cfg, ranks.device, parts.no_augment, parts.val_loss_fn,
-                                dtype=parts.dtype, desc=f"val {epoch}", progress=progress)
-    val_loss, val_acc = ranks.share(scored)
-    if parts.scheduler is not None:
-        parts.scheduler.step()
-    improved = val_acc > standing.best_acc
-    if improved:
-        standing.best_acc, standing.best_epoch, standing.bad_epochs = val_acc, epoch, 0
-    else:
-        standing.bad_epochs += 1
-    standing.stopped = cfg.patience > 0 and standing.bad_epochs >= cfg.patience
-    standing.rows.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                          "val_loss": val_loss, "val_acc": val_acc, "best": improved,
-                          "seconds": time.perf_counter() - begin,
-                          "train_images_per_s": len(train_split) / train_seconds})
-    return improved
-
-
 def fit_distributed(
     model: nn.Module, train_split, val_split, cfg: TrainConfig, out_dir: Path | str, ranks: Ranks,
     meta: dict[str, Any] | None = None, resume: bool = False, progress: bool = True,
@@ -327,53 +312,5 @@ def fit_distributed(
     if len(train_split) < MIN_PER_RANK * ranks.world:
         raise DistributedSetupError(f"the training split has {len(train_split)} images, too few for {ranks.world} "
                                     f"processes ({MIN_PER_RANK} each); train it in one process")
-    out_dir = Path(out_dir)
-    record = plain_values({**(provenance or {}), "config": asdict(cfg)})
-    if "model" not in record and meta and "model" in meta:
-        record["model"] = meta["model"]
-    with hold_run_folder(out_dir) if ranks.main else nullcontext(out_dir):
-        return _fit(model, train_split, val_split, cfg, out_dir, ranks, meta or {}, record, resume,
-                    progress and ranks.main, on_epoch, len(classes))
-
-
-def _fit(model, train_split, val_split, cfg: TrainConfig, out_dir: Path, ranks: Ranks, meta: dict[str, Any],
-         record: dict[str, Any], resume: bool, progress: bool, on_epoch, num_classes: int) -> pd.DataFrame:
-    """:func:`fit_distributed` with the run folder held by rank 0; mirrors ``loop._fit`` and uses
-    its set-up, restore and checkpoint steps, so the two paths store the same state."""
-    seed_everything(cfg.seed)
-    loop._configure_backend(cfg, ranks.device)
-    if ranks.sync_bn:
-        model = sync_batchnorm(model)
-    parts = loop._trainer(model, train_split, replace(cfg, compile=False), ranks.device, num_classes)
-    parts.net = wrap(model, cfg, ranks)
-    last_path = out_dir / LAST_NAME
-    resuming = resume and last_path.is_file()
-    if resuming:
-        standing = loop._restore(model, parts, cfg, record, last_path, ranks.device)
-    else:
-        if ranks.main:
-            (out_dir / PREV_NAME).unlink(missing_ok=True)
-        standing = loop._Standing()
-    keep_previous = resuming
-    for epoch in tqdm(range(standing.start, cfg.epochs + 1), desc="epochs", initial=standing.start - 1,
-                      total=cfg.epochs, disable=not progress):
-        improved = _epoch(model, parts, train_split, val_split, cfg, ranks, epoch, standing, progress)
-        if ranks.main:
-            loop._save_epoch(model, parts, cfg, meta, record, out_dir, standing, improved, keep_previous)
-            log = pd.DataFrame(standing.rows)
-            atomic.write_with(out_dir / LOG_NAME, lambda tmp: log.to_csv(tmp, index=False))
-            if on_epoch is not None:
-                on_epoch(log)
-        keep_previous = True
-        if standing.stopped:
-            if ranks.main:
-                tqdm.write(f"early stopping after epoch {epoch}: no better validation accuracy for {cfg.patience} "
-                           f"epochs (best {standing.best_acc:.4f} at epoch {standing.best_epoch})")
-            break
-    if ranks.main:
-        summary = {"config": asdict(cfg), "meta": meta, "provenance": record, "best_epoch": standing.best_epoch,
-                   "best_val_acc": standing.best_acc, "epochs_run": len(standing.rows),
-                   "stopped_early": standing.stopped, "distributed": ranks.record()}
-        atomic.write_text(out_dir / CONFIG_NAME, json.dumps(jsonable(summary), indent=2) + "\n")
-    ranks.barrier()  # every rank returns once rank 0 has written the run's files
-    return pd.DataFrame(standing.rows)
+    return loop.fit(model, train_split, val_split, cfg, out_dir, ranks.device, meta=meta, resume=resume,
+                    progress=progress, on_epoch=on_epoch, provenance=provenance, classes=classes, ranks=ranks)

@@ -113,7 +113,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _configure_backend(cfg: TrainConfig, device: torch.device) -> None:
+def configure_backend(cfg: TrainConfig, device: torch.device) -> None:
     """cuDNN autotuning for speed, or deterministic kernels when asked (global torch switches)."""
     if device.type != "cuda":
         return
@@ -206,6 +206,7 @@ def fit(
     on_epoch: Callable[[pd.DataFrame], None] | None = None,
     provenance: Mapping[str, Any] | None = None,
     classes: Sequence[str] = CLASSES,
+    ranks: Any = None,
 ) -> pd.DataFrame:
     """Train ``model`` for up to ``cfg.epochs`` epochs and return the per-epoch log as a DataFrame.
 
@@ -230,18 +231,57 @@ def fit(
     offering ``last.prev.pt``), :class:`~nbhelpers.training.checkpoint.RunFolderInUse` when
     another run holds the folder, and :class:`data_prep.atomic.WriteError` naming the file when
     the disk is full.
+
+    ``ranks`` makes this one process of a data-parallel run
+    (:class:`nbhelpers.training.distributed.Ranks`, through
+    :func:`~nbhelpers.training.distributed.fit_distributed`); the default, :class:`OneProcess`
+    on ``device``, is a world of one.  Only the main process holds the folder and writes.
     """
+    ranks = ranks if ranks is not None else OneProcess(torch.device(device))
     out_dir = Path(out_dir)
     record = plain_values({**(provenance or {}), "config": asdict(cfg)})
     if "model" not in record and meta and "model" in meta:
         record["model"] = meta["model"]
-    with hold_run_folder(out_dir):
-        return _fit(model, train_split, val_split, cfg, out_dir, torch.device(device), meta or {}, record, resume,
-                    progress, on_epoch, len(classes))
+    with hold_run_folder(out_dir) if ranks.main else nullcontext(out_dir):
+        return _fit(model, train_split, val_split, cfg, out_dir, ranks, meta or {}, record, resume,
+                    progress and ranks.main, on_epoch, len(classes))
+
+
+@dataclass(frozen=True)
+class OneProcess:
+    """A run in this process alone: the world of one that :func:`fit` trains in by default.  The
+    data-parallel :class:`~nbhelpers.training.distributed.Ranks` offers the same steps."""
+
+    device: torch.device
+    main: bool = True
+    world: int = 1
+
+    def record(self) -> dict[str, Any] | None:
+        """What the run's files record about its processes (nothing for one)."""
+        return None
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
+    def share(self, value: Any) -> Any:
+        return value
+
+    def setup(self, model: nn.Module, cfg: TrainConfig, train_split, num_classes: int) -> tuple[nn.Module, "Trainer"]:
+        """The model to save and what every epoch steps with."""
+        return model, make_trainer(model, train_split, cfg, self.device, num_classes)
+
+    def train_pass(self, parts: "Trainer", split, cfg: TrainConfig, epoch: int, progress: bool) -> tuple[float, float]:
+        """One training pass over ``split``: (mean loss, accuracy)."""
+        return run_epoch(parts.net, split, cfg, self.device, parts.policy, parts.loss_fn, parts.optimizer, parts.scaler,
+                         parts.dtype, epoch=epoch, desc=f"train {epoch}", generator=parts.augment_rng, progress=progress)
+
+    def val_net(self, model: nn.Module, parts: "Trainer") -> nn.Module:
+        """The module that scores the validation split."""
+        return parts.net
 
 
 @dataclass
-class _Trainer:
+class Trainer:
     """What every epoch of one run steps with: the module to call (compiled or not), optimizer,
     schedule, gradient scaler, autocast dtype, both losses, both augmentation policies and the
     augmentation's own generator."""
@@ -259,7 +299,7 @@ class _Trainer:
 
 
 @dataclass
-class _Standing:
+class Standing:
     """Where a run stands after its last finished epoch: the log rows, the best validation
     accuracy and its epoch, epochs without improvement, the next epoch, and whether it stopped."""
 
@@ -271,8 +311,8 @@ class _Standing:
     stopped: bool = False
 
 
-def _trainer(model: nn.Module, train_split, cfg: TrainConfig, device: torch.device, num_classes: int) -> _Trainer:
-    """Set up what :func:`_fit` steps with (after the global seed and backend switches are set)."""
+def make_trainer(model: nn.Module, train_split, cfg: TrainConfig, device: torch.device, num_classes: int) -> Trainer:
+    """Set up what every epoch steps with (after the global seed and backend switches are set)."""
     net = prepare_model(model, cfg, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -280,14 +320,14 @@ def _trainer(model: nn.Module, train_split, cfg: TrainConfig, device: torch.devi
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     counts = np.bincount(np.asarray(train_split.labels), minlength=num_classes)
     loss_fn = make_loss(cfg.loss, class_counts=counts.tolist(), **cfg.loss_options).to(device)
-    return _Trainer(net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype, loss_fn=loss_fn,
+    return Trainer(net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype, loss_fn=loss_fn,
                     val_loss_fn=nn.CrossEntropyLoss(), policy=AugmentPolicy.from_name(cfg.augment),
                     no_augment=AugmentPolicy.from_name("off"),
                     augment_rng=torch.Generator().manual_seed(cfg.seed))  # augmentation repeats for a seed on its own
 
 
-def _restore(model: nn.Module, parts: _Trainer, cfg: TrainConfig, record: dict[str, Any], last_path: Path,
-             device: torch.device) -> _Standing:
+def restore(model: nn.Module, parts: Trainer, cfg: TrainConfig, record: dict[str, Any], last_path: Path,
+            device: torch.device) -> Standing:
     """Continue from ``last_path``: check its record, load weights, optimizer, schedule, scaler and
     every RNG state, and return where the run stood."""
     state = read_resumable(last_path, device)
@@ -306,7 +346,7 @@ def _restore(model: nn.Module, parts: _Trainer, cfg: TrainConfig, record: dict[s
     if parts.scaler is not None and state.get("scaler"):
         parts.scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"], parts.augment_rng)
-    standing = _Standing(rows=list(state["log"]), best_acc=state["best_acc"], best_epoch=state["best_epoch"],
+    standing = Standing(rows=list(state["log"]), best_acc=state["best_acc"], best_epoch=state["best_epoch"],
                          bad_epochs=state["bad_epochs"], start=state["epoch"] + 1,
                          stopped=bool(state.get("stopped_early")))
     if standing.stopped:
@@ -314,18 +354,20 @@ def _restore(model: nn.Module, parts: _Trainer, cfg: TrainConfig, record: dict[s
     return standing
 
 
-def _epoch(parts: _Trainer, train_split, val_split, cfg: TrainConfig, device: torch.device, epoch: int,
-           standing: _Standing, progress: bool) -> bool:
-    """Train and validate one epoch, step the schedule and append the log row to ``standing``;
-    returns whether the validation accuracy improved."""
+def _epoch(model: nn.Module, parts: Trainer, train_split, val_split, cfg: TrainConfig, ranks, epoch: int,
+           standing: Standing, progress: bool) -> bool:
+    """Train one epoch (``ranks.train_pass``), score the full validation split on the main process
+    and share its numbers, step the schedule and append the log row to ``standing``; returns
+    whether the validation accuracy improved."""
     begin = time.perf_counter()
     lr = parts.optimizer.param_groups[0]["lr"]
-    train_loss, train_acc = run_epoch(parts.net, train_split, cfg, device, parts.policy, parts.loss_fn,
-                                      parts.optimizer, parts.scaler, parts.dtype, epoch=epoch, desc=f"train {epoch}",
-                                      generator=parts.augment_rng, progress=progress)
+    train_loss, train_acc = ranks.train_pass(parts, train_split, cfg, epoch, progress)
     train_seconds = time.perf_counter() - begin
-    val_loss, val_acc = run_epoch(parts.net, val_split, cfg, device, parts.no_augment, parts.val_loss_fn,
-                                  dtype=parts.dtype, desc=f"val {epoch}", progress=progress)
+    scored = None
+    if ranks.main:
+        scored = run_epoch(ranks.val_net(model, parts), val_split, cfg, ranks.device, parts.no_augment,
+                           parts.val_loss_fn, dtype=parts.dtype, desc=f"val {epoch}", progress=progress)
+    val_loss, val_acc = ranks.share(scored)
     if parts.scheduler is not None:
         parts.scheduler.step()
     improved = val_acc > standing.best_acc
@@ -341,8 +383,8 @@ def _epoch(parts: _Trainer, train_split, val_split, cfg: TrainConfig, device: to
     return improved
 
 
-def _save_epoch(model: nn.Module, parts: _Trainer, cfg: TrainConfig, meta: dict[str, Any], record: dict[str, Any],
-                out_dir: Path, standing: _Standing, improved: bool, keep_previous: bool) -> None:
+def save_epoch(model: nn.Module, parts: Trainer, cfg: TrainConfig, meta: dict[str, Any], record: dict[str, Any],
+               out_dir: Path, standing: Standing, improved: bool, keep_previous: bool) -> None:
     """Write ``best.pt`` (when the epoch improved) and ``last.pt`` with the whole training state."""
     epoch, val_acc = standing.rows[-1]["epoch"], standing.rows[-1]["val_acc"]
     state = {"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc, "config": asdict(cfg),
@@ -359,36 +401,44 @@ def _save_epoch(model: nn.Module, parts: _Trainer, cfg: TrainConfig, meta: dict[
     save_checkpoint(state, out_dir / LAST_NAME, keep_previous=keep_previous)
 
 
-def _fit(model, train_split, val_split, cfg: TrainConfig, out_dir: Path, device: torch.device, meta: dict[str, Any],
+def _fit(model, train_split, val_split, cfg: TrainConfig, out_dir: Path, ranks, meta: dict[str, Any],
          record: dict[str, Any], resume: bool, progress: bool, on_epoch, num_classes: int) -> pd.DataFrame:
-    """:func:`fit` under the folder's lock, with its run record worked out."""
+    """:func:`fit` with the folder held by the main process and its run record worked out: the one
+    loop, for one process and for every rank of a data-parallel run."""
     seed_everything(cfg.seed)
-    _configure_backend(cfg, device)
-    parts = _trainer(model, train_split, cfg, device, num_classes)
+    configure_backend(cfg, ranks.device)
+    model, parts = ranks.setup(model, cfg, train_split, num_classes)
     last_path = out_dir / LAST_NAME
     resuming = resume and last_path.is_file()
     if resuming:
-        standing = _restore(model, parts, cfg, record, last_path, device)
+        standing = restore(model, parts, cfg, record, last_path, ranks.device)
     else:
-        # A fresh run: a last.prev.pt of an earlier run in this folder must not be offered for resuming it.
-        (out_dir / PREV_NAME).unlink(missing_ok=True)
-        standing = _Standing()
+        if ranks.main:  # a fresh run: a last.prev.pt of an earlier run in this folder must not be offered
+            (out_dir / PREV_NAME).unlink(missing_ok=True)
+        standing = Standing()
     # Only a last.pt of this run is worth keeping as last.prev.pt.
     keep_previous = resuming
     for epoch in tqdm(range(standing.start, cfg.epochs + 1), desc="epochs", unit="epoch", initial=standing.start - 1,
                       total=cfg.epochs, disable=not progress):
-        improved = _epoch(parts, train_split, val_split, cfg, device, epoch, standing, progress)
-        _save_epoch(model, parts, cfg, meta, record, out_dir, standing, improved, keep_previous)
+        improved = _epoch(model, parts, train_split, val_split, cfg, ranks, epoch, standing, progress)
+        if ranks.main:
+            save_epoch(model, parts, cfg, meta, record, out_dir, standing, improved, keep_previous)
+            log = pd.DataFrame(standing.rows)
+            atomic.write_with(out_dir / LOG_NAME, lambda tmp: log.to_csv(tmp, index=False))
+            if on_epoch is not None:
+                on_epoch(log)
         keep_previous = True
-        log = pd.DataFrame(standing.rows)
-        atomic.write_with(out_dir / LOG_NAME, lambda tmp: log.to_csv(tmp, index=False))
-        if on_epoch is not None:
-            on_epoch(log)
         if standing.stopped:
-            tqdm.write(f"early stopping after epoch {epoch}: no better validation accuracy for {cfg.patience} epochs "
-                       f"(best {standing.best_acc:.4f} at epoch {standing.best_epoch})")
+            if ranks.main:
+                tqdm.write(f"early stopping after epoch {epoch}: no better validation accuracy for {cfg.patience} "
+                           f"epochs (best {standing.best_acc:.4f} at epoch {standing.best_epoch})")
             break
-    summary = {"config": asdict(cfg), "meta": meta, "provenance": record, "best_epoch": standing.best_epoch,
-               "best_val_acc": standing.best_acc, "epochs_run": len(standing.rows), "stopped_early": standing.stopped}
-    atomic.write_text(out_dir / CONFIG_NAME, json.dumps(jsonable(summary), indent=2) + "\n")
+    if ranks.main:
+        summary = {"config": asdict(cfg), "meta": meta, "provenance": record, "best_epoch": standing.best_epoch,
+                   "best_val_acc": standing.best_acc, "epochs_run": len(standing.rows),
+                   "stopped_early": standing.stopped}
+        if ranks.record() is not None:
+            summary["distributed"] = ranks.record()
+        atomic.write_text(out_dir / CONFIG_NAME, json.dumps(jsonable(summary), indent=2) + "\n")
+    ranks.barrier()  # every rank returns once the main process has written the run's files
     return pd.DataFrame(standing.rows)

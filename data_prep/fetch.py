@@ -36,7 +36,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.errors import WorkbookError
 from data_prep.table import sha256_file

@@ -31,8 +31,8 @@ class QuietBar:
 
     def __init__(self, iterable: Iterable | None = None, desc: str | None = None, total: int | None = None,
                  unit: str = "it", leave: bool | None = True, disable: bool | None = False, initial: int = 0,
-                 **_: Any) -> None:
-        self.iterable, self.desc, self.unit = iterable, desc or "", unit
+                 file: Any = None, **_: Any) -> None:
+        self.iterable, self.desc, self.unit, self.file = iterable, desc or "", unit, file
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.n, self._initial = initial, initial
         self._silent = bool(disable) or leave is False
@@ -72,8 +72,8 @@ class QuietBar:
             return
         count = f"{self.n}/{self.total}" if self.total is not None and self.total != self.n else f"{self.n}"
         label = f"{self.desc}: " if self.desc else ""
-        print(f"{label}{count} {plural(self.unit, self.n)} in {time.perf_counter() - self._start:.1f} s", file=sys.stdout,
-              flush=True)
+        print(f"{label}{count} {plural(self.unit, self.n)} in {time.perf_counter() - self._start:.1f} s",
+              file=self.file or sys.stdout, flush=True)
 
     @staticmethod
     def write(text: str, **_: Any) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.metadata import MetadataLog, read_metadata_csv
 

@@ -152,3 +152,15 @@ def test_a_committed_header_is_shown_once_per_notebook(data_dir, tmp_path, capsy
         session.show_header(header)
     assert capsys.readouterr().out.splitlines() == ["Made by `a` on d.", "Made by `b` on d.",
                                                     "(made by the same command as the table above)"]
+
+
+def test_every_progress_bar_goes_through_the_one_helper():
+    """Headless runs print one line per bar only if no module bypasses data_prep.progress."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    direct = re.compile(r"^\s*(from tqdm|import tqdm)", re.MULTILINE)
+    bypass = [str(p.relative_to(root)) for folder in ("data_prep", "nbhelpers") for p in (root / folder).rglob("*.py")
+              if p.name != "progress.py" and direct.search(p.read_text())]
+    assert bypass == []

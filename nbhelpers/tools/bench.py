@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.atomic import write_text
 from data_prep.datadir import data_dir as resolve_data_dir

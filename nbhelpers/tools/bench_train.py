@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from data_prep.progress import tqdm
 
 from data_prep.datadir import data_dir as resolve_data_dir
 from data_prep.options import add_data_dir, add_out

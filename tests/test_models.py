@@ -311,3 +311,43 @@ def test_hifuse_names_the_smallest_size_it_takes():
     net = create("hifuse_tiny", num_classes=3, in_chans=3, pretrained=False).eval()
     with pytest.raises(ValueError, match="at least 4x4 px"):
         net(torch.zeros(1, 3, 2, 2))
+
+
+THROWAWAY = '''
+import torch
+from torch import nn
+
+from nbhelpers.models.registry import register_model, set_cam_layers
+
+
+@register_model("throwaway_tiny", source="test", image_size=64, description="a model added in one module")
+def throwaway_tiny(num_classes: int, in_chans: int, pretrained: bool) -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(in_chans, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, num_classes))
+    return set_cam_layers(net, ["0"])
+'''
+
+
+def test_a_model_is_added_in_one_module_and_the_workbook_picks_it_up(tmp_path, capsys):
+    """One new module with ``@register_model`` is all a model needs: the package finds the module,
+    and the registry, the CAM layers, the cost table and the command line see the model."""
+    import importlib.util
+
+    from nbhelpers import models
+    from nbhelpers.models import registry
+
+    (tmp_path / "throwaway_net.py").write_text(THROWAWAY)
+    (tmp_path / "registry.py").write_text("# machinery, not a model\n")
+    assert models.model_modules(tmp_path) == ["throwaway_net"]
+    assert models.model_modules() == ["baselines", "densenet_cbam", "hifuse", "lgfnet", "resnet_fpn"]
+    spec = importlib.util.spec_from_file_location("throwaway_net", tmp_path / "throwaway_net.py")
+    try:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        assert "throwaway_tiny" in list_models()
+        net = create("throwaway_tiny", num_classes=3, in_chans=1)
+        assert net(torch.randn(2, 1, SIZE, SIZE)).shape == (2, 3) and len(cam_target_layers(net)) == 1
+        assert cx.complexity(net, SIZE, in_chans=1)["params_m"] > 0
+        assert cli.main(["complexity", "--models", "throwaway_tiny", "--no-latency", "--out", str(tmp_path)]) == 0
+        assert "throwaway_tiny" in (tmp_path / "complexity.csv").read_text()
+    finally:
+        registry._REGISTRY.pop("throwaway_tiny", None)

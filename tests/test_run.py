@@ -44,7 +44,8 @@ def test_every_notebook_parameter_has_a_known_type_and_takes_the_run_settings(de
     profile_keys = set(config.load_profile("full"))
     for name, params in declared.items():
         assert "settings_file" in params, name
-        unknown = set(params) - profile_keys - set(config.RUN_PARAMETERS) - set(config.NOTEBOOK_PARAMETERS)
+        untyped = {k for k, v in params.items() if keyvalue.expected_type(v) is None or v == []}
+        unknown = untyped - profile_keys - set(config.RUN_PARAMETERS) - set(config.NOTEBOOK_PARAMETERS)
         assert not unknown, (name, unknown)
         source = (config.REPO_ROOT / "notebooks" / name).read_text()
         assert "settings_file=settings_file" in source, name
@@ -209,3 +210,22 @@ def test_train_refuses_bad_sizes_in_one_line_before_the_cache(data_dir, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_a_new_notebook_parameter_is_declared_in_one_place(tmp_path):
+    """A parameter with a literal default needs nothing but its line in the parameters cell: the
+    runner types it from the default, refuses a wrong value and passes a right one on."""
+    import nbformat
+
+    source = config.REPO_ROOT / "notebooks" / "05_evaluation.ipynb"
+    nb = nbformat.read(source, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source += "\nthrowaway_knob = 3  # a parameter added in this cell alone"
+    copy = tmp_path / source.name
+    nbformat.write(nb, copy)
+    declared = run.declared_parameters([copy])
+    assert declared[copy.name]["throwaway_knob"] == 3
+    resolved = run.resolve_overrides("smoke", ["throwaway_knob=5"], declared)
+    assert resolved.notebook_parameters[copy.name]["throwaway_knob"] == 5
+    with pytest.raises(keyvalue.AssignmentError, match="throwaway_knob"):
+        run.resolve_overrides("smoke", ["throwaway_knob=abc"], declared)

@@ -7,7 +7,10 @@ model; ``list_models()`` names them.  Every model records its Grad-CAM target la
 
 from __future__ import annotations
 
-from . import baselines, densenet_cbam, hifuse, lgfnet, resnet_fpn  # noqa: F401  (importing registers the models)
+import importlib
+import pkgutil
+from pathlib import Path
+
 from .pretrained import PretrainedWeightsError
 from .registry import (
     ModelOptionError,
@@ -22,6 +25,20 @@ from .registry import (
 )
 from .summary import attention_maps, summary_table
 
+#: Modules of this package that hold machinery, not models; every other module holds models and
+#: registers them when imported (``@register_model``), so a new model is one new module.
+SUPPORT_MODULES = frozenset({"attention", "complexity", "pretrained", "registry", "summary", "xrv"})
+
+
+def model_modules(folder: Path | str = Path(__file__).parent) -> list[str]:
+    """The model modules in ``folder``: every public module but :data:`SUPPORT_MODULES`."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(folder)])
+                  if not m.name.startswith("_") and m.name not in SUPPORT_MODULES)
+
+
+for _name in model_modules():  # importing registers the models
+    importlib.import_module(f"{__name__}.{_name}")
+
 __all__ = [
     "ModelOptionError",
     "ModelSpec",
@@ -33,6 +50,7 @@ __all__ = [
     "cam_target_layers",
     "create",
     "list_models",
+    "model_modules",
     "model_spec",
     "register_model",
 ]

@@ -31,23 +31,15 @@ SETTINGS_FILE = "settings.json"
 OPTIONAL_SETTINGS = ("min_age",)
 #: Parameters every notebook declares; they are the runner's own options, not overrides.
 RUN_PARAMETERS = ("profile", "data_dir", "run_dir", "settings_file")
-#: What the notebook parameters that are not profile settings hold (a contract test keeps every
-#: declared parameter either here or in the profiles), so a runner override can be type-checked.
+#: The type of each notebook parameter whose default does not tell it (``None``, ``[]``); a
+#: parameter with a literal default (``errors = 8``, ``methods = ["gradcam"]``) is typed by it.  A
+#: contract test keeps every declared parameter typed, so a runner override can be checked.
 NOTEBOOK_PARAMETERS: dict[str, Any] = {
     "image_folders": (list, str),   # 01: the user's own folders of images, one subfolder per class
-    "augment": str,            # 02: augmentation policy shown
     "epochs": int,             # 04, 06: preset's epochs overridden
     "pretrained": bool,        # 04: preset's ImageNet weights overridden
-    "resume": bool,            # 04: continue from last.pt
-    "train_baselines": bool,   # 04: also train the profile's baselines
-    "errors": int,             # 05: confident mistakes shown
     "groups": (list, str),     # 06: ablation groups run
-    "methods": (list, str),    # 07: CAM methods compared
-    "probe_label": (list, str),     # 08: classes the source probe works within
     "probe_epochs": int,            # 08: the probe's epochs
-    "probe_variants": (list, str),  # 08: mitigation sets probed again
-    "marker_images": int,           # 08: marker images shown
-    "blackout_rows": (list, str),   # 08: rows of the blackout group trained on this run's set
 }
 
 

@@ -17,6 +17,7 @@ the notebooks that declare them.  ``workbook_run.json`` records which notebooks 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -90,10 +91,19 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def declared_parameters(notebooks: Sequence[Path]) -> dict[str, dict[str, Any]]:
-    """Per notebook name, the parameters its ``parameters`` cell declares with their defaults."""
+    """Per notebook name, the parameters its ``parameters`` cell declares with their defaults (as
+    Python values where the cell writes a literal, so a default of ``8`` says "an integer")."""
     import papermill as pm
 
-    return {nb.name: {k: v.get("default") for k, v in pm.inspect_notebook(str(nb)).items()} for nb in notebooks}
+    return {nb.name: {k: _literal(v.get("default")) for k, v in pm.inspect_notebook(str(nb)).items()}
+            for nb in notebooks}
+
+
+def _literal(source: Any) -> Any:
+    try:
+        return ast.literal_eval(source) if isinstance(source, str) else source
+    except (ValueError, SyntaxError):
+        return source
 
 
 @dataclass

@@ -30,24 +30,20 @@ PAIR_COLUMNS = ("image_a", "image_b", "patient_a", "patient_b", "evidence", "dis
 
 
 def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Connected components (sorted lists of node indices) of an undirected graph, via union-find."""
-    parent = list(range(n))
+    """Connected components with more than one node (sorted lists of node indices, ordered by their
+    first node) of an undirected graph of ``n`` nodes (scipy's ``connected_components``)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in edges:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
+    if not edges:
+        return []
+    a, b = np.asarray(edges, dtype=np.int64).T
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
     groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    return [g for g in groups.values() if len(g) > 1]
-
+    for i, label in enumerate(labels.tolist()):
+        groups.setdefault(label, []).append(i)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
 @dataclass

@@ -138,3 +138,10 @@ def test_rsna_images_that_are_nih_images_are_linked_as_one_patient(tmp_path: Pat
         pid = normals.loc[normals["Image Index"] == name, "Patient ID"].iloc[0]
         group = next(m for m in merges["merges"] if f"rsna:rsna-{k}" in m["patients"])
         assert f"nih:{pid}" in group["patients"]
+
+
+def test_components_join_chains_and_leave_singles_out():
+    from data_prep.dedup import _components
+
+    assert _components(7, [(5, 3), (3, 1), (0, 6), (6, 0), (1, 5)]) == [[0, 6], [1, 3, 5]]
+    assert _components(3, []) == []

@@ -358,3 +358,17 @@ def test_a_preprocessing_field_added_since_a_run_counts_as_its_default():
     assert [key for key, _ in changed] == ["preprocess.blackout"]
     assert [key for key, _ in provenance_differences(before, {"model": "m", "preprocess": {"size": 32, "clahe": True}})] \
         == ["preprocess.size"]
+
+
+def test_nested_holds_of_one_folder_share_its_lock_and_release_it_together(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "LOCK_TIMEOUT", 0.2)
+    out = tmp_path / "run"
+    with checkpoint.hold_run_folder(out):
+        (out / ".last.pt.123.tmp").write_bytes(b"written inside the hold")
+        with checkpoint.hold_run_folder(out):  # fit inside train_run: no wait, no cleanup of the outer's files
+            assert (out / ".last.pt.123.tmp").exists()
+        with pytest.raises(filelock.Timeout):  # still held after the inner block
+            filelock.FileLock(out / ".lock").acquire(timeout=0.1)
+    other = filelock.FileLock(out / ".lock")
+    other.acquire(timeout=0.1)  # both blocks done: free
+    other.release()

@@ -49,44 +49,33 @@ class RunFolderInUse(WorkbookError, filelock.Timeout):
                 "wait for it or choose another --out")
 
 
-#: Run folders this process holds, with their nesting depth (train_run holds the lock and calls
-#: fit, which asks again; a second FileLock on the same file would wait for the first).
-_HELD: dict[str, int] = {}
-
-
 @contextmanager
 def hold_run_folder(out_dir: Path | str, timeout: float | None = None) -> Iterator[Path]:
     """Hold ``out_dir/.lock`` for the block (creating the folder); nested calls for the same
-    folder in this process share the lock.  Waits up to ``timeout`` seconds (default
+    folder in this process share the lock (filelock's own re-entrant singleton: train_run holds
+    the folder and calls fit, which asks again).  Waits up to ``timeout`` seconds (default
     :data:`LOCK_TIMEOUT`), then raises :class:`RunFolderInUse` (a ``filelock.Timeout``) naming
-    the folder and the lock file.  Once the lock is taken, the temporary files a killed write left
-    (``.last.pt.*.tmp``, up to a checkpoint's size) are deleted: no other process writes here."""
+    the folder and the lock file.  Once the lock is first taken, the temporary files a killed
+    write left (``.last.pt.*.tmp``, up to a checkpoint's size) are deleted: no other process
+    writes here."""
     out_dir = Path(out_dir)
-    key = str(out_dir.resolve())
-    if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield out_dir
-        finally:
-            _HELD[key] -= 1
-        return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise atomic.WriteError(f"cannot create the run folder {out_dir}: {error.strerror or error}; "
                                 "choose another output folder") from error
-    lock = filelock.FileLock(out_dir / LOCK_NAME, timeout=LOCK_TIMEOUT if timeout is None else timeout)
+    lock = filelock.FileLock(out_dir.resolve() / LOCK_NAME, is_singleton=True)
+    first = not lock.is_locked
     try:
-        lock.acquire()
+        lock.acquire(timeout=LOCK_TIMEOUT if timeout is None else timeout)
     except filelock.Timeout:
         raise RunFolderInUse(str(out_dir / LOCK_NAME)) from None
-    _HELD[key] = 1
-    for stale in out_dir.glob(".*.tmp"):  # half-written files of a killed run: no writer holds the folder now
-        stale.unlink(missing_ok=True)
+    if first:
+        for stale in out_dir.glob(".*.tmp"):  # half-written files of a killed run: no writer holds the folder now
+            stale.unlink(missing_ok=True)
     try:
         yield out_dir
     finally:
-        del _HELD[key]
         lock.release()
 
 

@@ -15,13 +15,12 @@ from nbhelpers.pipeline.mitigate import (
     crop,
     histogram,
     lung_box,
-    lung_box_check,
     marker_mask,
     mask_markers,
     match_histogram,
     reference_histogram,
-    summarise_check,
 )
+from nbhelpers.tools.lung_box import lung_box_check, summarise_check
 from nbhelpers.pipeline.cache import META_FILE, build_cache
 from nbhelpers.pipeline.preprocess import PreprocessConfig, prepare, source_content
 from nbhelpers.tools import cli

@@ -28,10 +28,9 @@ from data_prep.errors import run_reporting
 from nbhelpers.experiments import ablation, audit, explain, findings, shortcut
 from nbhelpers.experiments import probes
 from nbhelpers.models import complexity
-from nbhelpers.pipeline import mitigate
 from nbhelpers.tools import bench, bench_train, outputs
 from nbhelpers.tools import bench_engine
-from nbhelpers.tools import bench_ddp, bench_download, gpu_cache, gpu_check
+from nbhelpers.tools import bench_ddp, bench_download, gpu_cache, gpu_check, lung_box
 from nbhelpers.tools import run as workbook_run
 from nbhelpers.training import command as training_command
 
@@ -95,7 +94,7 @@ SUBCOMMANDS: dict[str, Subcommand | dict[str, Subcommand]] = {
                                bench_download.add_arguments, bench_download.run_command),
     },
     "lung-box": Subcommand("the lung-crop rule against the ieee8023 lung masks",
-                           mitigate.add_lung_box_arguments, mitigate.run_lung_box_command),
+                           lung_box.add_lung_box_arguments, lung_box.run_lung_box_command),
     "gpu-check": {
         "build-cache": Subcommand("curate and pack the paper set at 224 px for the GPU check (gpu_cache/)",
                                   gpu_cache.add_build_arguments, gpu_cache.run_build_command),

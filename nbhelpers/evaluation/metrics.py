@@ -14,7 +14,7 @@ the macro AUC (where scikit-learn refuses to compute one).
 
 Uncertainty: :func:`bootstrap_ci` resamples the test set with replacement (percentile interval,
 1,000 resamples, one seed).  Given each image's patient (``groups``) it resamples **patients**
-with all their images (a cluster bootstrap, :func:`resample_indices`): films of one patient are
+with all their images (a cluster bootstrap, :func:`nbhelpers.evaluation.stats.resample_indices`): films of one patient are
 not independent, and many ieee8023 patients have several, so an interval that resamples images
 is too narrow.  :func:`aggregate` summarises several runs (seeds or folds)
 as mean ± sample standard deviation, the way seed 002's tables do.  Calibration:
@@ -23,17 +23,15 @@ as mean ± sample standard deviation, the way seed 002's tables do.  Calibration
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
 from data_prep.schema import CLASSES
+from nbhelpers.evaluation.stats import CI_LEVEL, N_BOOTSTRAP, resample_indices  # noqa: F401  (re-exported)
 
-#: Bootstrap defaults: resamples and the two-sided confidence level.
-N_BOOTSTRAP = 1000
-CI_LEVEL = 0.95
 #: Equal-width confidence bins of the reliability diagram and ECE (Guo et al. 2017 use 15).
 N_CALIBRATION_BINS = 15
 #: The per-class columns :func:`per_class` computes; their macro means are in :func:`summary`.
@@ -176,38 +174,6 @@ def summary(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...] = CL
         out[f"macro_{column}"] = float(finite.mean()) if len(finite) else float("nan")
     out["macro_auc"] = auc_ovr(y_true, probs, classes)["macro"]
     return out
-
-
-def resample_indices(n_items: int, n_boot: int, rng: np.random.Generator,
-                     groups: Sequence | np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """Yield ``n_boot`` bootstrap resamples of ``range(n_items)`` as index arrays.
-
-    Without ``groups`` each resample draws ``n_items`` indices with replacement.  With
-    ``groups`` (one label per item, e.g. the patient of each test image) it draws as many groups
-    as there are, with replacement, and takes every item of each drawn group (cluster
-    bootstrap), so a resample's size varies with the patients drawn.  Raises ValueError when
-    ``groups`` does not have one label per item.
-    """
-    if groups is None:
-        for _ in range(n_boot):
-            yield rng.integers(0, n_items, n_items)
-        return
-    labels = np.asarray(groups)
-    if len(labels) != n_items:
-        raise ValueError(f"groups has {len(labels)} labels for {n_items} items; give one per item")
-    _, inverse = np.unique(labels.astype(str), return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
-    members = [order[bounds[k]:bounds[k + 1]] for k in range(len(bounds) - 1)]
-    sizes = np.diff(bounds)
-    for _ in range(n_boot):
-        picks = rng.integers(0, len(members), len(members))
-        out = np.empty(int(sizes[picks].sum()), dtype=np.int64)
-        at = 0
-        for k in picks:
-            out[at:at + sizes[k]] = members[k]
-            at += sizes[k]
-        yield out
 
 
 def bootstrap_ci(

@@ -17,17 +17,51 @@ share a patient, flip or resample whole **patients**:
 from __future__ import annotations
 
 from itertools import product
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from scipy import stats as sps
 
-from nbhelpers.evaluation.metrics import CI_LEVEL, N_BOOTSTRAP, resample_indices
+#: Bootstrap defaults: resamples and the two-sided confidence level.
+N_BOOTSTRAP = 1000
+CI_LEVEL = 0.95
 
 #: Largest number of non-zero patients for which every sign pattern is enumerated (2^16 = 65,536).
 EXACT_MAX = 16
 #: Monte Carlo sign patterns above :data:`EXACT_MAX` (p-values then carry about 0.002 of noise).
 N_PERMUTATIONS = 20_000
+
+
+def resample_indices(n_items: int, n_boot: int, rng: np.random.Generator,
+                     groups: Sequence | np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Yield ``n_boot`` bootstrap resamples of ``range(n_items)`` as index arrays.
+
+    Without ``groups`` each resample draws ``n_items`` indices with replacement.  With
+    ``groups`` (one label per item, e.g. the patient of each test image) it draws as many groups
+    as there are, with replacement, and takes every item of each drawn group (cluster
+    bootstrap), so a resample's size varies with the patients drawn.  Raises ValueError when
+    ``groups`` does not have one label per item.
+    """
+    if groups is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n_items, n_items)
+        return
+    labels = np.asarray(groups)
+    if len(labels) != n_items:
+        raise ValueError(f"groups has {len(labels)} labels for {n_items} items; give one per item")
+    _, inverse = np.unique(labels.astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
+    members = [order[bounds[k]:bounds[k + 1]] for k in range(len(bounds) - 1)]
+    sizes = np.diff(bounds)
+    for _ in range(n_boot):
+        picks = rng.integers(0, len(members), len(members))
+        out = np.empty(int(sizes[picks].sum()), dtype=np.int64)
+        at = 0
+        for k in picks:
+            out[at:at + sizes[k]] = members[k]
+            at += sizes[k]
+        yield out
 
 
 def mcnemar_exact(better: int, worse: int) -> float:

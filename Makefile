@@ -15,9 +15,9 @@ ARGS ?=
 
 .PHONY: install workbook test lab teach teach-data html clean-runs gpu-check
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-grid.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-grid.txt requirements-track.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt -r requirements-grid.txt
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt -r requirements-grid.txt -r requirements-track.txt
 	$(PY) -m pip install --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))"
 	touch $@

@@ -27,7 +27,7 @@ def test_environment_yml_carries_the_same_pins():
     assert env["name"] == "cxr-workbook"
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     conda_pins = _pins_from_lines([p for p in pip_section if not p.startswith("-e")])
-    assert conda_pins == _pins("requirements.txt", "requirements-grid.txt", "requirements-dev.txt")
+    assert conda_pins == _pins("requirements.txt", "requirements-grid.txt", "requirements-track.txt", "requirements-dev.txt")
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     assert re.fullmatch(r"python=3\.1[12]", python)
 
@@ -44,7 +44,7 @@ def _pins_from_lines(lines: list[str]) -> dict[str, str]:
 def test_installed_versions_match_the_pins():
     from importlib.metadata import version
 
-    for package, pinned in _pins("requirements.txt", "requirements-grid.txt", "requirements-dev.txt").items():
+    for package, pinned in _pins("requirements.txt", "requirements-grid.txt", "requirements-track.txt", "requirements-dev.txt").items():
         installed = version(package.split("[")[0]).split("+")[0]  # ray[tune]: ray's; torch: 2.14.1+cu130
         assert installed == pinned, f"{package}: installed {installed}, pinned {pinned}"
 

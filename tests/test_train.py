@@ -233,3 +233,31 @@ def test_training_benchmark_reports_both_paths_and_their_ratio(data_dir, tmp_pat
     assert float(values["data/bare"]) == pytest.approx(ratio, abs=0.02)
     with pytest.raises(models.UnknownModelError):
         cli.dispatch(["bench", "train", "--models", "densenet12", "--device", "cpu", "--data-dir", str(data_dir)])
+
+
+def test_tracking_is_off_by_default_and_tensorboard_holds_the_logs_curves(data_dir, tmp_path, capsys, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nbhelpers.training import tracking
+
+    manifest = _real_manifest(data_dir, splits=("train", "train", "val", "test"))
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    argv = ["train", "--model", TINY, "--manifest", str(tmp_path / "manifest.csv"), "--data-dir", str(data_dir),
+            "--preset", "smoke", "--device", "cpu", "--n-boot", "20", "--set", "epochs=2", "image_size=32"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "tensorboard").exists()
+    assert main([*argv, "--out", str(tmp_path / "tracked"), "--track", "tensorboard"]) == 0
+    events = EventAccumulator(str(tmp_path / "tracked" / "tensorboard"))
+    events.Reload()
+    log = pd.read_csv(tmp_path / "tracked" / "log.csv")
+    val = [(e.step, e.value) for e in events.Scalars("accuracy/val")]
+    assert val == [(int(r.epoch), pytest.approx(r.val_acc)) for r in log.itertuples()]
+    assert [e.value for e in events.Scalars("loss/train")] == pytest.approx(list(log["train_loss"]), rel=1e-6)
+    capsys.readouterr()
+    real_find_spec = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else
+                        real_find_spec(name, *a))
+    assert main([*argv, "--out", str(tmp_path / "mlflow"), "--track", "mlflow"]) == 2  # MLflow not installed
+    assert capsys.readouterr().err.strip() == ("error: --track mlflow needs MLflow: pip install mlflow, or use "
+                                               "--track tensorboard")
+    assert not (tmp_path / "mlflow" / "last.pt").exists()

@@ -23,6 +23,7 @@ from nbhelpers.evaluation import metrics as M
 from nbhelpers.settings.options import add_assignments, add_device, add_set
 from nbhelpers.training import distributed
 from nbhelpers.training.config import parse_options, parse_preprocess, parse_set
+from nbhelpers.training import tracking
 from nbhelpers.training.runs import train_run
 
 
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set(parser)
     add_assignments(parser, "--preprocess", "PreprocessConfig fields", "clahe=false")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--track", choices=tracking.TRACKERS, default=None,
+                        help="also send every epoch's curves to TensorBoard (OUT/tensorboard) or MLflow; off by default")
     parser.add_argument("--n-boot", type=int, default=M.N_BOOTSTRAP, help="bootstrap resamples for the test CIs")
     parser.add_argument("--dist-backend", choices=distributed.BACKENDS, default="auto",
                         help="under torchrun: nccl (CUDA GPUs), gloo (CPU) or auto (nccl on CUDA, else gloo)")
@@ -69,7 +72,8 @@ def run_command(args: argparse.Namespace) -> int:
             args.model, args.manifest, args.data_dir, args.out, preset=args.preset, seed=args.seed,
             device=args.device, model_options=parse_options(args.option, args.model), cache_root=args.cache_root,
             preprocess=parse_preprocess(args.preprocess), workers=args.workers, resume=args.resume,
-            n_boot=args.n_boot, progress=ranks is None or ranks.main, ranks=ranks, **parse_set(args.set),
+            n_boot=args.n_boot, progress=ranks is None or ranks.main, ranks=ranks, track=args.track,
+            **parse_set(args.set),
         )
     finally:
         distributed.stop(ranks)

@@ -52,6 +52,7 @@ from nbhelpers.training.config import (
     check_preprocess,
     config_from_preset,
 )
+from nbhelpers.training import tracking
 from nbhelpers.training.loop import fit
 from nbhelpers.training.provenance import check_resumable, jsonable, plain_values, saved_record
 
@@ -255,6 +256,7 @@ def train_run(
     classes: Sequence[str] = CLASSES,
     task: str | None = None,
     ranks: Ranks | None = None,
+    track: str | None = None,
     **preset_overrides: Any,
 ) -> RunResult:
     """Train ``model_name`` under protocol ``preset`` and evaluate it once on the test split.
@@ -287,6 +289,8 @@ def train_run(
     process one rank of a data-parallel run on ``ranks.device``: rank 0 builds the cache and writes
     every file, the others train their share and return a result without metrics
     (:mod:`nbhelpers.training.distributed`); ``metrics.json`` then records the processes.
+    ``track`` ("tensorboard" or "mlflow", off by default) also sends every epoch's log row to that
+    tracker (:mod:`nbhelpers.training.tracking`), checked before any work.
     """
     from data_prep.datadir import data_dir as resolve_data_dir
     from nbhelpers import models
@@ -307,6 +311,7 @@ def train_run(
     net = models.create(model_name, num_classes=len(plan.classes), in_chans=cfg.in_chans,
                         pretrained=extras["pretrained"], **options)
     models.registry.check_input_size(model_name, pcfg.size, cfg.in_chans, **options)  # before the cache, not after
+    tracking.check(track)
     with hold_run_folder(out_dir) if main else nullcontext():
         last = out_dir / LAST_NAME
         if resume and last.is_file():
@@ -323,13 +328,19 @@ def train_run(
                 "preprocess": asdict(pcfg), "cache_key": cache.key, "classes": list(plan.classes),
                 **({"task": task} if task is not None else {})}
         started = time.perf_counter()
-        if ranks is None:
-            log = fit(net, cache.split("train"), cache.split("val"), cfg, out_dir, device, meta=meta, resume=resume,
-                      progress=progress, on_epoch=on_epoch, provenance=plan.provenance, classes=plan.classes)
-        else:
-            log = fit_distributed(net, cache.split("train"), cache.split("val"), cfg, out_dir, ranks, meta=meta,
-                                  resume=resume, progress=progress, on_epoch=on_epoch, provenance=plan.provenance,
-                                  classes=plan.classes)
+        tracker = tracking.Tracker(track, out_dir, {**meta, "seed": seed, **asdict(cfg)}) if track and main else None
+        try:
+            if ranks is None:
+                log = fit(net, cache.split("train"), cache.split("val"), cfg, out_dir, device, meta=meta,
+                          resume=resume, progress=progress, on_epoch=tracking.chain(on_epoch, tracker),
+                          provenance=plan.provenance, classes=plan.classes)
+            else:
+                log = fit_distributed(net, cache.split("train"), cache.split("val"), cfg, out_dir, ranks, meta=meta,
+                                      resume=resume, progress=progress, on_epoch=tracking.chain(on_epoch, tracker),
+                                      provenance=plan.provenance, classes=plan.classes)
+        finally:
+            if tracker is not None:
+                tracker.close()
         train_seconds = time.perf_counter() - started
         if not main:
             return RunResult(out_dir=out_dir, log=log, metrics={}, config=cfg)

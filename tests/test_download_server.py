@@ -148,6 +148,20 @@ def _serve_github(up: Upstream, data_dir: Path, name: str, files: dict[str, byte
     return files
 
 
+def _offline(monkeypatch) -> None:
+    """Point the mirror at a port that refuses connections (bound, then closed at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{port}")
+
+
+def _without_torchxrayvision(monkeypatch) -> None:
+    real_find_spec = dl.importlib.util.find_spec
+    monkeypatch.setattr(dl.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchxrayvision" else real_find_spec(name, *a))
+
+
 def _error_line(err: str) -> str:
     """The one ``error:`` line on stderr (asserting there is exactly one line)."""
     lines = [line for line in err.splitlines() if line.strip()]
@@ -236,10 +250,7 @@ def test_an_archive_without_the_pinned_metadata_is_refused_in_one_line(upstream,
 @pytest.mark.parametrize("fault", ["404", "refused"])
 def test_a_missing_file_or_a_refused_connection_is_one_line_naming_the_manual_way(upstream, tmp_path, capsys, monkeypatch, fault):
     if fault == "refused":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]  # closed again at once: connections are refused
-        monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{port}")
+        _offline(monkeypatch)
     assert main(["download", "--to", str(tmp_path), "--sources", "ieee8023"]) == 2
     line = _error_line(capsys.readouterr().err)
     folder = tmp_path / "covid-chestxray-dataset"
@@ -315,9 +326,7 @@ def test_nih_images_from_box_and_metadata_from_the_torchxrayvision_wheel(upstrea
 
 
 def test_nih_without_torchxrayvision_says_what_to_install(upstream, tmp_path, capsys, monkeypatch):
-    real_find_spec = dl.importlib.util.find_spec
-    monkeypatch.setattr(dl.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torchxrayvision" else real_find_spec(name, *a))
+    _without_torchxrayvision(monkeypatch)
     assert main(["download", "--to", str(tmp_path), "--sources", "nih"]) == 2
     line = _error_line(capsys.readouterr().err)
     assert "pip install torchxrayvision==1.5.7" in line and dl.NIH_PAGE in line and upstream.requests == []
@@ -382,16 +391,11 @@ def test_a_subset_archive_without_the_pinned_films_is_refused_and_nothing_unpack
 
 
 def test_the_teaching_set_offline_or_without_torchxrayvision_is_one_line(upstream, tmp_path, capsys, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again at once: connections are refused
-    monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{port}")
+    _offline(monkeypatch)
     assert main(["download", "--to", str(tmp_path), "--sources", "nih-subset"]) == 2
     line = _error_line(capsys.readouterr().err)
     assert line.startswith("error: nih-subset: ") and "Connection refused" in line and "By hand: download" in line
-    real_find_spec = dl.importlib.util.find_spec
-    monkeypatch.setattr(dl.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torchxrayvision" else real_find_spec(name, *a))
+    _without_torchxrayvision(monkeypatch)
     with pytest.raises(SystemExit) as usage:  # one or the other
         main(["download", "--to", str(tmp_path), "--teach", "--sources", "nih"])
     assert usage.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

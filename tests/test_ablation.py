@@ -276,3 +276,23 @@ def test_a_row_with_the_record_of_a_finished_run_takes_it_over(monkeypatch, tmp_
     copied = ablation.run_dir(tmp_path, row_b, 0)
     assert (copied / "test_predictions.csv").read_text() == (folder / "test_predictions.csv").read_text()
     assert "copied, not trained again" in capsys.readouterr().out
+
+
+def test_a_row_that_is_a_finished_run_outside_the_grid_takes_it_over_and_another_record_trains(monkeypatch, tmp_path):
+    import json
+
+    row = Row("clahe", "cbam_clahe", "m", baseline=True)
+    outside = tmp_path / "train" / "m"  # notebook 04's run of the same model, settings and data
+    outside.mkdir(parents=True)
+    (outside / "metrics.json").write_text(json.dumps({"provenance": {"model": "m"}, "config": {}, "test": {}}))
+    (outside / "test_predictions.csv").write_text("image_id,label,pred\nx,0,0\n")
+    record = {"model": "m"}
+    monkeypatch.setattr("nbhelpers.training.runs.run_provenance", lambda *a, **k: record)
+    monkeypatch.setattr("nbhelpers.training.runs.train_run", lambda *a, **k: pytest.fail("must not train"))
+    ablation.run_grid([row], pd.DataFrame(), None, tmp_path / "grid", [0], "smoke", device="cpu", twins_from=[outside])
+    assert (ablation.run_dir(tmp_path / "grid", row, 0) / "test_predictions.csv").is_file()
+    record = {"model": "m", "epochs": 9}  # another record: the outside run is not this row's
+    monkeypatch.setattr("nbhelpers.training.runs.train_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trains")))
+    with pytest.raises(RuntimeError, match="trains"):
+        ablation.run_grid([row], pd.DataFrame(), None, tmp_path / "grid2", [0], "smoke", device="cpu",
+                          twins_from=[outside])

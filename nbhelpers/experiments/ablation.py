@@ -149,10 +149,10 @@ def stale_reasons(folder: Path, expected: dict[str, Any], record_file: str) -> l
 RUN_FILES = ("metrics.json", "test_predictions.csv", "log.csv", "best.pt", "train_config.json", "curves.png")
 
 
-def _twin_run(out_root: Path, expected: dict[str, Any], folder: Path) -> Path | None:
-    """A finished run elsewhere under ``out_root`` (another group's row with the same model,
-    options, preprocessing, settings, manifest and cache key) whose record matches ``expected``."""
-    for path in sorted(Path(out_root).glob("*/*/seed*/metrics.json")):
+def _twin_run(out_root: Path, expected: dict[str, Any], folder: Path, also: Sequence[Path] = ()) -> Path | None:
+    """A finished run elsewhere under ``out_root``, or in one of the run folders ``also`` (the same
+    model, options, preprocessing, settings, manifest and cache key), whose record matches ``expected``."""
+    for path in [*sorted(Path(out_root).glob("*/*/seed*/metrics.json")), *(Path(a) / "metrics.json" for a in also)]:
         if path.parent != folder and stale_reasons(path.parent, expected, "metrics.json") == []:
             return path.parent
     return None
@@ -169,7 +169,7 @@ def _take_over(twin: Path, folder: Path) -> None:
 
 def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir: Path | str | None,
              out_root: Path, seeds: Sequence[int], preset: str, device: str = "auto", engine: Engine | None = None,
-             **overrides: Any) -> pd.DataFrame:
+             twins_from: Sequence[Path] = (), **overrides: Any) -> pd.DataFrame:
     """Train every row for every seed (reusing finished runs that match) and return :func:`collect`'s table.
 
     ``overrides`` change preset settings for every row (a row's own ``overrides`` win).  All rows
@@ -177,9 +177,9 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
     the :func:`nbhelpers.training.runs.run_provenance` record in its ``metrics.json`` matches this
     row's model, options, preprocessing, effective settings, manifest and cache key; otherwise
     what differs is printed and the run is trained afresh, unless another row's finished run
-    under ``out_root`` has the very same record: its results are then copied.  Every row's
-    settings are checked
-    (types included) before the first run trains.  ``engine`` says where the runs train
+    under ``out_root`` (or one of the run folders ``twins_from``, e.g. notebook 04's) has the very
+    same record: its results are then copied.  Every row's settings are checked (types included)
+    before the first run trains.  ``engine`` says where the runs train
     (:mod:`nbhelpers.experiments.engines`; default: one after another here), checked before anything
     is written.  Raises what :func:`nbhelpers.training.runs.train_run` and
     :func:`nbhelpers.experiments.engines.run_jobs` raise.
@@ -204,7 +204,7 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
         if reasons:
             print(f"{folder}: retraining, the finished run differs from what would be trained now: {'; '.join(reasons)}")
         if reasons is None or reasons:
-            twin = _twin_run(out_root, expected, folder)
+            twin = _twin_run(out_root, expected, folder, twins_from)
             if twin is not None:  # e.g. the blackout group's whole-image row is the shortcut group's baseline
                 print(f"{folder}: the same run finished in {twin}; its results are copied, not trained again")
                 _take_over(twin, folder)

@@ -53,9 +53,10 @@ def test_a_clean_notebook_passes():
     (_result("PosixPath('results/tables/a.csv')"), "Path object"),
     (_stream("data directory: /root/data/cxr-sources\n"), "path of this machine"),
     (_stream("wrote /tmp/pytest-of-root/run/tables/a.csv\n"), "path of this machine"),
-    (_result("  n  accuracy\n 20.000  0.750"), "a count printed as a float: 20.000"),
-    ({"output_type": "display_data", "metadata": {}, "data": {"text/plain": "t", "text/html": "<td>min_age</td><td>18.000</td>"}},
-     "a count printed as a float: 18.000"),
+    ({"output_type": "display_data", "metadata": {}, "data": {"text/plain": "t", "text/html": (
+        '<td class="data row0 col0" >densenet</td><td class="data row0 col1" >20.000</td>'
+        '<td class="data row1 col0" >cbam</td><td class="data row1 col1" >18.000</td>')}},
+     "a count printed as a float: 20.000"),
 ])
 def test_each_problem_is_found(out, expected):
     problems = outputs.output_problems(_notebook(out))
@@ -79,8 +80,13 @@ def test_a_notebook_must_end_with_the_runs_bullets_and_one_to_three_exercises(en
     assert any(expected in p for p in problems), problems
 
 
-def test_metrics_of_one_and_decimals_are_not_counts():
-    assert outputs.output_problems(_notebook(_stream("accuracy 1.000, width ratio 1.000, clip 2.0, GMACs 2.91\n"))) == []
+def test_measurements_that_happen_to_be_whole_are_not_counts():
+    html = ('<td class="data row0 col0" >4.000</td><td class="data row0 col1" >1.000</td>'
+            '<td class="data row1 col0" >1.561</td><td class="data row1 col1" >1.000</td>')
+    shown = {"output_type": "display_data", "metadata": {}, "data": {"text/plain": "t", "text/html": html}}
+    assert outputs.output_problems(_notebook(shown, _stream("accuracy 1.000, clip 2.0, n 20.000 in prose\n"))) == []
+    counts = html.replace(">1.000<", ">3.000<")  # the second column: whole numbers only, one of them 2 or more
+    assert outputs.float_count_columns(counts) == ["3.000"]
 
 
 def test_a_header_shown_twice_is_found_and_once_is_fine():

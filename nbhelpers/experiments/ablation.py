@@ -178,14 +178,14 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
     row's model, options, preprocessing, effective settings, manifest and cache key; otherwise
     what differs is printed and the run is trained afresh, unless another row's finished run
     under ``out_root`` (or one of the run folders ``twins_from``, e.g. notebook 04's) has the very
-    same record: its results are then copied.  Every row's settings are checked (types included)
-    before the first run trains.  ``engine`` says where the runs train
-    (:mod:`nbhelpers.experiments.engines`; default: one after another here), checked before anything
-    is written.  Raises what :func:`nbhelpers.training.runs.train_run` and
-    :func:`nbhelpers.experiments.engines.run_jobs` raise.
+    same record: its results are then copied.  Every row's settings are checked before the first
+    run.  ``engine`` says where the runs train (:mod:`nbhelpers.experiments.engines`; default: one
+    after another here), checked before anything is written.  Raises what
+    :func:`nbhelpers.training.runs.train_run` and :func:`nbhelpers.experiments.engines.run_jobs` raise.
     """
     from nbhelpers.experiments.external_source import EXTERNAL_PREDICTIONS, external_split, score_external
     from nbhelpers.experiments.audit import _read_table
+    from nbhelpers.settings.config import display_path as shown  # folders as a notebook shows them
     from nbhelpers.training.config import METRICS_NAME
     from nbhelpers.training.runs import run_provenance, train_run
 
@@ -202,11 +202,13 @@ def run_grid(rows: Sequence[Row], manifest: pd.DataFrame | Path | str, data_dir:
                                   **{**overrides, **row.overrides})
         reasons = stale_reasons(folder, expected, METRICS_NAME)
         if reasons:
-            print(f"{folder}: retraining, the finished run differs from what would be trained now: {'; '.join(reasons)}")
+            print(f"{shown(folder)}: retraining, the finished run differs from what would be trained now: "
+                  f"{'; '.join(reasons)}")
         if reasons is None or reasons:
             twin = _twin_run(out_root, expected, folder, twins_from)
             if twin is not None:  # e.g. the blackout group's whole-image row is the shortcut group's baseline
-                print(f"{folder}: the same run finished in {twin}; its results are copied, not trained again")
+                print(f"{shown(folder)}: the same run finished in {shown(twin)}; its results are copied, not trained "
+                      "again")
                 _take_over(twin, folder)
                 continue
             todo.append((row, seed))
@@ -349,11 +351,9 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
         out.append({
             "group": row.group, "variant": row.name, "baseline": base.name, "seeds": len(seeds),
             "test_images": diff.shape[1], "test_patients": len(set(patients)), "accuracy_diff": per_seed.mean(),
-            "seed_ci_low": seed_low, "seed_ci_high": seed_high,
-            "bootstrap_ci_low": boot_low, "bootstrap_ci_high": boot_high,
+            "seed_ci_low": seed_low, "seed_ci_high": seed_high, "bootstrap_ci_low": boot_low, "bootstrap_ci_high": boot_high,
             "variant_better": int((per_image > 0).sum()), "variant_worse": int((per_image < 0).sum()),
-            "p_value": sign_flip_test(per_image, patients, seed=boot_seed),
-            "mcnemar_p_seeds": " ".join(f"{p:.3g}" for p in mcnemar),
+            "p_value": sign_flip_test(per_image, patients, seed=boot_seed), "mcnemar_p_seeds": " ".join(f"{p:.3g}" for p in mcnemar),
         })
     table = pd.DataFrame(out)
     if table.empty:

@@ -160,8 +160,8 @@ def ablations(tests: pd.DataFrame, committed: pd.DataFrame | None) -> list[str]:
 
 
 def same_weights(nets: Mapping[str, object]) -> list[tuple[str, str]]:
-    """Pairs ``(first, again)`` of models whose weights are identical: one model trained twice with
-    the same settings and seed, to be explained once."""
+    """Pairs ``(first, again)`` of models whose weights are identical: one run (the same model,
+    settings and seed, trained twice or copied), to be explained once."""
     import torch
 
     names, pairs = list(nets), []
@@ -185,10 +185,10 @@ def padding_share(bars: np.ndarray, cam: np.ndarray) -> tuple[float, float]:
 
 def gradcam(model: str, twins: Sequence[tuple[str, str]], bars: np.ndarray, cams: np.ndarray,
             titles: Sequence[str]) -> list[str]:
-    """Notebook 07: which rows were one model trained twice (:func:`same_weights`), and the films whose map puts more of
+    """Notebook 07: which rows were one run (:func:`same_weights`), and the films whose map puts more of
     its energy on the letterbox bars than the bars' share of the image."""
-    lines = [f"{b} has exactly the weights of {a}: one model trained twice with the same settings and seed, "
-             "explained once above." for a, b in twins]
+    lines = [f"{b} has exactly the weights of {a}: one run (the same model, settings and seed), explained once "
+             "above." for a, b in twins]
     on_bars = []
     for mask, cam, title in zip(bars, cams, titles):
         energy, area = padding_share(mask, cam)

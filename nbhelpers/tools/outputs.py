@@ -43,8 +43,10 @@ MAX_EXERCISES = 3
 RUN_TAKEAWAY = "In this run"
 #: A committed table's provenance header (``Made by `command` on date; ...``), to its first full stop.
 HEADER = re.compile(r"^Made by `[^`]+` on [^\n]+", re.MULTILINE)
-#: A count printed as a float: a whole number of 2 or more with only zero decimals (``20.000``).
-FLOAT_COUNT = re.compile(r"(?<![\w.])(?:[2-9]|[1-9]\d+)\.00+(?![\d.])")
+#: A cell of a table as notebooks show it (pandas' Styler HTML): its column and its text.
+TABLE_CELL = re.compile(r'class="data row\d+ (col\d+)"\s*>([^<]*)<')
+#: A whole number printed with zero decimals (``20.000``).
+WHOLE_AS_FLOAT = re.compile(r"-?\d+\.0+")
 
 
 def _text(output: dict) -> str:
@@ -86,14 +88,27 @@ def output_problems(notebook: dict, allowed_warnings: Sequence[str] = (), inject
                 if OWN_WARNING.search(line) or not any(a in line for a in allowed_warnings):
                     problems.append(f"{where}: warning shown: {line.strip()[:120]}")
             html = "".join(output.get("data", {}).get("text/html", "")) if kind != "stream" else ""
-            if kind != "error" and (match := FLOAT_COUNT.search(text) or FLOAT_COUNT.search(html)):
-                problems.append(f"{where}: a count printed as a float: {match.group(0)}")
+            for shown in float_count_columns(html):
+                problems.append(f"{where}: a count printed as a float: {shown}")
             if kind in ("execute_result", "display_data") and "PosixPath(" in text:
                 problems.append(f"{where}: a Path object shown as a result: {text.strip()[:80]}")
             if kind != "error" and (match := HOST_PATH.search(text)):
                 problems.append(f"{where}: a path of this machine shown: {match.group(0)}")
     problems += _ending_problems(cells) + _repeated_headers(cells)
     return problems
+
+
+def float_count_columns(html: str) -> list[str]:
+    """The first cell of each column of a shown table whose every value is a whole number printed
+    with decimals (``20.000``; at least one of them 2 or more): a count that became a float.  A
+    column of measurements that holds one whole value among others (``4.000`` beside ``1.561``) is
+    not one."""
+    columns: dict[str, list[str]] = {}
+    for column, value in TABLE_CELL.findall(html):
+        if value.strip():
+            columns.setdefault(column, []).append(value.strip())
+    return [values[0] for values in columns.values()
+            if all(WHOLE_AS_FLOAT.fullmatch(v) for v in values) and any(abs(float(v)) >= 2 for v in values)]
 
 
 def _ending_problems(cells: list[dict]) -> list[str]:

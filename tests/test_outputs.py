@@ -195,3 +195,15 @@ def test_the_committed_teach_run_reruns_in_place():
         params: dict = {}
         exec(cell.source, {}, params)
         assert all(params[k] is None for k in outputs.MACHINE_PARAMETERS if k in params), (path.name, params)
+
+
+def test_the_readmes_teach_time_is_the_committed_runs():
+    """The README's "about N minutes" for the teach profile is the committed run's measured total."""
+    import json
+    import re
+
+    total = json.loads((TEACH_RUN / "workbook_run.json").read_text())["total_seconds"] / 60
+    readme = (config.REPO_ROOT / "README.md").read_text()
+    claims = [int(m) for m in re.findall(r"profile teach\)?[^\n]*?about (\d+) minutes", readme)]
+    claims += [int(m) for m in re.findall(r"PROFILE=teach[^\n]*?about (\d+) minutes", readme)]
+    assert len(claims) >= 2 and all(abs(c - total) <= max(2, 0.25 * total) for c in claims), (claims, total)

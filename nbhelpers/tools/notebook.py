@@ -304,7 +304,7 @@ def start(profile: str, data_dir: str | None = None, run_dir: str | None = None,
     if curates and need_data:
         check_supply(session)
     if session.wiring_only:
-        _banner(f"**{SMOKE_NOTE}.** Run the `teach` profile (a laptop, about 20 minutes) or `full` (the paper "
+        _banner(f"**{SMOKE_NOTE}.** Run the `teach` profile (a laptop, about 10 minutes) or `full` (the paper "
                 "protocol, a GPU) for results worth reading.")
     print(f"profile {profile!r}: {settings.values.get('description', '')}")
     show_table(pd.DataFrame(rows, columns=["setting", "value"]), rows=len(rows))

@@ -488,3 +488,17 @@ def test_the_download_benchmark_fetches_the_teaching_archives_from_a_local_serve
     assert main(["bench", "download", "--data-dir", str(sources)]) == 2
     line = _error_of(capsys.readouterr().err)
     assert "nih-subset: " in line and "999 films whose names are not the pinned 1000" in line
+
+
+def test_the_readmes_teaching_download_numbers_are_the_benchmarks():
+    import math
+
+    from nbhelpers.settings import config
+
+    report = (config.REPO_ROOT / "results" / "benchmarks" / "teach_download.txt").read_text()
+    total = float(re.search(r"total: ([\d.]+) MB", report).group(1))
+    seconds = sum(float(line.split("|")[3]) for line in report.splitlines()
+                  if line.startswith("| ") and not line.startswith("| source"))
+    readme = (config.REPO_ROOT / "README.md").read_text()
+    said = re.search(r"the four archives total (\d+) MB and take (\d+) seconds", readme.replace("\n", " "))
+    assert said and int(said.group(1)) == round(total) and int(said.group(2)) == math.ceil(seconds), (said, total, seconds)

@@ -215,11 +215,17 @@ def test_every_notebook_ends_with_one_to_three_exercises_on_its_own_parameters()
 
 @pytest.mark.parametrize("key, name, value", EXERCISES, ids=[f"{k}-{n}" for k, n, _ in EXERCISES])
 def test_each_exercise_runs_in_the_smoke_profile(workbook, tmp_path, key, name, value):
-    """A student's variant, on a copy of the smoke run so the others' outputs stay as they were."""
+    """A student's variant, on a copy of the smoke run so the others' outputs stay as they were.
+
+    The copy (caches and checkpoints: hundreds of MB) is removed as soon as the notebook ends, pass
+    or fail; only the executed notebook stays to read."""
     workbook.ran(key)
     run_dir = tmp_path / "run"
     shutil.copytree(workbook.run_dir, run_dir, symlinks=True)
-    out = run_dir / f"exercise_{NOTEBOOKS[key].name}"
+    out = tmp_path / f"exercise_{NOTEBOOKS[key].name}"
     params = {"profile": "smoke", "data_dir": str(workbook.data_dir), "run_dir": str(run_dir), name: value}
-    run.run_notebook(NOTEBOOKS[key], out, params, cell_timeout=900)
+    try:
+        run.run_notebook(NOTEBOOKS[key], out, params, cell_timeout=900)
+    finally:
+        shutil.rmtree(run_dir)
     assert outputs.run_problems([out], injected=False) == {}

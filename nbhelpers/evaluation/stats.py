@@ -11,7 +11,9 @@ share a patient, flip or resample whole **patients**:
   patient's summed difference is a coin flip.  Exact (all 2^k sign patterns) for up to
   :data:`EXACT_MAX` patients with a non-zero difference, else Monte Carlo;
 * :func:`holm`: Holm's step-down adjustment of the p-values of one family (an ablation group),
-  which controls the family-wise error rate without assuming independence.
+  which controls the family-wise error rate without assuming independence;
+* :func:`paired_comparison` puts them together for one variant against its baseline, and
+  :func:`judge_families` adjusts a table of such comparisons and gives each its :func:`verdict`.
 """
 
 from __future__ import annotations
@@ -282,3 +284,44 @@ def t_interval(values: np.ndarray, bounds: tuple[float, float], level: float = C
         return float("nan"), float("nan")
     half = sps.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
     return float(max(values.mean() - half, bounds[0])), float(min(values.mean() + half, bounds[1]))
+
+
+def paired_comparison(diff: np.ndarray, patients: Sequence | np.ndarray, rng: np.random.Generator,
+                      n_boot: int = N_BOOTSTRAP, boot_seed: int = 0, level: float = CI_LEVEL) -> dict[str, object]:
+    """The statistics of one variant against its baseline from ``diff`` (seeds x images, each
+    entry variant's correctness minus baseline's on one image, in {-1, 0, 1}) and each image's
+    patient: the mean difference (``accuracy_diff``), its t-interval over seeds (``seed_ci_*``,
+    seed noise), a bootstrap interval of the seed-averaged difference resampling patients
+    (``bootstrap_ci_*``, test-set noise), the distinct images on which the variant is right more
+    or less often (``variant_better`` / ``variant_worse``), the sign-flip p-value over patients
+    (``p_value``, its Monte Carlo draws seeded by ``boot_seed``) and McNemar's exact p-value of
+    each seed on its own (``mcnemar_p_seeds``).  The bootstrap draws from ``rng``: one generator
+    passed through a family's comparisons in turn."""
+    diff = np.asarray(diff, dtype=float)
+    patients = np.asarray(patients)
+    per_seed, per_image = diff.mean(axis=1), diff.mean(axis=0)  # per image: each image once
+    boot = np.array([per_image[idx].mean() for idx in resample_indices(len(per_image), n_boot, rng, patients)])
+    seed_low, seed_high = t_interval(per_seed, (-1.0, 1.0), level)
+    boot_low, boot_high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    mcnemar = [mcnemar_exact(int((d == 1).sum()), int((d == -1).sum())) for d in diff]
+    return {"seeds": diff.shape[0], "test_images": diff.shape[1], "test_patients": len(set(patients.tolist())),
+            "accuracy_diff": per_seed.mean(), "seed_ci_low": seed_low, "seed_ci_high": seed_high,
+            "bootstrap_ci_low": float(boot_low), "bootstrap_ci_high": float(boot_high),
+            "variant_better": int((per_image > 0).sum()), "variant_worse": int((per_image < 0).sum()),
+            "p_value": sign_flip_test(per_image, patients, seed=boot_seed),
+            "mcnemar_p_seeds": " ".join(f"{p:.3g}" for p in mcnemar)}
+
+
+def judge_families(table: "pd.DataFrame", family: str) -> "pd.DataFrame":
+    """``table`` (rows of :func:`paired_comparison`) with ``p_holm`` (Holm within each ``family``
+    column value), ``verdict`` (:func:`verdict`) and ``distinguishable`` (better or worse)."""
+    if table.empty:
+        return table
+    table = table.copy()
+    table["p_holm"] = np.nan
+    for _, part in table.groupby(family, sort=False):
+        table.loc[part.index, "p_holm"] = holm(part["p_value"].to_numpy())
+    table["verdict"] = [verdict(r.seeds, r.p_holm, r.seed_ci_low, r.seed_ci_high, r.accuracy_diff)
+                        for r in table.itertuples(index=False)]
+    table["distinguishable"] = table["verdict"].isin([BETTER, WORSE])
+    return table

@@ -32,7 +32,6 @@ import pandas as pd
 
 from data_prep.errors import WorkbookError
 from data_prep.options import add_data_dir, add_out
-from nbhelpers.evaluation import metrics as M
 from nbhelpers.evaluation import stats
 from nbhelpers.evaluation.stats import t_interval
 from nbhelpers.experiments.engines import LOCAL, Engine, Job, add_engine, from_args, run_jobs
@@ -325,8 +324,6 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
     Images are matched by id across rows and seeds; raises ValueError when two runs were scored
     on different images.
     """
-    from nbhelpers.evaluation.stats import holm, mcnemar_exact, sign_flip_test
-
     rng = np.random.default_rng(boot_seed)
     baselines = {r.group: r for r in rows if r.baseline}
     out = []
@@ -341,30 +338,10 @@ def paired_tests(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], n_bo
                 raise ValueError(f"{row.name} and {base.name} were not scored on the same test images")
         pairs = [(v, r.loc[v.index]) for v, r in zip(variants, references)]
         diff = np.stack([(v["correct"] - r["correct"]).to_numpy() for v, r in pairs])  # seeds x images, in {-1, 0, 1}
-        per_seed = diff.mean(axis=1)
-        per_image = diff.mean(axis=0)  # seed-averaged: each image once
-        patients = pairs[0][0]["patient_id"].to_numpy()
-        boot = np.array([per_image[idx].mean() for idx in M.resample_indices(len(per_image), n_boot, rng, patients)])
-        seed_low, seed_high = t_interval(per_seed, (-1.0, 1.0))
-        boot_low, boot_high = np.quantile(boot, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
-        mcnemar = [mcnemar_exact(int((d == 1).sum()), int((d == -1).sum())) for d in diff]
-        out.append({
-            "group": row.group, "variant": row.name, "baseline": base.name, "seeds": len(seeds),
-            "test_images": diff.shape[1], "test_patients": len(set(patients)), "accuracy_diff": per_seed.mean(),
-            "seed_ci_low": seed_low, "seed_ci_high": seed_high, "bootstrap_ci_low": boot_low, "bootstrap_ci_high": boot_high,
-            "variant_better": int((per_image > 0).sum()), "variant_worse": int((per_image < 0).sum()),
-            "p_value": sign_flip_test(per_image, patients, seed=boot_seed), "mcnemar_p_seeds": " ".join(f"{p:.3g}" for p in mcnemar),
-        })
-    table = pd.DataFrame(out)
-    if table.empty:
-        return table
-    table["p_holm"] = np.nan
-    for _, part in table.groupby("group", sort=False):
-        table.loc[part.index, "p_holm"] = holm(part["p_value"].to_numpy())
-    table["verdict"] = [stats.verdict(r.seeds, r.p_holm, r.seed_ci_low, r.seed_ci_high, r.accuracy_diff)
-                         for r in table.itertuples(index=False)]
-    table["distinguishable"] = table["verdict"].isin([stats.BETTER, stats.WORSE])
-    return table
+        out.append({"group": row.group, "variant": row.name, "baseline": base.name,
+                    **stats.paired_comparison(diff, pairs[0][0]["patient_id"].to_numpy(), rng, n_boot, boot_seed,
+                                                CONFIDENCE)})
+    return stats.judge_families(pd.DataFrame(out), "group")
 
 
 def per_source(rows: Sequence[Row], out_root: Path, seeds: Sequence[int], manifest: pd.DataFrame | Path | str) -> pd.DataFrame:

@@ -57,6 +57,10 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-folder", type=Path, action="append", default=[], metavar="FOLDER",
                         help="your own images, one subfolder per class (COVID/, Normal/, Viral Pneumonia/, ...) and an "
                         "optional metadata.csv (filename, patient_id, view, age, sex); repeatable")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes that decode and fingerprint images (default: every core; any number gives the "
+                        "same outputs).  Fingerprints are kept in $CXR_FINGERPRINTS (default "
+                        "~/.cache/cxr-workbook/fingerprints.sqlite; off: keep none), so a second curation decodes nothing")
     parser.add_argument("--map-folder", action="append", default=[], metavar="NAME=CLASS",
                         help=f"take the image-folder subfolder NAME as CLASS ({', '.join(CLASSES)}), e.g. "
                         "Lung_Opacity=pneumonia; repeatable")
@@ -88,7 +92,9 @@ def run_curate_command(args: argparse.Namespace) -> int:
         image_folders=tuple(str(f) for f in args.image_folder), folder_classes=folder_classes(args.map_folder),
         **kwargs,
     )
-    result = build(resolve_data_dir(args.data_dir), args.out, params, sources=args.sources)
+    if args.workers is not None and args.workers < 1:
+        raise CurationSettingError(f"--workers {args.workers}: give 1 or more processes (or leave it out: every core)")
+    result = build(resolve_data_dir(args.data_dir), args.out, params, sources=args.sources, workers=args.workers)
     print(json.dumps(result.summary, indent=2))
     print(f"wrote manifest.csv, dropped.csv, summary.json and duplicates.csv to {args.out}", file=sys.stderr)
     return 0

@@ -30,7 +30,7 @@ import pandas as pd
 
 from data_prep.atomic import replace_together
 from data_prep.dedup import PAIR_COLUMNS, DuplicateScan, find_duplicates, merge_summary
-from data_prep.fingerprint import phash_many
+from data_prep.fingerprint import fingerprints
 from data_prep.folders import load_image_folders
 from data_prep.recipe import PAPER_PER_CLASS, PAPER_SPLIT_SIZES, CurationParams, filter_reasons, paper_labels
 from data_prep.schema import CLASSES, MANIFEST_COLUMNS, SPLITS, TABLE_COLUMNS
@@ -143,26 +143,30 @@ def _resolve_data_dir(table: pd.DataFrame, data_dir: Path | None) -> Path:
     return Path(raw)
 
 
-def _readable(kept: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, np.ndarray | None, list[tuple[str, str, str]]]:
-    """The rows of ``kept`` whose image decodes, their perceptual hashes (rows x bits; None when
-    no image decodes), and an ``unreadable`` drop for each of the others."""
-    hashes, errors = phash_many([root / p for p in kept["path"]])
+def _readable(kept: pd.DataFrame, root: Path, workers: int | None
+              ) -> tuple[pd.DataFrame, tuple[np.ndarray, np.ndarray] | None, list[tuple[str, str, str]]]:
+    """The rows of ``kept`` whose image decodes, their two perceptual hashes (``phash``, ``dhash``:
+    rows x bits each; None when no image decodes), and an ``unreadable`` drop for each of the others."""
+    found, errors = fingerprints([root / p for p in kept["path"]], workers)
     drops = [(kept.at[i, "image_id"], "unreadable", message) for i, message in sorted(errors.items())]
     readable = [i for i in range(len(kept)) if i not in errors]
     kept = kept.loc[readable].reset_index(drop=True)
-    bits = np.array([hashes[i] for i in readable], dtype=bool) if readable else None
-    return kept, bits, drops
+    if not readable:
+        return kept, None, drops
+    return kept, (np.array([found[i].phash for i in readable]), np.array([found[i].dhash for i in readable])), drops
 
 
 def _deduplicate(
-    kept: pd.DataFrame, bits: np.ndarray | None, root: Path | None, params: CurationParams
+    kept: pd.DataFrame, hashes: tuple[np.ndarray, np.ndarray] | None, root: Path | None, params: CurationParams,
+    workers: int | None,
 ) -> tuple[pd.DataFrame, DuplicateScan]:
     """``kept`` without its copies and with the patients of each film's copies joined, and the
     :class:`DuplicateScan` that decided it (empty when ``params.dedup`` is off)."""
     if not params.dedup:
         return kept, DuplicateScan([], pd.DataFrame(columns=list(PAIR_COLUMNS)), {}, [])
     paths = [root / p for p in kept["path"]] if params.keypoints else None
-    scan = find_duplicates(kept, bits, params.phash_distance, paths)
+    bits, second = hashes if hashes is not None else (None, None)
+    scan = find_duplicates(kept, bits, params.phash_distance, paths, second=second, workers=workers)
     gone = {d[0] for d in scan.drops}
     # Patients are joined before anything is sampled or split, so one person's films stay together.
     kept = kept.assign(patient_id=kept["patient_id"].map(lambda p: scan.patient_of.get(p, p)))
@@ -203,10 +207,13 @@ def curate(
     *,
     data_dir: Path | None = None,
     report: Report | None = None,
+    workers: int | None = None,
 ) -> CurationResult:
     """Filter, de-duplicate, balance and split ``table`` (from :func:`load_table`) by ``params``.
 
-    Images are decoded (to find unreadable files and perceptual hashes) from ``data_dir``, which
+    Images are fingerprinted (to find unreadable files and perceptual hashes;
+    :func:`data_prep.fingerprint.fingerprints`, by ``workers`` processes, from the fingerprint
+    store where already done) from ``data_dir``, which
     defaults to the folder ``load_table`` recorded in ``table.attrs``.  ``params.image_folders``
     are read here (:func:`data_prep.folders.load_image_folders`) and join the table; the summary's
     ``image_folders`` holds each one's entry (its ``patient_warning`` says when files have no
@@ -234,12 +241,12 @@ def curate(
     drops += [(iid, r, d) for iid, (r, d) in zip(table["image_id"], reasons) if r]
     kept = table[[r == "" for r, _ in reasons]].reset_index(drop=True)
 
-    bits, root = None, None
+    hashes, root = None, None
     if params.check_images or params.dedup:
         root = _resolve_data_dir(table, data_dir)
-        kept, bits, unreadable = _readable(kept, root)
+        kept, hashes, unreadable = _readable(kept, root, workers)
         drops += unreadable
-    kept, scan = _deduplicate(kept, bits, root, params)
+    kept, scan = _deduplicate(kept, hashes, root, params, workers)
     drops += scan.drops
     available = kept
 
@@ -372,14 +379,15 @@ def write_outputs(result: CurationResult, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def _load_sources(data_dir: Path, sources: Sequence[str] | None, folders: bool) -> tuple[pd.DataFrame, Report]:
+def _load_sources(data_dir: Path, sources: Sequence[str] | None, folders: bool, workers: int | None
+                  ) -> tuple[pd.DataFrame, Report]:
     """:func:`load_table` of ``data_dir``; with image ``folders`` and no source named or present,
     an empty table (the folders are curated alone)."""
     if folders and sources is None and data_dir.is_dir() and not any(s.find(data_dir) for s in SOURCES.values()):
         table = pd.DataFrame(columns=list(TABLE_COLUMNS)).astype({"age": float})
         table.attrs["data_dir"] = str(data_dir)
         return table, Report(data_dir=data_dir, absent=list(SOURCES))
-    return load_table(data_dir, sources=sources, hash_images=True)
+    return load_table(data_dir, sources=sources, hash_images=True, workers=workers)
 
 
 def build(
@@ -387,15 +395,17 @@ def build(
     out_dir: Path,
     params: CurationParams | None = None,
     sources: Sequence[str] | None = None,
+    workers: int | None = None,
 ) -> CurationResult:
     """Load the sources under ``data_dir``, curate them with ``params``, and write the outputs to ``out_dir``.
 
     Writes ``manifest.csv``, ``dropped.csv``, ``summary.json`` and ``duplicates.csv`` (byte-identical on re-run with
     the same inputs).  With ``params.image_folders`` a ``data_dir`` holding no source is allowed: the
-    folders are curated alone.  Raises what :func:`load_table` and :func:`curate` raise.
+    folders are curated alone.  ``workers`` processes fingerprint the images (default: every core;
+    the outputs are the same for any number).  Raises what :func:`load_table` and :func:`curate` raise.
     """
     params = params or CurationParams()
-    table, report = _load_sources(Path(data_dir), sources, bool(params.image_folders))
-    result = curate(table, params, data_dir=Path(data_dir), report=report)
+    table, report = _load_sources(Path(data_dir), sources, bool(params.image_folders), workers)
+    result = curate(table, params, data_dir=Path(data_dir), report=report, workers=workers)
     write_outputs(result, out_dir)
     return result

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.copies import BAND_HIGH, BAND_LOW, band_decisions
-from data_prep.fingerprint import near_pairs
+from data_prep.copies import BAND_HIGH, BAND_LOW, BAND_PER_IMAGE, DHASH_BAND, band_decisions
+from data_prep.fingerprint import distances, near_pairs
 from data_prep.sources import SOURCES
 
 #: The evidence values of grey-band pairs decided by keypoints in ``duplicates.csv``.
@@ -49,13 +49,15 @@ def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
 @dataclass
 class DuplicateScan:
     """What :func:`find_duplicates` found: the images to ``drop``, every examined ``pairs`` row
-    (:data:`PAIR_COLUMNS`), each patient's merged id (``patient_of``, only those that change) and
-    one record per merged patient group (``merges``: the ids, the one kept, the evidence)."""
+    (:data:`PAIR_COLUMNS`), each patient's merged id (``patient_of``, only those that change),
+    one record per merged patient group (``merges``: the ids, the one kept, the evidence), and the
+    grey-band pairs the second hash set aside before keypoint matching (``band_pruned``, counted)."""
 
     drops: list[tuple[str, str, str]]
     pairs: pd.DataFrame
     patient_of: dict[str, str]
     merges: list[dict[str, object]]
+    band_pruned: int = 0
 
 
 def _source_rank(kept: pd.DataFrame, i: int) -> tuple[int, str]:
@@ -69,10 +71,11 @@ Link = tuple[int, int, str, int, int]
 
 def _links(
     kept: pd.DataFrame, bits: np.ndarray | None, max_distance: int, paths: Sequence[Path] | None,
-    band: tuple[int, int],
-) -> tuple[list[Link], list[Link]]:
-    """The links that make two rows one film (``exact``, ``hash``, ``keypoints``), and the other
-    grey-band pairs keypoint matching decided (``keypoints_same_patient``, ``different_film``)."""
+    band: tuple[int, int], second: np.ndarray | None = None, workers: int | None = None,
+) -> tuple[list[Link], list[Link], int]:
+    """The links that make two rows one film (``exact``, ``hash``, ``keypoints``), the other
+    grey-band pairs keypoint matching decided (``keypoints_same_patient``, ``different_film``), and
+    how many band pairs the ``second`` hash pruned (their dhash more than :data:`DHASH_BAND` apart)."""
     edges: list[Link] = []
     hashed = kept[kept["sha256"] != ""]
     for _, group in hashed.groupby("sha256", sort=False):
@@ -80,14 +83,18 @@ def _links(
         edges += [(idx[0], j, "exact", 0, -1) for j in idx[1:]]
     band_rows: list[Link] = []
     if bits is None:
-        return edges, band_rows
+        return edges, band_rows, 0
     wide = max(max_distance, band[1]) if paths is not None else max_distance
     close = near_pairs(bits, wide)
     edges += [(i, j, "hash", d, -1) for i, j, d in close if d <= max_distance]
     if paths is None:
-        return edges, band_rows
+        return edges, band_rows, 0
     low = max(band[0], max_distance + 1)
-    decided = band_decisions(close, list(kept["image_id"]), list(paths), low, band[1])
+    candidates = [p for p in close if low <= p[2] <= band[1]]
+    pruned = 0
+    if second is not None:
+        candidates, pruned = prune_band(candidates, second)
+    decided = band_decisions(candidates, list(kept["image_id"]), list(paths), low, band[1], workers=workers)
     index = {image_id: k for k, image_id in enumerate(kept["image_id"])}
     patient = kept["patient_id"].to_numpy()
     for r in decided.itertuples(index=False):
@@ -98,7 +105,35 @@ def _links(
                     "keypoints_same_patient" if patient[i] == patient[j] else "keypoints")
         row = (i, j, evidence, int(r.distance), int(r.inliers))
         (edges if evidence == "keypoints" else band_rows).append(row)
-    return edges, band_rows
+    return edges, band_rows, pruned
+
+
+def prune_band(candidates: Sequence[tuple[int, int, int]], second: np.ndarray,
+               max_second: int | None = None, per_image: int | None = None) -> tuple[list[tuple[int, int, int]], int]:
+    """The grey-band pairs ``(i, j, pHash distance)`` worth keypoint matching, in their order, and
+    how many were set aside: a copy stays close on both hashes, so a pair whose gradient hashes
+    (rows of ``second``) are more than ``max_second`` (:data:`DHASH_BAND`) apart goes; of the rest a
+    pair stays only when it is among the ``per_image`` (:data:`BAND_PER_IMAGE`) closest of one of
+    its images (by the sum of both distances; ties by position), which bounds the band by
+    ``per_image`` pairs per image whatever the number of images."""
+    max_second = DHASH_BAND if max_second is None else max_second
+    per_image = BAND_PER_IMAGE if per_image is None else per_image
+    if not candidates:
+        return [], 0
+    second_d = distances(second, candidates)
+    near = np.flatnonzero(second_d <= max_second)
+    pairs = np.asarray(candidates, dtype=np.int64)[near]
+    score = pairs[:, 2] + second_d[near]
+    # Rank each image's pairs (both ends) by score, ties by position; keep each image's first per_image.
+    node = np.r_[pairs[:, 0], pairs[:, 1]]
+    which = np.r_[np.arange(len(pairs)), np.arange(len(pairs))]
+    order = np.lexsort((which, np.r_[score, score], node))
+    first = np.r_[0, np.flatnonzero(np.diff(node[order])) + 1]
+    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    keep = np.zeros(len(pairs), dtype=bool)
+    keep[which[order[rank < per_image]]] = True
+    kept = [tuple(int(v) for v in pair) for pair in pairs[keep]]
+    return kept, len(candidates) - len(kept)
 
 
 def _copy_drops(
@@ -133,7 +168,7 @@ def _copy_drops(
 
 def find_duplicates(
     kept: pd.DataFrame, bits: np.ndarray | None, max_distance: int, paths: Sequence[Path] | None = None,
-    band: tuple[int, int] = (BAND_LOW, BAND_HIGH),
+    band: tuple[int, int] = (BAND_LOW, BAND_HIGH), second: np.ndarray | None = None, workers: int | None = None,
 ) -> DuplicateScan:
     """Find every copy among ``kept``'s rows, choose the image to keep, and join their patients.
 
@@ -141,7 +176,9 @@ def find_duplicates(
     bits), their perceptual hashes differ by at most ``max_distance`` bits (``hash``), or, given
     ``paths`` (each row's image file), when their distance lies in the grey ``band`` above
     ``max_distance`` and keypoint matching finds one film (``keypoints``,
-    :mod:`data_prep.copies`).  In each linked group the image of the earliest source in
+    :mod:`data_prep.copies`; given ``second``, the rows' gradient hashes, only band pairs whose
+    gradient hashes are at most :data:`DHASH_BAND` apart are matched, by ``workers`` processes).
+    In each linked group the image of the earliest source in
     :data:`SOURCES` (then the smallest ``image_id``) is kept; a group whose images carry
     different labels is dropped whole (``duplicate_conflict``).  The patients of linked images,
     within and across sources, are joined as connected components over every link: one film
@@ -149,7 +186,7 @@ def find_duplicates(
     merged id is the group's earliest patient id (same order).
     """
     kept = kept.reset_index(drop=True)
-    edges, band_rows = _links(kept, bits, max_distance, paths, band)
+    edges, band_rows, pruned = _links(kept, bits, max_distance, paths, band, second, workers)
     drops = _copy_drops(kept, bits, max_distance, edges)
     pairs = pd.DataFrame(
         [(kept.at[i, "image_id"], kept.at[j, "image_id"], kept.at[i, "patient_id"], kept.at[j, "patient_id"],
@@ -157,7 +194,7 @@ def find_duplicates(
          for i, j, evidence, distance, inliers in edges + band_rows],
         columns=list(PAIR_COLUMNS))
     patient_of, merges = _merge_patients(kept, edges)
-    return DuplicateScan(drops=drops, pairs=pairs, patient_of=patient_of, merges=merges)
+    return DuplicateScan(drops=drops, pairs=pairs, patient_of=patient_of, merges=merges, band_pruned=pruned)
 
 
 def _merge_patients(kept: pd.DataFrame, edges: Sequence[Link]) -> tuple[dict[str, str], list[dict[str, object]]]:
@@ -202,6 +239,7 @@ def merge_summary(scan: DuplicateScan) -> dict[str, object]:
         "across_sources": sum(len(m["sources"]) > 1 for m in scan.merges),
         "nih_rsna": sum({"nih", "rsna"} <= set(m["sources"]) for m in scan.merges),
         "band_pairs": int((scan.pairs["evidence"].isin(BAND_EVIDENCE)).sum()),
+        "band_pruned": scan.band_pruned,
         "band_same_film": int((scan.pairs["evidence"] == "keypoints").sum()),
         "band_same_patient": int((scan.pairs["evidence"] == "keypoints_same_patient").sum()),
         "merges": scan.merges,

@@ -44,7 +44,7 @@ from data_prep.fetch import (
 )
 from data_prep.pins import PACKAGED, PINNED, SUBSETS
 from data_prep.sources import SOURCES
-from data_prep.table import sha256_file
+from data_prep.fingerprint import sha256_file
 
 __all__ = ["DownloadError", "download", "download_github", "download_nih", "download_nih_subset", "download_rsna",
            "nih_metadata"]

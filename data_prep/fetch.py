@@ -39,7 +39,7 @@ from pathlib import Path
 from data_prep.progress import tqdm
 
 from data_prep.errors import WorkbookError
-from data_prep.table import sha256_file
+from data_prep.fingerprint import sha256_file
 
 #: The environment variable naming a mirror of the upstream hosts (see :func:`mirrored`).
 MIRROR_ENV = "CXR_DOWNLOAD_BASE"

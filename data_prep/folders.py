@@ -36,7 +36,8 @@ from data_prep.metadata import MetadataLog, read_metadata_csv
 from data_prep.progress import tqdm
 from data_prep.schema import CLASSES, FOLDER_PREFIX, TABLE_COLUMNS
 from data_prep.sources import parse_age, parse_sex
-from data_prep.table import DROP_COLUMNS, sha256_file
+from data_prep.fingerprint import file_digests
+from data_prep.table import DROP_COLUMNS
 
 #: Subfolder names taken as each class without being asked (compared by :func:`folder_key`).
 CLASS_ALIASES: dict[str, tuple[str, ...]] = {
@@ -327,6 +328,7 @@ def scan_folder(folder: Path, source: str, folder_classes: Mapping[str, str] | N
     metadata, conflicts = _metadata_rows(scan, listing)
     unmapped: dict[str, int] = {}
     without_patient, from_header = 0, 0
+    files: list[Path] = []
     for rel, (file, subfolder, cls) in tqdm(sorted(listing.items()), desc=f"{source}: files", unit="file"):
         image_id = f"{source}:{rel}"
         if not cls:
@@ -348,7 +350,11 @@ def scan_folder(folder: Path, source: str, folder_classes: Mapping[str, str] | N
         row = _table_row(given, header, cls, subfolder)
         scan.rows.append({**row, "image_id": image_id, "source": source, "path": _manifest_path(file, data_dir),
                           "patient_id": f"{source}:{given.get('patient_id') or rel}",
-                          "sha256": sha256_file(file) if hash_images else ""})
+                          "sha256": ""})
+        files.append(file)
+    if hash_images:
+        for row, digest in zip(scan.rows, file_digests(files)):
+            row["sha256"] = digest
     n = len(scan.rows)
     patient_warning = _patient_warning(scan, n, without_patient, (folder / METADATA_NAME).is_file())
     scan.info.update({

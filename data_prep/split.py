@@ -192,10 +192,13 @@ def check_no_leak(manifest: pd.DataFrame, column: str = "split", data_dir: Path 
 
 
 def _check_no_near_copy(manifest: pd.DataFrame, column: str, data_dir: Path, max_distance: int) -> None:
-    from data_prep.fingerprint import near_pairs, phash  # decoding is only needed for this check
+    from data_prep.fingerprint import UnreadableImageError, fingerprints, near_pairs  # only this check decodes
 
     rows = manifest.reset_index(drop=True)
-    bits = np.array([phash(data_dir / p) for p in rows["path"]], dtype=bool)
+    found, errors = fingerprints([data_dir / p for p in rows["path"]])  # from the store after curation
+    if errors:
+        raise UnreadableImageError(errors[min(errors)])
+    bits = np.array([f.phash for f in found], dtype=bool)
     split = rows[column].astype(str).to_numpy()
     crossing = [(i, j, d) for i, j, d in near_pairs(bits, max_distance) if split[i] != split[j]]
     if crossing:

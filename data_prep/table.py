@@ -14,7 +14,6 @@ be there under a wrong name are listed under ``Report.warnings``.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import re
 import sys
 from collections.abc import Sequence
@@ -22,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from data_prep.progress import tqdm
 
+from data_prep.fingerprint import file_digests
 from data_prep.metadata import MetadataLog, SourceFormatError, SourceNotFoundError
 from data_prep.schema import CLASSES, TABLE_COLUMNS
 from data_prep.sources import SOURCES
@@ -32,7 +31,6 @@ from data_prep.sources import SOURCES
 DROP_COLUMNS: tuple[str, ...] = ("image_id", "reason", "detail")
 #: How many example rows a report prints per problem.
 EXAMPLES_SHOWN = 5
-HASH_CHUNK_BYTES = 1 << 20
 #: How alike (difflib ratio) a folder name must be to a source folder's name to be named as a
 #: probably misnamed copy of it ("covid-chestxray-dataset-master" against "covid-chestxray-dataset").
 NEAR_NAME_RATIO = 0.8
@@ -72,15 +70,6 @@ class Report:
             examples = "; ".join(group["detail"].head(EXAMPLES_SHOWN))
             lines.append(f"  skipped {len(group)} row(s), {reason}: e.g. {examples}")
         return "\n".join(lines)
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _folder_names(names: Sequence[str]) -> str:
@@ -229,7 +218,7 @@ def _source_rows(
 
 
 def load_table(
-    data_dir: Path, sources: Sequence[str] | None = None, hash_images: bool = True
+    data_dir: Path, sources: Sequence[str] | None = None, hash_images: bool = True, workers: int | None = None
 ) -> tuple[pd.DataFrame, Report]:
     """Read every (or the named) source under ``data_dir`` into one table with ``TABLE_COLUMNS``.
 
@@ -240,7 +229,8 @@ def load_table(
     listed with different labels or patients (``conflicting_rows``), paths leaving their source
     folder (``unsafe_path``) and rows whose image file is absent.  Damaged or unpinned metadata
     files and misnamed source folders are listed (and printed to stderr) as ``Report.warnings``.
-    With ``hash_images`` each image's SHA-256 is computed (progress bar), else ``sha256`` is "".
+    With ``hash_images`` each image's SHA-256 is taken (:func:`data_prep.fingerprint.file_digests`:
+    from the fingerprint store, or read by ``workers`` threads), else ``sha256`` is "".
     ``table.attrs["data_dir"]`` records ``data_dir`` for :func:`data_prep.curate.curate`.
     Raises :class:`SourceNotFoundError` when ``data_dir`` or an explicitly named source folder is
     missing, or when no source is present; :class:`SourceFormatError` naming the file and source
@@ -277,9 +267,7 @@ def load_table(
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS)).sort_values("image_id", ignore_index=True)
     table["age"] = table["age"].astype(float)
     if hash_images:
-        table["sha256"] = [
-            sha256_file(data_dir / p) for p in tqdm(table["path"], desc="hashing images", unit="image")
-        ]
+        table["sha256"] = file_digests([data_dir / p for p in table["path"]], workers)
     bad = set(table["label"]) - set(CLASSES) - {""}
     if bad:  # an adapter bug, not a data problem: fail loudly rather than curate nonsense
         raise SourceFormatError(f"adapters produced labels outside {CLASSES}: {sorted(bad)}")

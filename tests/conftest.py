@@ -22,6 +22,17 @@ def _find_data_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fingerprint_store(tmp_path_factory):
+    """The session's fingerprint store, in its temporary folder: tests never write the user's cache."""
+    from data_prep.fingerprint import STORE_ENV
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv(STORE_ENV, str(tmp_path_factory.mktemp("fingerprints") / "fingerprints.sqlite"))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The folder of real upstream sources; tests that need it fail in CI and skip elsewhere."""

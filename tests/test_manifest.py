@@ -80,7 +80,7 @@ def test_train_and_grid_stop_with_exit_2_and_one_line(data_dir, tmp_path, capsys
 def test_a_source_image_replaced_after_curation_is_refused_at_the_cache(data_dir, tmp_path):
     import shutil
 
-    from data_prep.table import sha256_file
+    from data_prep.fingerprint import sha256_file
     from nbhelpers.pipeline.cache import SourceChangedError, build_cache
     from nbhelpers.pipeline.preprocess import PreprocessConfig
 

@@ -38,7 +38,7 @@ from data_prep.atomic import write_text
 from data_prep.errors import WorkbookError
 from data_prep.images import ImageReadError, load_gray
 from data_prep.schema import CLASSES, SPLITS, label_index
-from data_prep.table import sha256_file
+from data_prep.fingerprint import sha256_file
 from nbhelpers.settings.config import display_path
 from nbhelpers.pipeline.preprocess import (
     PIPELINE_VERSION,

@@ -41,7 +41,7 @@ def describe_manifest(manifest: Path | str) -> str:
     """``manifest M (SHA-256 0123456789ab; train 210, val 30, test 60 images)``: which curated
     set a table was made from.  The split counts are left out for a manifest without a ``split``
     column."""
-    from data_prep.table import sha256_file
+    from data_prep.fingerprint import sha256_file
 
     path = Path(manifest)
     digest = sha256_file(path)[:HASH_DIGITS]

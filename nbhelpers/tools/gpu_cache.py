@@ -59,7 +59,7 @@ def pack(cache: ImageCache, manifest: pd.DataFrame, out: Path, command: str,
     import numpy as np
 
     from data_prep import atomic
-    from data_prep.table import sha256_file
+    from data_prep.fingerprint import sha256_file
 
     arrays = {}
     for name in cache.splits:
@@ -101,7 +101,7 @@ def read_packed(folder: Path, size: int | None = None, per_split: int | None = N
     import numpy as np
     import pandas as pd
 
-    from data_prep.table import sha256_file
+    from data_prep.fingerprint import sha256_file
     from nbhelpers.pipeline.cache import CachedSplit
 
     build = f"`workbook gpu-check build-cache --data-dir D --out {folder}` where the sources are"

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
@@ -144,7 +142,7 @@ def band_decisions(pairs: Sequence[tuple[int, int, int]], image_ids: Sequence[st
     same for any number.  Returns one row per band pair: image_a, image_b, distance, matches,
     inliers, same_film.
     """
-    from data_prep.fingerprint import default_workers
+    from data_prep.fingerprint import default_workers, worker_pool
 
     band = [(i, j, d) for i, j, d in pairs if low <= d <= high]
     tasks = [(image_ids[i], str(paths[i]), image_ids[j], str(paths[j])) for i, j, _ in band]
@@ -156,7 +154,7 @@ def band_decisions(pairs: Sequence[tuple[int, int, int]], image_ids: Sequence[st
     else:
         blocks = [tasks[k:k + MATCH_BLOCK] for k in range(0, len(tasks), MATCH_BLOCK)]
         results = []
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool, \
+        with worker_pool(workers) as pool, \
                 tqdm(total=len(tasks), desc="grey band: keypoint matching", unit="pair") as bar:
             for block, found in zip(blocks, pool.map(_match_block, blocks)):
                 results += found

@@ -19,6 +19,7 @@ import pandas as pd
 
 from data_prep.copies import BAND_HIGH, BAND_LOW, BAND_PER_IMAGE, DHASH_BAND, band_decisions
 from data_prep.fingerprint import distances, near_pairs
+from data_prep.progress import timed
 from data_prep.sources import SOURCES
 
 #: The evidence values of grey-band pairs decided by keypoints in ``duplicates.csv``.
@@ -85,7 +86,8 @@ def _links(
     if bits is None:
         return edges, band_rows, 0
     wide = max(max_distance, band[1]) if paths is not None else max_distance
-    close = near_pairs(bits, wide)
+    with timed("near pairs (pHash, all pairs)", len(bits)):
+        close = near_pairs(bits, wide)
     edges += [(i, j, "hash", d, -1) for i, j, d in close if d <= max_distance]
     if paths is None:
         return edges, band_rows, 0
@@ -93,8 +95,10 @@ def _links(
     candidates = [p for p in close if low <= p[2] <= band[1]]
     pruned = 0
     if second is not None:
-        candidates, pruned = prune_band(candidates, second)
-    decided = band_decisions(candidates, list(kept["image_id"]), list(paths), low, band[1], workers=workers)
+        with timed("grey band pruned (dhash, per-image bound)", len(candidates)):
+            candidates, pruned = prune_band(candidates, second)
+    with timed("grey band keypoint matching", len(candidates)):
+        decided = band_decisions(candidates, list(kept["image_id"]), list(paths), low, band[1], workers=workers)
     index = {image_id: k for k, image_id in enumerate(kept["image_id"])}
     patient = kept["patient_id"].to_numpy()
     for r in decided.itertuples(index=False):

@@ -2,7 +2,8 @@
 
 ``workbook download --to DIR [--sources ieee8023 figure1 actualmed rsna nih] [--mirror URL]``
 
-* ieee8023, Figure1, Actualmed: the GitHub archive of each pinned commit (:data:`data_prep.pins.PINNED`),
+* ieee8023, Figure1, Actualmed: the GitHub archive of each pinned commit (each entry's ``pin`` in
+  :data:`data_prep.sources.SOURCES`),
   checked before it is unpacked (the whole gzip stream, and the SHA-256 of the metadata file
   inside, which is byte-identical to the development mirror's).
 * RSNA Pneumonia Detection Challenge: the competition archive from Kaggle's API with the user's
@@ -26,6 +27,7 @@ line naming the source, what went wrong and how to fetch it by hand (exit status
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import importlib.metadata
@@ -42,7 +44,7 @@ from data_prep.credentials import kaggle_credentials
 from data_prep.fetch import (
     MIRROR_ENV, DownloadError, check_tar, check_zip, fetch_verified, mirror_base, mirrored, unpack_tar, unpack_zip,
 )
-from data_prep.pins import PACKAGED, PINNED, SUBSETS
+from data_prep.pins import PACKAGED, SUBSETS
 from data_prep.sources import SOURCES
 from data_prep.fingerprint import sha256_file
 
@@ -97,7 +99,7 @@ def download_github(name: str, to: Path, mirror: str | None = None) -> Path:
     manual way when the folder holds another version, the archive cannot be fetched, or it comes
     twice without the pinned metadata.
     """
-    snap = PINNED[name]
+    snap = SOURCES[name].pin
     folder = to / SOURCES[name].folders[0]
     check = folder / snap.check_file
     if folder.exists():
@@ -322,25 +324,35 @@ def download_rsna(to: Path, mirror: str | None = None) -> Path:
 def download(to: Path, sources: Sequence[str] = DEFAULT_SOURCES, mirror: str | None = None) -> dict[str, Path]:
     """Fetch each of ``sources`` into ``to``, from ``mirror`` when given (else ``$CXR_DOWNLOAD_BASE``
     or upstream); return their folders.  Raises :class:`DownloadError` at the first failure."""
-    unknown = [s for s in sources if s not in DOWNLOADS]
+    known = downloads()
+    unknown = [s for s in sources if s not in known]
     if unknown:
-        raise DownloadError(f"unknown source(s) {unknown}; known: {', '.join(DOWNLOADS)}")
+        raise DownloadError(f"unknown source(s) {unknown}; known: {', '.join(known)}")
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
-    return {name: DOWNLOADS[name](to, mirror) for name in sources}
+    return {name: known[name](to, mirror) for name in sources}
 
 
-def _github(name: str) -> Callable[[Path, str | None], Path]:
-    return lambda to, mirror: download_github(name, to, mirror)
-
-
-#: How each downloadable set is fetched: ``(to, mirror) -> folder``, one entry per name.
-DOWNLOADS: dict[str, Callable[[Path, str | None], Path]] = {
-    **{name: _github(name) for name in PINNED},
-    "rsna": download_rsna,
-    "nih": download_nih,
-    "nih-subset": download_nih_subset,
+#: How each kind of source (``Source.fetch``) is fetched: ``(name, to, mirror) -> folder``.
+FETCHERS: dict[str, Callable[[str, Path, str | None], Path]] = {
+    "github": download_github,
+    "kaggle": lambda name, to, mirror: download_rsna(to, mirror),
+    "nih-box": lambda name, to, mirror: download_nih(to, mirror),
 }
+#: Downloadable sets that are part of a source rather than a source: ``(to, mirror) -> folder``.
+PART_DOWNLOADS: dict[str, Callable[[Path, str | None], Path]] = {"nih-subset": download_nih_subset}
+
+
+def downloads() -> dict[str, Callable[[Path, str | None], Path]]:
+    """Every downloadable set by name: each source of :data:`SOURCES` that names its ``fetch``
+    (read when called, so a source added there is downloadable at once), then :data:`PART_DOWNLOADS`."""
+    out = {}
+    for name, source in SOURCES.items():
+        if source.fetch:
+            if source.fetch not in FETCHERS:
+                raise ValueError(f"source {name!r}: fetch {source.fetch!r} is none of {', '.join(FETCHERS)}")
+            out[name] = functools.partial(FETCHERS[source.fetch], name)
+    return {**out, **PART_DOWNLOADS}
 
 
 def add_download_arguments(parser: argparse.ArgumentParser) -> None:
@@ -348,7 +360,7 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", type=Path, required=True, metavar="FOLDER",
                         help="data directory to fill (becomes $CXR_DATA_DIR)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--sources", nargs="+", choices=list(DOWNLOADS), default=list(DEFAULT_SOURCES),
+    which.add_argument("--sources", nargs="+", choices=list(downloads()), default=list(DEFAULT_SOURCES),
                        help=f"default: {' '.join(DEFAULT_SOURCES)} (nih is about 45 GB; nih-subset is 1,000 of its "
                             "films, no credentials)")
     which.add_argument("--teach", action="store_const", dest="sources", const=list(TEACH_SOURCES),

@@ -21,14 +21,16 @@ Fingerprinting scales to the archives' size:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ from PIL import Image
 
 from data_prep.images import ImageReadError
 from data_prep.images import load_gray as decode_gray
-from data_prep.progress import tqdm
+from data_prep.progress import timed, tqdm
 
 #: Side of the square hash grid: 16 gives a 256-bit perceptual hash.  64 bits (8) is too coarse
 #: for chest X-rays, which all look alike at that scale: on the mirror, different patients' films
@@ -119,6 +121,23 @@ def _fingerprint_chunk(paths: Sequence[str]) -> list[tuple[bytes, bytes, str]]:
 
 def _digest_chunk(paths: Sequence[str]) -> list[str]:
     return [sha256_file(Path(p)) for p in paths]
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """``workers`` processes for decoding and matching, forked where the system can (a worker
+    starts at once and imports nothing again), else spawned.  OpenCV runs on one thread while
+    the pool lives: a child forked while OpenCV's own thread pool is set up waits on it forever."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
+            yield pool
+    finally:
+        cv2.setNumThreads(before)
 
 
 def default_workers() -> int:
@@ -223,52 +242,55 @@ def _computed(task: Callable[[Sequence[str]], list], todo: Sequence[str], worker
     """Yield ``(path, result)`` for every path of ``todo`` in order, ``task`` run on chunks of
     them by ``workers`` processes (threads for I/O-bound work), with a progress bar."""
     chunks = _chunks(todo, CHUNK)
-    bar = tqdm(total=len(todo), desc=desc, unit="image")
-    try:
+    with tqdm(total=len(todo), desc=desc, unit="image") as bar, contextlib.ExitStack() as stack:
         if workers <= 1 or len(todo) < MIN_PARALLEL:
             results = map(task, chunks)
-            pool = None
+        elif threads:
+            results = stack.enter_context(ThreadPoolExecutor(workers)).map(task, chunks)
         else:
-            pool = (ThreadPoolExecutor(workers) if threads else
-                    ProcessPoolExecutor(workers, mp_context=get_context("spawn")))  # no fork of a threaded kernel
-            results = pool.map(task, chunks)
+            results = stack.enter_context(worker_pool(workers)).map(task, chunks)
         for chunk, result in zip(chunks, results):
             yield from zip(chunk, result)
             bar.update(len(chunk))
-        if pool is not None:
-            pool.shutdown()
-    finally:
-        bar.close()
 
 
-def _resolve(paths: Sequence[Path], workers: int | None, store: FingerprintStore | None):
+def _known(paths: Sequence[Path], workers: int | None, store: FingerprintStore | None, digests: bool
+           ) -> tuple[list[tuple[str, int, int]], dict[str, object]]:
+    """Every path's key and its stored or newly computed value (SHA-256, or packed hashes and error),
+    the new ones computed by ``workers`` (threads for digests, processes for decoding) and
+    committed to the store in batches as they finish."""
     keys = [_key(Path(p)) for p in paths]
     own = store is None
     store = FingerprintStore(store_path()) if own else store
-    return keys, store, own, default_workers() if workers is None else max(1, int(workers))
+    workers = default_workers() if workers is None else max(1, int(workers))
+    lookup, put = (store.digests, store.put_digests) if digests else (store.hashes, store.put_hashes)
+    task, stage, desc = ((_digest_chunk, "SHA-256 of files", "hashing files (SHA-256)") if digests else
+                         (_fingerprint_chunk, "decode + perceptual hashes", "decoding + perceptual hash"))
+    try:
+        known = lookup(keys)
+        todo = sorted({k[0] for k in keys} - set(known))
+        by_path = {k[0]: k for k in keys}
+        batch: list = []
+        with timed(stage, len(todo)):
+            for path, value in _computed(task, todo, workers, digests, desc):
+                known[path] = value
+                batch.append((by_path[path], value))
+                if len(batch) >= COMMIT_EVERY:
+                    put(batch)
+                    batch = []
+            put(batch)
+    finally:
+        if own:
+            store.close()
+    return keys, known
 
 
 def file_digests(paths: Sequence[Path], workers: int | None = None,
                  store: FingerprintStore | None = None) -> list[str]:
     """The SHA-256 of every file (FileNotFoundError for a missing one), from the store where a
     file is unchanged, else read by ``workers`` threads and stored."""
-    keys, store, own, workers = _resolve(paths, workers, store)
-    try:
-        known = store.digests(keys)
-        todo = sorted({k[0] for k in keys} - set(known))
-        batch = []
-        by_path = {k[0]: k for k in keys}
-        for path, digest in _computed(_digest_chunk, todo, workers, True, "hashing files (SHA-256)"):
-            known[path] = digest
-            batch.append((by_path[path], digest))
-            if len(batch) >= COMMIT_EVERY:
-                store.put_digests(batch)
-                batch = []
-        store.put_digests(batch)
-        return [known[k[0]] for k in keys]
-    finally:
-        if own:
-            store.close()
+    keys, known = _known(paths, workers, store, digests=True)
+    return [known[k[0]] for k in keys]
 
 
 def fingerprints(paths: Sequence[Path], workers: int | None = None, store: FingerprintStore | None = None
@@ -279,22 +301,7 @@ def fingerprints(paths: Sequence[Path], workers: int | None = None, store: Finge
     (default: every core) and stored in batches as they finish.  The result is the same whatever
     the worker count.  Raises FileNotFoundError for a missing file.
     """
-    keys, store, own, workers = _resolve(paths, workers, store)
-    try:
-        known = store.hashes(keys)
-        todo = sorted({k[0] for k in keys} - set(known))
-        by_path = {k[0]: k for k in keys}
-        batch = []
-        for path, result in _computed(_fingerprint_chunk, todo, workers, False, "decoding + perceptual hash"):
-            known[path] = result
-            batch.append((by_path[path], result))
-            if len(batch) >= COMMIT_EVERY:
-                store.put_hashes(batch)
-                batch = []
-        store.put_hashes(batch)
-    finally:
-        if own:
-            store.close()
+    keys, known = _known(paths, workers, store, digests=False)
     out: list[Fingerprint | None] = []
     errors: dict[int, str] = {}
     for i, key in enumerate(keys):

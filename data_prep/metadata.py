@@ -5,7 +5,7 @@ Metadata must be non-empty text in its upstream encoding (UTF-8; Latin-1 for Fig
 than the header, and a last row cut off at the end of the file, are left out and listed in the
 :class:`MetadataLog` (``malformed_row`` once :func:`data_prep.table.load_table` reports them).
 A file that looks truncated, or that differs from the version pinned in
-:data:`data_prep.pins.PINNED` (SHA-256 and row count), is read anyway and gets a line in
+:func:`data_prep.sources.pinned` (SHA-256 and row count), is read anyway and gets a line in
 ``MetadataLog.warnings``.
 """
 
@@ -21,7 +21,6 @@ from pathlib import Path
 import pandas as pd
 
 from data_prep.datadir import DataNotFoundError
-from data_prep.pins import PINNED
 from data_prep.schema import FOLDER_PREFIX
 from data_prep.errors import WorkbookError
 
@@ -108,7 +107,9 @@ def _check_pin(path: Path, raw: bytes, n_rows: int, log: MetadataLog, where: str
     """Warn when ``path`` is the pinned check file of its source but not the pinned bytes; the
     warning gives both hashes and ``n_rows`` (rows read, a cut-off last one not counted) against
     the pinned row count."""
-    snap = PINNED.get(log.source)
+    from data_prep.sources import SOURCES  # here: the sources module reads its metadata through this one
+
+    snap = SOURCES[log.source].pin if log.source in SOURCES else None
     if snap is None or snap.check_file != path.name:
         return
     digest = hashlib.sha256(raw).hexdigest()
@@ -211,6 +212,6 @@ def read_metadata_csv(path: Path, columns: Sequence[str], log: MetadataLog, enco
     if missing:
         raise SourceFormatError(
             f"{path} lacks column(s) {missing}; found {list(frame.columns)}. "
-            "Is this the upstream file at the pinned version (see data_prep.pins.PINNED)?"
+            "Is this the upstream file at the pinned version (see data_prep.sources.pinned())?"
         )
     return frame

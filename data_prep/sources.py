@@ -20,6 +20,7 @@ import pandas as pd
 from data_prep.progress import tqdm
 
 from data_prep.metadata import MetadataLog, read_metadata_csv
+from data_prep.pins import GitSnapshot
 
 #: Ages above this are recording errors (NIH has a few 400+ year-old patients); they become unknown.
 MAX_PLAUSIBLE_AGE = 120
@@ -127,7 +128,9 @@ class Source:
     ``read(folder, log)`` returns one dict per metadata row with the table columns except
     ``image_id``, ``source``, ``sha256``, plus ``row`` (its data row number in the metadata file);
     its ``path`` is relative to ``folder`` and may not exist yet.  Problems with the file go to the
-    :class:`MetadataLog` ``log``.
+    :class:`MetadataLog` ``log``.  ``fetch`` names how ``workbook download`` gets it (a key of
+    :data:`data_prep.download.FETCHERS`: ``github`` at ``pin``, ``kaggle``, ``nih-box``; empty:
+    it cannot be downloaded); ``pin`` is the upstream version it was built against.
     """
 
     name: str
@@ -135,6 +138,8 @@ class Source:
     license: str
     url: str
     read: Callable[[Path, MetadataLog | None], list[dict[str, object]]]
+    fetch: str = ""
+    pin: GitSnapshot | None = None
 
     def find(self, data_dir: Path) -> Path | None:
         """Return this source's folder under ``data_dir``, or None when none of its names exists."""
@@ -289,15 +294,28 @@ def _read_rsna(folder: Path, log: MetadataLog | None = None) -> list[dict[str, o
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in (
+        # The GitHub sources at the commits of the development mirror (see its SOURCES.md), with the
+        # SHA-256 of their metadata and its number of data rows (a differing file gets a warning).
         Source("ieee8023", ("covid-chestxray-dataset",), "per image (metadata.csv license column)",
-               "https://github.com/ieee8023/covid-chestxray-dataset", _read_ieee8023),
+               "https://github.com/ieee8023/covid-chestxray-dataset", _read_ieee8023, "github",
+               GitSnapshot("ieee8023/covid-chestxray-dataset", "584034aa", "metadata.csv",
+                           "e46ffab4cdeb4866491d32afe466baefd7acbcf268a75c260f81d8520b8664a0", 751)),
         Source("figure1", ("Figure1-COVID-chestxray-dataset",), SOURCES_LICENSES["figure1"],
-               "https://github.com/agchung/Figure1-COVID-chestxray-dataset", _read_figure1),
+               "https://github.com/agchung/Figure1-COVID-chestxray-dataset", _read_figure1, "github",
+               GitSnapshot("agchung/Figure1-COVID-chestxray-dataset", "95bb569e", "metadata.csv",
+                           "c4a6313343797ed8f052d2887e451013f93ecc8ebec4b05d0f1bb6d2eee42db7", 55)),
         Source("actualmed", ("Actualmed-COVID-chestxray-dataset",), SOURCES_LICENSES["actualmed"],
-               "https://github.com/agchung/Actualmed-COVID-chestxray-dataset", _read_actualmed),
+               "https://github.com/agchung/Actualmed-COVID-chestxray-dataset", _read_actualmed, "github",
+               GitSnapshot("agchung/Actualmed-COVID-chestxray-dataset", "27240dd8", "metadata.csv",
+                           "df7d0b406282d9b8e7163316c9028410f50502ea55159863d798bc6e0c35e10e", 238)),
         Source("rsna", ("rsna-pneumonia-detection-challenge",), SOURCES_LICENSES["rsna"],
-               "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge", _read_rsna),
+               "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge", _read_rsna, "kaggle"),
         Source("nih", ("ChestX-ray14", "nih-cxr14-subset"), SOURCES_LICENSES["nih"],
-               "https://nihcc.app.box.com/v/ChestXray-NIHCC", _read_nih),
+               "https://nihcc.app.box.com/v/ChestXray-NIHCC", _read_nih, "nih-box"),
     )
 }
+
+
+def pinned() -> dict[str, GitSnapshot]:
+    """Every source pinned to a GitHub commit, by name (read from :data:`SOURCES` when called)."""
+    return {name: s.pin for name, s in SOURCES.items() if s.pin is not None}

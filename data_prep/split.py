@@ -188,7 +188,10 @@ def check_no_leak(manifest: pd.DataFrame, column: str = "split", data_dir: Path 
                 "Split with data_prep.split.split_by_patient instead of per image."
             )
     if data_dir is not None and len(manifest):
-        _check_no_near_copy(manifest, column, Path(data_dir), max_distance)
+        from data_prep.progress import timed
+
+        with timed("leak check (pHash, across splits)", len(manifest)):
+            _check_no_near_copy(manifest, column, Path(data_dir), max_distance)
 
 
 def _check_no_near_copy(manifest: pd.DataFrame, column: str, data_dir: Path, max_distance: int) -> None:

@@ -3,6 +3,7 @@ errors, mirror URLs, Kaggle credentials (the whole command: tests/test_download_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import download as dl
 from data_prep.credentials import CredentialsError, kaggle_credentials
 from data_prep.download import DownloadError, download_github
 from data_prep.fetch import MIRROR_ENV, fetch, mirrored
 from data_prep.pins import GitSnapshot
+from data_prep.sources import SOURCES
 from nbhelpers.tools.cli import main
 
 
@@ -101,12 +102,13 @@ def test_github_snapshot_is_extracted_and_verified(server, tmp_path: Path, monke
                        hashlib.sha256(metadata).hexdigest())
     _github_archive(root, f"github.com/{snap.repo}/archive/{snap.commit}.tar.gz",
                     "Figure1-COVID-chestxray-dataset-95bb569e", metadata)
-    monkeypatch.setitem(dl.PINNED, "figure1", snap)
+    monkeypatch.setitem(SOURCES, "figure1", dataclasses.replace(SOURCES["figure1"], pin=snap))
     folder = download_github("figure1", tmp_path / "data", mirror=base)
     assert folder == tmp_path / "data" / "Figure1-COVID-chestxray-dataset"
     assert (folder / "metadata.csv").read_bytes() == metadata and (folder / "images" / "a.png").is_file()
     # A different version upstream is refused rather than silently used.
-    monkeypatch.setitem(dl.PINNED, "figure1", GitSnapshot(snap.repo, snap.commit, "metadata.csv", "f" * 64))
+    monkeypatch.setitem(SOURCES, "figure1", dataclasses.replace(
+        SOURCES["figure1"], pin=GitSnapshot(snap.repo, snap.commit, "metadata.csv", "f" * 64)))
     with pytest.raises(DownloadError, match="metadata.csv has SHA-256"):
         download_github("figure1", tmp_path / "other", mirror=base)
     assert not (tmp_path / "other" / "Figure1-COVID-chestxray-dataset").exists()

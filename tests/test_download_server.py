@@ -24,11 +24,12 @@ import pytest
 from data_prep import download as dl
 from data_prep import fetch
 from data_prep.credentials import kaggle_credentials
-from data_prep.pins import PACKAGED, PINNED, SUBSETS
-from data_prep.sources import SOURCES
+from data_prep.pins import PACKAGED, SUBSETS, GitSnapshot
+from data_prep.sources import SOURCES, Source, pinned
 from nbhelpers.tools.cli import main
 
 GITHUB = ("ieee8023", "figure1", "actualmed")
+PINNED = pinned()
 FAKE_USER, FAKE_KEY = "cxr-tester", "f4k3-k4ggl3-k3y-0123456789abcdef"
 STORAGE = "/storage.googleapis.com/kaggle-competitions/rsna.zip"
 
@@ -191,6 +192,33 @@ def test_github_sources_from_a_mirror_with_progress_then_nothing_on_a_rerun(upst
     before = len(upstream.requests)
     assert main(["download", "--to", str(tmp_path), "--sources", *GITHUB]) == 0
     assert len(upstream.requests) == before  # the rerun asks the server nothing
+
+
+def test_a_source_added_in_one_place_is_downloaded_and_read(upstream, data_dir, tmp_path, capsys, monkeypatch):
+    """A throwaway source, one entry in SOURCES (its reader, folder, fetch kind and pin): the
+    download command offers and fetches it, and the source table reads it."""
+    from data_prep.sources import _read_csv
+    from data_prep.table import load_table
+
+    def read(folder: Path, log=None) -> list[dict[str, object]]:
+        frame = _read_csv(folder / "listing.csv", ("file", "finding", "patient"), log)
+        return [{"row": r.Index, "path": f"films/{r.file}", "patient_id": str(r.patient), "label": r.finding,
+                 "finding": r.finding, "view": "PA", "modality": "X-ray", "age": float("nan"), "sex": "",
+                 "license": "CC0"} for r in frame.itertuples()]
+
+    films = sorted((data_dir / SOURCES["ieee8023"].folders[0] / "images").glob("*.jp*g"))[:2]
+    listing = "file,finding,patient\n" + "".join(f"{p.name},covid,{k}\n" for k, p in enumerate(films))
+    pin = GitSnapshot("someone/thrown-away", "0123abcd", "listing.csv", hashlib.sha256(listing.encode()).hexdigest())
+    monkeypatch.setitem(SOURCES, "thrown", Source("thrown", ("thrown-away",), "CC0", "https://example.org", read,
+                                                  "github", pin))
+    files = {"listing.csv": listing.encode(), **{f"films/{p.name}": p.read_bytes() for p in films}}
+    upstream.files[_url_path(dl.GITHUB_ARCHIVE.format(repo=pin.repo, commit=pin.commit))] = _tar_gz(
+        {f"thrown-away-{pin.commit}/{k}": v for k, v in files.items()})
+    assert main(["download", "--to", str(tmp_path), "--sources", "thrown"]) == 0
+    assert f"thrown: {tmp_path / 'thrown-away'}" in capsys.readouterr().out
+    table, report = load_table(tmp_path, sources=["thrown"])
+    assert list(table["source"]) == ["thrown", "thrown"] and report.warnings == []
+    assert set(table["image_id"]) == {f"thrown:thrown-away/films/{p.name}" for p in films}
 
 
 def test_a_transfer_cut_halfway_resumes_from_the_partial_file(upstream, data_dir, tmp_path, capsys):

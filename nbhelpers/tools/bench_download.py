@@ -25,10 +25,10 @@ from pathlib import Path
 
 from data_prep.datadir import DataNotFoundError
 from data_prep.datadir import data_dir as resolve_data_dir
-from data_prep.download import GITHUB_ARCHIVE, DOWNLOADS, NIH_METADATA, TEACH_SOURCES
+from data_prep.download import GITHUB_ARCHIVE, NIH_METADATA, TEACH_SOURCES, downloads
 from data_prep.options import add_data_dir, add_out
-from data_prep.pins import PINNED, SUBSETS
-from data_prep.sources import SOURCES
+from data_prep.pins import SUBSETS
+from data_prep.sources import SOURCES, pinned
 from nbhelpers.tools.bench import emit, header
 
 REPORT = "teach_download.txt"
@@ -45,13 +45,13 @@ def _pack(files: dict[str, Path], dest: Path) -> int:
 
 def _archive_files(name: str, data_dir: Path) -> tuple[str, str, dict[str, Path]]:
     """The repository, commit and archive members (``<repo>-<commit>/...``) of teaching source ``name``."""
-    subset = SUBSETS["nih"]
-    folder = SOURCES[name].find(data_dir) if name in PINNED else data_dir / SOURCES["nih"].folders[1]
+    subset, pins = SUBSETS["nih"], pinned()
+    folder = SOURCES[name].find(data_dir) if name in pins else data_dir / SOURCES["nih"].folders[1]
     if folder is None or not folder.is_dir():
         raise DataNotFoundError(f"{name}: not under {data_dir}; fetch the teaching sources first with "
                                 "`workbook download --to FOLDER --teach`")
-    if name in PINNED:
-        repo, commit = PINNED[name].repo, PINNED[name].commit
+    if name in pins:
+        repo, commit = pins[name].repo, pins[name].commit
         members = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     else:
         repo, commit = subset.repo, subset.commit
@@ -81,10 +81,10 @@ def bench_download(data_dir: Path) -> list[str]:
             lines = ["| source | archive MB | seconds | MB/s | rerun seconds |", "|---|---|---|---|---|"]
             for name in TEACH_SOURCES:
                 started = time.perf_counter()
-                DOWNLOADS[name](to, mirror)
+                downloads()[name](to, mirror)
                 took = time.perf_counter() - started
                 started = time.perf_counter()
-                DOWNLOADS[name](to, mirror)
+                downloads()[name](to, mirror)
                 again = time.perf_counter() - started
                 lines.append(f"| {name} | {sizes[name] / 1e6:.1f} | {took:.1f} | {sizes[name] / 1e6 / took:.0f} | "
                              f"{again:.3f} |")

@@ -30,7 +30,7 @@ from nbhelpers.experiments import probes
 from nbhelpers.models import complexity
 from nbhelpers.tools import bench, bench_train, outputs
 from nbhelpers.tools import bench_engine
-from nbhelpers.tools import bench_ddp, bench_download, gpu_cache, gpu_check, lung_box
+from nbhelpers.tools import bench_curate, bench_ddp, bench_download, gpu_cache, gpu_check, lung_box
 from nbhelpers.tools import run as workbook_run
 from nbhelpers.training import command as training_command
 
@@ -92,6 +92,8 @@ SUBCOMMANDS: dict[str, Subcommand | dict[str, Subcommand]] = {
                              bench_engine.add_arguments, bench_engine.run_command),
         "download": Subcommand("`workbook download --teach` from a local server: bytes and seconds per source",
                                bench_download.add_arguments, bench_download.run_command),
+        "curate": Subcommand("curation of 1,000 to 64,000 synthetic films: stages, band, memory, planted copies",
+                             bench_curate.add_arguments, bench_curate.run_command),
     },
     "lung-box": Subcommand("the lung-crop rule against the ieee8023 lung masks",
                            lung_box.add_lung_box_arguments, lung_box.run_lung_box_command),

@@ -53,6 +53,9 @@ BAND_PER_IMAGE = 8
 #: keypoints one matcher keeps (least recently used dropped): memory stays bounded at any size.
 MATCH_BLOCK = 256
 FEATURE_CACHE = 512
+#: What a stored keypoint decision means (bump when the matching below changes); decisions of
+#: unchanged files are kept in the fingerprint store, so curating again matches nothing twice.
+MATCH_VERSION = 1
 #: Matches one similarity transform must explain for a band pair to be one film.
 MIN_INLIERS = 40
 #: Long side (px) of the copies keypoints are found on, and the keypoints kept per image.
@@ -132,6 +135,30 @@ def _match_block(block: Sequence[tuple[str, str, str, str]]) -> list[tuple[int, 
     return [tuple(dataclasses.astuple(matcher.match(a, Path(pa), b, Path(pb)))) for a, pa, b, pb in block]
 
 
+#: Band pairs matched between two commits to the store.
+COMMIT_PAIRS = 4096
+
+
+def _match(tasks: Sequence[tuple[str, str, str, str]], matcher: Matcher | None, workers: int | None
+           ) -> list[tuple[int, int]]:
+    """``(matches, inliers)`` of each ``(id_a, path_a, id_b, path_b)``: in this process, or in
+    blocks of :data:`MATCH_BLOCK` on ``workers`` processes (None: every core)."""
+    from data_prep.fingerprint import default_workers, worker_pool
+
+    workers = default_workers() if workers is None else workers
+    if matcher is not None or workers <= 1 or len(tasks) <= MATCH_BLOCK:
+        matcher = matcher or Matcher()
+        return [dataclasses.astuple(matcher.match(a, Path(pa), b, Path(pb))) for a, pa, b, pb in
+                tqdm(tasks, desc="grey band: keypoint matching", unit="pair")]
+    blocks = [tasks[k:k + MATCH_BLOCK] for k in range(0, len(tasks), MATCH_BLOCK)]
+    results: list[tuple[int, int]] = []
+    with worker_pool(workers) as pool, tqdm(total=len(tasks), desc="grey band: keypoint matching", unit="pair") as bar:
+        for block, found in zip(blocks, pool.map(_match_block, blocks)):
+            results += found
+            bar.update(len(block))
+    return results
+
+
 def band_decisions(pairs: Sequence[tuple[int, int, int]], image_ids: Sequence[str], paths: Sequence[Path],
                    low: int = BAND_LOW, high: int = BAND_HIGH, matcher: Matcher | None = None,
                    workers: int | None = 1) -> pd.DataFrame:
@@ -139,26 +166,28 @@ def band_decisions(pairs: Sequence[tuple[int, int, int]], image_ids: Sequence[st
 
     With ``workers`` above 1 (None: every core) blocks of :data:`MATCH_BLOCK` pairs are matched
     by that many processes, each block with its own bounded feature cache; the decisions are the
-    same for any number.  Returns one row per band pair: image_a, image_b, distance, matches,
-    inliers, same_film.
+    same for any number.  Without a ``matcher``, decisions of unchanged files come from the
+    fingerprint store and new ones go into it.  Returns one row per band pair: image_a, image_b,
+    distance, matches, inliers, same_film.
     """
-    from data_prep.fingerprint import default_workers, worker_pool
+    from data_prep.fingerprint import FingerprintStore, file_key, store_path
 
     band = [(i, j, d) for i, j, d in pairs if low <= d <= high]
-    tasks = [(image_ids[i], str(paths[i]), image_ids[j], str(paths[j])) for i, j, _ in band]
-    workers = default_workers() if workers is None else workers
-    if matcher is not None or workers <= 1 or len(tasks) <= MATCH_BLOCK:
-        matcher = matcher or Matcher()
-        results = [dataclasses.astuple(matcher.match(a, Path(pa), b, Path(pb))) for a, pa, b, pb in
-                   tqdm(tasks, desc="grey band: keypoint matching", unit="pair")]
-    else:
-        blocks = [tasks[k:k + MATCH_BLOCK] for k in range(0, len(tasks), MATCH_BLOCK)]
-        results = []
-        with worker_pool(workers) as pool, \
-                tqdm(total=len(tasks), desc="grey band: keypoint matching", unit="pair") as bar:
-            for block, found in zip(blocks, pool.map(_match_block, blocks)):
-                results += found
-                bar.update(len(block))
+    keys = [(file_key(paths[i]), file_key(paths[j])) for i, j, _ in band]
+    store = FingerprintStore(store_path()) if matcher is None else FingerprintStore(None)
+    try:
+        known = store.matches(keys, MATCH_VERSION)
+        todo = [k for k, key in enumerate(keys) if key not in known]
+        tasks = [(image_ids[band[k][0]], str(paths[band[k][0]]), image_ids[band[k][1]], str(paths[band[k][1]]))
+                 for k in todo]
+        for start in range(0, len(tasks), COMMIT_PAIRS):  # stored as they finish: a killed run keeps them
+            found = _match(tasks[start:start + COMMIT_PAIRS], matcher, workers)
+            done = [(keys[k], tuple(int(v) for v in r)) for k, r in zip(todo[start:start + COMMIT_PAIRS], found)]
+            known.update(done)
+            store.put_matches(done, MATCH_VERSION)
+    finally:
+        store.close()
+    results = [known[key] for key in keys]
     rows = [{"image_a": image_ids[i], "image_b": image_ids[j], "distance": int(d), "matches": int(m),
              "inliers": int(n), "same_film": Match(m, n).same_film} for (i, j, d), (m, n) in zip(band, results)]
     return pd.DataFrame(rows, columns=["image_a", "image_b", "distance", "matches", "inliers", "same_film"])

@@ -164,6 +164,9 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT)",
     "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, version INTEGER, "
     "phash BLOB, dhash BLOB, error TEXT)",
+    # Keypoint matches of a pair of files, each named by its key (path, size, modification time).
+    "CREATE TABLE IF NOT EXISTS matches (a TEXT, b TEXT, version INTEGER, matches INTEGER, inliers INTEGER, "
+    "PRIMARY KEY (a, b))",
 )
 
 
@@ -219,6 +222,23 @@ class FingerprintStore:
         self._put("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?, ?)",
                   [(*k, FINGERPRINT_VERSION, *v) for k, v in rows])
 
+    def matches(self, pairs: Sequence[tuple[str, str]], version: int) -> dict[tuple[str, str], tuple[int, int]]:
+        """Stored ``(matches, inliers)`` of file pairs named by :func:`file_key` (this ``version`` only)."""
+        if self._db is None or not pairs:
+            return {}
+        wanted, found = set(pairs), {}
+        firsts = sorted({a for a, _ in pairs})
+        for start in range(0, len(firsts), 400):
+            part = firsts[start:start + 400]
+            rows = self._db.execute(
+                f"SELECT a, b, matches, inliers FROM matches WHERE version = ? AND a IN ({','.join('?' * len(part))})",
+                [version, *part]).fetchall()
+            found.update({(a, b): (m, n) for a, b, m, n in rows if (a, b) in wanted})
+        return found
+
+    def put_matches(self, rows: Sequence[tuple[tuple[str, str], tuple[int, int]]], version: int) -> None:
+        self._put("INSERT OR REPLACE INTO matches VALUES (?, ?, ?, ?, ?)", [(*k, version, *v) for k, v in rows])
+
     def _put(self, statement: str, rows: list[tuple]) -> None:
         if self._db is None or not rows:
             return
@@ -231,6 +251,11 @@ def _key(path: Path) -> tuple[str, int, int]:
         raise FileNotFoundError(f"image {path} does not exist")
     stat = path.stat()
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def file_key(path: Path) -> str:
+    """One string naming a file's content as the store does (resolved path, size, modification time)."""
+    return "|".join(map(str, _key(Path(path))))
 
 
 def _chunks(items: Sequence[str], size: int) -> list[list[str]]:

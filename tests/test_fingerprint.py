@@ -172,3 +172,17 @@ def test_the_band_is_bounded_per_image_and_keeps_each_images_closest_pair():
         assert min(mine, key=lambda c: (c[2], candidates.index(c))) in kept
     loose, none = prune_band(candidates, second, per_image=n)
     assert none == 0 and loose == candidates
+
+
+def test_keypoint_decisions_are_stored_so_a_second_curation_matches_nothing(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv(fpm.STORE_ENV, str(tmp_path / "store.sqlite"))
+    matched: list[int] = []
+    real = copies._match
+    monkeypatch.setattr(copies, "_match", lambda tasks, *a: matched.append(len(tasks)) or real(tasks, *a))
+    first, second = _repost_scan(data_dir), _repost_scan(data_dir)
+    assert matched == [1]  # the pair matched once, then read back
+    assert first.drops == second.drops and first.pairs.equals(second.pairs)
+    # Another matching rule must not reuse the old decisions: the case built to fail.
+    monkeypatch.setattr(copies, "MATCH_VERSION", copies.MATCH_VERSION + 1)
+    _repost_scan(data_dir)
+    assert matched == [1, 1]

@@ -254,7 +254,9 @@ def curate(
     drops += balance_drops
     manifest = kept.copy()
     manifest["split"] = split_by_patient(manifest, params.split, params.seed)
-    check_no_leak(manifest, data_dir=root, max_distance=params.phash_distance)
+    # The near pairs de-duplication found cover the manifest: the leak check reads them, not all pairs again.
+    near = scan.pairs[scan.pairs["evidence"] == "hash"] if params.dedup and hashes is not None else None
+    check_no_leak(manifest, data_dir=root, max_distance=params.phash_distance, near=near)
     manifest = _sort_manifest(manifest)
 
     warnings = split_warnings(manifest, params, n)

@@ -46,8 +46,10 @@ from data_prep.progress import timed, tqdm
 #: different films of different patients are 54+ bits apart.
 PHASH_SIZE = 16
 HASH_BITS = PHASH_SIZE * PHASH_SIZE
-#: Rows per matrix product when comparing all hashes with each other.
+#: Rows per matrix product when comparing all hashes with each other, at most, and the distances
+#: one product may hold (2^26 float32: 256 MB), so memory stays bounded at any number of images.
 NEAR_PAIRS_CHUNK = 2048
+NEAR_PAIRS_CELLS = 1 << 26
 #: Bytes read at a time when hashing a file.
 HASH_CHUNK_BYTES = 1 << 20
 #: What a stored perceptual fingerprint means; a row of another version is computed again.
@@ -366,6 +368,7 @@ def near_pairs(bits: np.ndarray, max_distance: int, chunk: int = NEAR_PAIRS_CHUN
         return []
     ones = np.asarray(bits, dtype=np.float32)
     weight = ones.sum(axis=1)
+    chunk = max(64, min(chunk, NEAR_PAIRS_CELLS // len(ones)))
     pairs: list[tuple[int, int, int]] = []
     for start in range(0, len(ones), chunk):
         stop = min(start + chunk, len(ones))

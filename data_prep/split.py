@@ -160,16 +160,19 @@ def kfold_by_patient(df: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
 
 
 def check_no_leak(manifest: pd.DataFrame, column: str = "split", data_dir: Path | str | None = None,
-                  max_distance: int = 32) -> None:
+                  max_distance: int = 32, near: pd.DataFrame | None = None) -> None:
     """Raise :class:`LeakError` when a patient, an image id, a file (``path``: one file under two
     ids), an image's bytes (``sha256``) or, given
     ``data_dir``, a near copy (perceptual hashes at most ``max_distance`` bits apart) occurs in
     two splits.
 
     Patient ids are compared after stripping whitespace, so ``"nih:12 "`` and ``"nih:12"`` are one
-    patient.  The copy check decodes every manifest image under ``data_dir`` (hashes are cached
-    per file for the process), so a re-saved copy that slipped past de-duplication fails loudly
-    instead of sitting in train and test.  The message names up to :data:`LEAKS_SHOWN` offenders
+    patient.  The copy check compares the perceptual hashes of every manifest image under
+    ``data_dir`` (from the fingerprint store), so a re-saved copy that slipped past
+    de-duplication fails loudly instead of sitting in train and test; given ``near`` (image_a,
+    image_b, distance: every pair at most ``max_distance`` apart among a superset of the
+    manifest, as curation's de-duplication found them) it reads the pairs from there instead of
+    comparing all pairs again.  The message names up to :data:`LEAKS_SHOWN` offenders
     and their splits.
     """
     if column not in manifest.columns:
@@ -191,19 +194,25 @@ def check_no_leak(manifest: pd.DataFrame, column: str = "split", data_dir: Path 
         from data_prep.progress import timed
 
         with timed("leak check (pHash, across splits)", len(manifest)):
-            _check_no_near_copy(manifest, column, Path(data_dir), max_distance)
+            _check_no_near_copy(manifest, column, Path(data_dir), max_distance, near)
 
 
-def _check_no_near_copy(manifest: pd.DataFrame, column: str, data_dir: Path, max_distance: int) -> None:
+def _check_no_near_copy(manifest: pd.DataFrame, column: str, data_dir: Path, max_distance: int,
+                        near: pd.DataFrame | None) -> None:
     from data_prep.fingerprint import UnreadableImageError, fingerprints, near_pairs  # only this check decodes
 
     rows = manifest.reset_index(drop=True)
-    found, errors = fingerprints([data_dir / p for p in rows["path"]])  # from the store after curation
-    if errors:
-        raise UnreadableImageError(errors[min(errors)])
-    bits = np.array([f.phash for f in found], dtype=bool)
     split = rows[column].astype(str).to_numpy()
-    crossing = [(i, j, d) for i, j, d in near_pairs(bits, max_distance) if split[i] != split[j]]
+    if near is not None:
+        index = {image_id: i for i, image_id in enumerate(rows["image_id"])}
+        close = [(index[a], index[b], int(d)) for a, b, d in zip(near["image_a"], near["image_b"], near["distance"])
+                 if a in index and b in index and d <= max_distance]
+    else:
+        found, errors = fingerprints([data_dir / p for p in rows["path"]])  # from the store after curation
+        if errors:
+            raise UnreadableImageError(errors[min(errors)])
+        close = near_pairs(np.array([f.phash for f in found], dtype=bool), max_distance)
+    crossing = [(i, j, d) for i, j, d in close if split[i] != split[j]]
     if crossing:
         shown = "; ".join(f"{rows.at[i, 'image_id']} ({split[i]}) ~ {rows.at[j, 'image_id']} ({split[j]}), {d} bits"
                           for i, j, d in crossing[:LEAKS_SHOWN])

@@ -86,6 +86,12 @@ def test_leak_check_fails_on_a_near_copy_in_another_split(tmp_path: Path, data_d
     with pytest.raises(LeakError, match=r"near-identical images.*x:a \(train\) ~ y:copy \(test\)"):
         check_no_leak(manifest, data_dir=tmp_path)
     check_no_leak(manifest.assign(split=["train", "train", "test"]), data_dir=tmp_path)
+    # The same check from the pairs curation already found (a superset's, with a film not in the manifest).
+    near = pd.DataFrame({"image_a": ["x:a", "x:gone"], "image_b": ["y:copy", "x:b"], "distance": [6, 3]})
+    with pytest.raises(LeakError, match=r"x:a \(train\) ~ y:copy \(test\), 6 bits"):
+        check_no_leak(manifest, data_dir=tmp_path, near=near)
+    check_no_leak(manifest.assign(split=["train", "train", "test"]), data_dir=tmp_path, near=near)
+    check_no_leak(manifest, data_dir=tmp_path, near=near.assign(distance=[40, 3]))  # beyond max_distance
 
 
 def _dicom_from(png: Path, path: Path) -> None:

@@ -151,6 +151,7 @@ def _curate_once(folder: Path, out: Path, workers: int, per_class: int, seed: in
     from data_prep.recipe import CurationParams
 
     progress.STAGES = []
+    at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     result = build(folder.parent, out, CurationParams(per_class=per_class, balance="down", seed=seed, min_age=None,
                                                       image_folders=(str(folder),)), workers=workers)
@@ -158,7 +159,7 @@ def _curate_once(folder: Path, out: Path, workers: int, per_class: int, seed: in
     merges = result.summary["patient_merges"]
     return {"wall": wall, "stages": progress.STAGES, "band_matched": merges["band_pairs"],
             "band_pruned": merges["band_pruned"], "images": len(result.manifest),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "start_mb": at_start,
             "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
@@ -263,7 +264,7 @@ def _row(n: int, workers: int, run: dict) -> str:
             f"{first['band_matched'] + first['band_pruned']:,} | {first['band_matched']:,} | "
             f"{rate('grey band keypoint matching')} | {found} of {planted} | {loss['in_band']} / {loss['dropped']} / "
             f"{loss['lost']} | "
-            f"{max(first['peak_mb'], first['workers_peak_mb']):,.0f} | {second['wall']:.1f} "
+            f"{max(first['peak_mb'], first['workers_peak_mb']):,.0f} ({first['start_mb']:,.0f}) | {second['wall']:.1f} "
             f"({100 * second['wall'] / first['wall']:.0f} %) |")
 
 
@@ -293,10 +294,12 @@ def run_command(args: argparse.Namespace) -> int:
              "lost: planted copies whose pair lies in the grey band, those the pruning set aside before "
              "keypoint matching, and those of them keypoints would have called one film (the copies the "
              "unpruned rule finds and this one misses).  Planted copies outside the band (beyond "
-             f"{BAND_HIGH} bits: most crops, captions on a taller canvas) neither rule finds.", "",
+             f"{BAND_HIGH} bits: most crops, captions on a taller canvas) neither rule finds.  Peak MB: the "
+             "largest resident memory of the curating process or any worker; at start: the process before "
+             "curating (the `workbook` command's own imports, torch among them).", "",
              "| films | workers | first run s | ms/film | SHA-256 img/s | decode+hash img/s | all-pairs pHash s | "
              "band pairs | matched after pruning | matching pairs/s | planted copies found | planted in band / "
-             "pruned / lost | peak MB | second run s (of first) |",
+             "pruned / lost | peak MB (at start) | second run s (of first) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     runs = {}
     for n in sizes:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from data_prep.datadir import DataNotFoundError
+from data_prep.pins import GitSnapshot
 from data_prep.schema import FOLDER_PREFIX
 from data_prep.errors import WorkbookError
 
@@ -44,12 +45,14 @@ class MetadataLog:
 
     ``malformed`` holds ``(id, detail)`` for every row that was left out because it has the wrong
     number of fields (``id`` is ``"<file>#line<N>"``); ``warnings`` holds one line per problem with
-    a whole file (cut off, not the pinned version).
+    a whole file (cut off, not the pinned version).  ``pin`` is the source's pinned version (its
+    ``Source`` entry's), against which its check file is compared.
     """
 
     source: str
     malformed: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    pin: GitSnapshot | None = None
 
 
 def _refetch_hint(source: str) -> str:
@@ -107,9 +110,7 @@ def _check_pin(path: Path, raw: bytes, n_rows: int, log: MetadataLog, where: str
     """Warn when ``path`` is the pinned check file of its source but not the pinned bytes; the
     warning gives both hashes and ``n_rows`` (rows read, a cut-off last one not counted) against
     the pinned row count."""
-    from data_prep.sources import SOURCES  # here: the sources module reads its metadata through this one
-
-    snap = SOURCES[log.source].pin if log.source in SOURCES else None
+    snap = log.pin
     if snap is None or snap.check_file != path.name:
         return
     digest = hashlib.sha256(raw).hexdigest()

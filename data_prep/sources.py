@@ -118,7 +118,10 @@ def _read_csv(
 ) -> pd.DataFrame:
     """:func:`data_prep.metadata.read_metadata_csv` of an adapter's file; without a ``log`` the
     problems are logged under the source whose folder holds ``path``."""
-    return read_metadata_csv(path, columns, log if log is not None else MetadataLog(_source_of(path.parent)), encoding)
+    if log is None:
+        name = _source_of(path.parent)
+        log = MetadataLog(name, pin=SOURCES[name].pin if name in SOURCES else None)
+    return read_metadata_csv(path, columns, log, encoding)
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,7 @@ def load_table(
     rows: list[dict[str, object]] = []
     skipped: list[dict[str, str]] = []
     for name, folder in folders.items():
-        log = MetadataLog(name)
+        log = MetadataLog(name, pin=SOURCES[name].pin)
         records = SOURCES[name].read(folder, log)
         report.warnings += log.warnings
         skipped += [{"image_id": f"{name}:{folder.name}/{where}", "reason": "malformed_row", "detail": detail}
